@@ -1,0 +1,23 @@
+-- Rollback of the demo IU Core world.
+DROP FUNCTION IF EXISTS public.fn_iu_diag_write_then_fail();
+DROP FUNCTION IF EXISTS public.fn_iu_diag_sleep(bigint);
+DROP FUNCTION IF EXISTS public.fn_iu_add_unit(uuid, text, jsonb);
+DROP FUNCTION IF EXISTS public.fn_iu_purge_piece(uuid);
+DROP FUNCTION IF EXISTS public.fn_iu_restore_piece(uuid);
+DROP FUNCTION IF EXISTS public.fn_iu_delete_piece_soft(uuid);
+DROP FUNCTION IF EXISTS public.fn_iu_piece_set_position(uuid, bigint);
+DROP FUNCTION IF EXISTS public.fn_iu_piece_get(uuid);
+DROP FUNCTION IF EXISTS public.fn_iu_add_piece(uuid, text);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_set_visibility(uuid, boolean);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_publish(uuid, boolean);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_archive(uuid);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_rename(uuid, text);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_create(text);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_validate(uuid);
+DROP FUNCTION IF EXISTS public.fn_iu_collection_healthcheck();
+DROP TABLE IF EXISTS public.iu_diag_probe;
+DROP TABLE IF EXISTS public.iu_information_unit;
+DROP TABLE IF EXISTS public.iu_piece;
+DROP TABLE IF EXISTS public.iu_collection;
+DELETE FROM public.dot_config WHERE key = 'iu_core.lifecycle_enabled';
+DELETE FROM public.dot_schema_migrations WHERE version = 'demo_001_iu_core';

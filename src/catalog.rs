@@ -1,0 +1,470 @@
+//! The command catalog: the one source of truth for what govsql may run.
+//!
+//! `config/catalog.toml` declares each command's category, flags, typed
+//! params, statement templates and target functions, plus the
+//! `gate_by_function` map from which every command's gates are derived.
+//! Loading checks the whole file (every template renders and passes the
+//! guard), so a bad catalog is refused at start-up, not at 3 a.m. The
+//! catalog's digest is stored in the database at seed time; apply refuses
+//! when the two differ (drift).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::guard::{self, StatementKind};
+use crate::params::{self, ParamSpec};
+
+/// The runtime gate every apply needs, whatever its targets.
+pub const RUNTIME_GATE: &str = "iu_core.operator_runtime_enabled";
+
+/// A catalog that cannot be used, or a command it does not know.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The file could not be read.
+    #[error("cannot read catalog {path}: {source}")]
+    Read {
+        /// The catalog file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for the catalog schema.
+    #[error("invalid catalog: {0}")]
+    Parse(String),
+    /// The file parsed but breaks a rule.
+    #[error("invalid catalog: command {command}: {message}")]
+    Invalid {
+        /// The command at fault ("(catalog)" for file-wide rules).
+        command: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A command name that is not in the catalog.
+    #[error("unknown command {0:?}; `govsql catalog list` shows the commands")]
+    UnknownCommand(String),
+}
+
+/// The catalog file as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    gate_by_function: BTreeMap<String, String>,
+    command: Vec<Command>,
+}
+
+/// One governed command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    /// `dot_*` name used on the CLI and in the ledger.
+    pub name: String,
+    /// health, composer, structure-op, lifecycle…
+    pub category: String,
+    /// One line for `catalog list`.
+    pub description: String,
+    /// Whether applying it changes data.
+    #[serde(default)]
+    pub mutating: bool,
+    /// Whether an inverse command undoes it.
+    #[serde(default)]
+    pub reversible: bool,
+    /// The command that undoes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inverse: Option<String>,
+    /// How to undo it, for `govsql reversal`.
+    #[serde(default)]
+    pub rollback_note: String,
+    /// Whether a second person must approve it.
+    #[serde(default)]
+    pub requires_approval: bool,
+    /// The `public.fn_*` functions (bare names) its statements may call.
+    pub targets: Vec<String>,
+    /// The statement templates, run in order.
+    pub statements: Vec<String>,
+    /// The typed params.
+    #[serde(default)]
+    pub params: Vec<ParamSpec>,
+    /// Gates derived from the targets (filled at load).
+    #[serde(skip)]
+    pub gates: Vec<String>,
+    /// SELECT or DO, per statement (filled at load).
+    #[serde(skip)]
+    pub kinds: Vec<StatementKind>,
+}
+
+impl Command {
+    /// Gates an apply of this command needs: the runtime gate plus the
+    /// gate of every target function.
+    pub fn apply_gates(&self) -> Vec<String> {
+        let mut all: BTreeSet<String> = self.gates.iter().cloned().collect();
+        all.insert(RUNTIME_GATE.to_string());
+        all.into_iter().collect()
+    }
+}
+
+/// A loaded, checked catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    file: CatalogFile,
+    by_name: BTreeMap<String, usize>,
+    digest: String,
+}
+
+impl Catalog {
+    /// Reads and checks a catalog file.
+    pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Catalog::from_toml(&text)
+    }
+
+    /// Parses and checks catalog TOML.
+    pub fn from_toml(text: &str) -> Result<Catalog, CatalogError> {
+        let mut file: CatalogFile =
+            toml::from_str(text).map_err(|e| CatalogError::Parse(e.message().to_string()))?;
+        let digest = {
+            let canonical =
+                serde_json::to_vec(&file).map_err(|e| CatalogError::Parse(e.to_string()))?;
+            format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
+        };
+        let mut by_name = BTreeMap::new();
+        for (i, cmd) in file.command.iter_mut().enumerate() {
+            check_command(cmd, &file.gate_by_function)?;
+            if by_name.insert(cmd.name.clone(), i).is_some() {
+                return Err(invalid(&cmd.name, "defined twice"));
+            }
+        }
+        for cmd in &file.command {
+            if let Some(inv) = &cmd.inverse {
+                if !by_name.contains_key(inv) {
+                    return Err(invalid(
+                        &cmd.name,
+                        &format!("inverse {inv} is not in the catalog"),
+                    ));
+                }
+            }
+        }
+        Ok(Catalog {
+            file,
+            by_name,
+            digest,
+        })
+    }
+
+    /// The command called `name`.
+    pub fn get(&self, name: &str) -> Result<&Command, CatalogError> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.file.command[i])
+            .ok_or_else(|| CatalogError::UnknownCommand(name.to_string()))
+    }
+
+    /// Every command, in file order.
+    pub fn commands(&self) -> &[Command] {
+        &self.file.command
+    }
+
+    /// `sha256:<hex>` of the catalog's canonical form.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Every gate any command can need, the runtime gate included.
+    pub fn all_gates(&self) -> Vec<String> {
+        let mut g: BTreeSet<String> = self
+            .file
+            .gate_by_function
+            .values()
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .collect();
+        g.insert(RUNTIME_GATE.to_string());
+        g.into_iter().collect()
+    }
+
+    /// Every distinct target function.
+    pub fn all_targets(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self
+            .file
+            .command
+            .iter()
+            .flat_map(|c| c.targets.iter())
+            .collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// The SQL that seeds `dot_iu_command_catalog`, the catalog digest and
+    /// the catalog's gates (shut). Idempotent: a second run changes
+    /// nothing; a command no longer in the file is retired, never deleted.
+    pub fn seed_sql(&self) -> String {
+        let mut s = String::new();
+        s.push_str(
+            "-- Generated by `govsql catalog seed-sql` from config/catalog.toml; do not edit.\n",
+        );
+        s.push_str("SET standard_conforming_strings = on;\nBEGIN;\n");
+        for gate in self.all_gates() {
+            let _ = writeln!(
+                s,
+                "INSERT INTO public.dot_config (key, value) VALUES ({}, 'false') ON CONFLICT (key) DO NOTHING;",
+                lit(&gate)
+            );
+        }
+        for c in &self.file.command {
+            let _ = writeln!(
+                s,
+                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, false);",
+                lit(&c.name),
+                lit(&c.category),
+                lit(&c.description),
+                c.mutating,
+                c.reversible,
+                c.inverse.as_deref().map(lit).unwrap_or_else(|| "NULL".into()),
+                lit(&c.rollback_note),
+                c.requires_approval,
+                array(&c.targets),
+                array(&c.apply_gates()),
+            );
+        }
+        let names: Vec<String> = self.file.command.iter().map(|c| lit(&c.name)).collect();
+        let _ = writeln!(
+            s,
+            "UPDATE public.dot_iu_command_catalog SET retired = true, updated_at = now()\n  WHERE NOT retired AND command_name NOT IN ({});",
+            names.join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "INSERT INTO public.dot_iu_catalog_state AS s (singleton, digest) VALUES (true, {})\n  ON CONFLICT (singleton) DO UPDATE SET digest = EXCLUDED.digest, seeded_at = now() WHERE s.digest IS DISTINCT FROM EXCLUDED.digest;",
+            lit(&self.digest)
+        );
+        s.push_str("COMMIT;\n");
+        s
+    }
+}
+
+fn invalid(command: &str, message: &str) -> CatalogError {
+    CatalogError::Invalid {
+        command: command.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn check_command(
+    cmd: &mut Command,
+    gate_by_function: &BTreeMap<String, String>,
+) -> Result<(), CatalogError> {
+    let name = cmd.name.clone();
+    let bad = |m: &str| invalid(&name, m);
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    if !name.starts_with("dot_") || !ident(&name) {
+        return Err(bad(
+            "names are dot_ followed by a-z, 0-9 and _ (at most 63 bytes)",
+        ));
+    }
+    let texts = [&cmd.category, &cmd.description, &cmd.rollback_note];
+    if texts.iter().any(|t| t.contains('\0')) || cmd.category.is_empty() {
+        return Err(bad("category must be set, and no text may hold a NUL byte"));
+    }
+    if cmd.reversible != cmd.inverse.is_some() {
+        return Err(bad(
+            "reversible = true needs an inverse, and an inverse needs reversible = true",
+        ));
+    }
+    if cmd.statements.is_empty() || cmd.targets.is_empty() {
+        return Err(bad("needs at least one statement and one target"));
+    }
+    let mut seen = BTreeSet::new();
+    for p in &cmd.params {
+        if !ident(&p.name) || !seen.insert(p.name.clone()) {
+            return Err(bad(&format!(
+                "param {:?} is not a unique a-z0-9_ name",
+                p.name
+            )));
+        }
+    }
+    let mut gates = BTreeSet::new();
+    for t in &cmd.targets {
+        if !t.starts_with("fn_") || !ident(t) {
+            return Err(bad(&format!(
+                "target {t:?} must be a public.fn_* function name"
+            )));
+        }
+        let gate = gate_by_function.get(t).ok_or_else(|| {
+            bad(&format!(
+                "target {t} is missing from [gate_by_function] (use \"\" for a read-only function)"
+            ))
+        })?;
+        if gate.is_empty() {
+            if cmd.mutating {
+                return Err(bad(&format!(
+                    "mutating command, but target {t} has no gate"
+                )));
+            }
+        } else if !gate
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+        {
+            return Err(bad(&format!(
+                "gate {gate:?} must be made of a-z, 0-9, _ and ."
+            )));
+        } else {
+            gates.insert(gate.clone());
+        }
+    }
+    cmd.gates = gates.into_iter().collect();
+    let samples: Vec<(String, String)> = cmd
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.ty.sample().to_string()))
+        .collect();
+    let valid = params::validate(&name, &cmd.params, &samples).map_err(|e| bad(&e.to_string()))?;
+    let mut used = BTreeSet::new();
+    cmd.kinds.clear();
+    for tpl in &cmd.statements {
+        let names = params::template_placeholders(tpl).map_err(|e| bad(&e.to_string()))?;
+        used.extend(names.iter().cloned());
+        let sql =
+            params::render_template(tpl, &cmd.params, &valid).map_err(|e| bad(&e.to_string()))?;
+        let kind = guard::check_statement(&sql, &cmd.targets)
+            .map_err(|e| bad(&format!("statement refused by the guard: {e}")))?;
+        if kind == StatementKind::Do && !names.is_empty() {
+            return Err(bad(
+                "DO statements take no params (a value could close the DO body's quote)",
+            ));
+        }
+        cmd.kinds.push(kind);
+    }
+    if let Some(p) = cmd.params.iter().find(|p| !used.contains(&p.name)) {
+        return Err(bad(&format!(
+            "param {} is declared but no statement uses it",
+            p.name
+        )));
+    }
+    Ok(())
+}
+
+/// A SQL string literal for catalog text (trusted config, NUL refused at
+/// load); the seed sets standard_conforming_strings first.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn array(items: &[String]) -> String {
+    let inner: Vec<String> = items.iter().map(|s| lit(s)).collect();
+    format!("ARRAY[{}]::text[]", inner.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINI: &str = r#"
+[gate_by_function]
+fn_a = ""
+fn_b = "g.b"
+
+[[command]]
+name = "dot_a"
+category = "health"
+description = "read"
+targets = ["fn_a"]
+statements = ["SELECT public.fn_a({{x}})"]
+params = [{ name = "x", type = "uuid" }]
+
+[[command]]
+name = "dot_b"
+category = "composer"
+description = "write"
+mutating = true
+targets = ["fn_b"]
+statements = ["SELECT public.fn_b()"]
+"#;
+
+    #[test]
+    fn gates_are_derived_from_targets() {
+        let c = Catalog::from_toml(MINI).unwrap();
+        assert_eq!(
+            c.get("dot_b").unwrap().apply_gates(),
+            vec!["g.b".to_string(), RUNTIME_GATE.to_string()]
+        );
+        assert_eq!(
+            c.get("dot_a").unwrap().apply_gates(),
+            vec![RUNTIME_GATE.to_string()]
+        );
+        assert!(c.digest().starts_with("sha256:"));
+    }
+
+    #[test]
+    fn unknown_command_is_named() {
+        let c = Catalog::from_toml(MINI).unwrap();
+        assert!(c
+            .get("dot_zzz")
+            .unwrap_err()
+            .to_string()
+            .contains("dot_zzz"));
+    }
+
+    fn refused(text: &str, needle: &str) {
+        let err = Catalog::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn bad_catalogs_are_refused_with_a_reason() {
+        refused(
+            &MINI.replace("targets = [\"fn_b\"]", "targets = [\"fn_c\"]"),
+            "missing from [gate_by_function]",
+        );
+        refused(
+            &MINI.replace("fn_b = \"g.b\"", "fn_b = \"\""),
+            "has no gate",
+        );
+        refused(
+            &MINI.replace("SELECT public.fn_b()", "DELETE FROM t"),
+            "guard",
+        );
+        refused(
+            &MINI.replace("SELECT public.fn_b()", "SELECT public.fn_a()"),
+            "not a target",
+        );
+        refused(
+            &MINI.replace("public.fn_a({{x}})", "public.fn_a()"),
+            "no statement uses it",
+        );
+        refused(
+            &MINI.replace("public.fn_a({{x}})", "public.fn_a({{y}})"),
+            "undeclared",
+        );
+        refused(
+            &MINI.replace("mutating = true", "mutating = true\nreversible = true"),
+            "inverse",
+        );
+        refused(&format!("{MINI}\nbogus = 1\n"), "bogus");
+        refused(
+            &MINI.replace(
+                "SELECT public.fn_a({{x}})",
+                "DO $$ BEGIN PERFORM public.fn_a({{x}}); END $$",
+            ),
+            "DO statements take no params",
+        );
+    }
+
+    #[test]
+    fn seed_sql_lists_every_command_and_the_digest() {
+        let c = Catalog::from_toml(MINI).unwrap();
+        let sql = c.seed_sql();
+        assert!(sql.contains("'dot_a'") && sql.contains("'dot_b'"));
+        assert!(sql.contains(c.digest()));
+        assert!(sql.contains("('g.b', 'false') ON CONFLICT (key) DO NOTHING"));
+    }
+}

@@ -1,0 +1,433 @@
+//! The daemon's TOML configuration: the `[daemon]`, `[access]` and
+//! `[targets.*]` tables of DESIGN.md. Unknown keys are an error, so a typo
+//! in a config file never silently changes behaviour. Relative paths are
+//! resolved against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config lives when neither `--config` nor `GOVSQL_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/govsql/govsql.toml";
+
+/// A configuration error; each says which file and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file that was parsed.
+        path: PathBuf,
+        /// What the TOML parser said (keys and positions, no values).
+        message: String,
+    },
+    /// The file parsed but does not make sense.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// The file that was checked.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A target was asked for that the config does not define.
+    #[error("no target named {name:?} in the config (known: {known})")]
+    UnknownTarget {
+        /// The requested target.
+        name: String,
+        /// The targets the config has.
+        known: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The `[daemon]` table.
+    pub daemon: DaemonConfig,
+    /// The `[access]` table: who may plan, apply, verify and approve.
+    #[serde(default)]
+    pub access: AccessConfig,
+    /// The `[targets.NAME]` tables.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
+}
+
+/// The `[daemon]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The Unix socket the daemon listens on and clients connect to.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Queue, lock file and the local apply switch live here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The command catalog (TOML).
+    #[serde(default = "default_catalog")]
+    pub catalog: PathBuf,
+    /// How long an approval stays valid.
+    #[serde(default = "default_approval_ttl")]
+    pub approval_ttl_s: u64,
+    /// The target used when a job names none.
+    #[serde(default)]
+    pub default_target: Option<String>,
+    /// Octal mode of the socket file.
+    #[serde(default)]
+    pub socket_mode: Option<String>,
+    /// Group that owns the socket file.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+}
+
+/// The `[access]` table. Entries are unix user names, `@group`, or `*`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// May submit plan jobs.
+    #[serde(default)]
+    pub plan: Vec<String>,
+    /// May submit apply jobs.
+    #[serde(default)]
+    pub apply: Vec<String>,
+    /// May submit verify jobs.
+    #[serde(default)]
+    pub verify: Vec<String>,
+    /// May approve jobs that need approval.
+    #[serde(default)]
+    pub approve: Vec<String>,
+}
+
+/// How a target is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// psql over one persistent SSH session.
+    Ssh,
+    /// psql spawned on this host.
+    Local,
+}
+
+/// One `[targets.NAME]` table: a PostgreSQL database and how to reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// SSH or local.
+    pub transport: TransportKind,
+    /// SSH server host name or address.
+    #[serde(default)]
+    pub ssh_host: Option<String>,
+    /// SSH server port.
+    #[serde(default = "default_ssh_port")]
+    pub ssh_port: u16,
+    /// SSH user.
+    #[serde(default)]
+    pub ssh_user: Option<String>,
+    /// Private key file; without it, ssh-agent through SSH_AUTH_SOCK.
+    #[serde(default)]
+    pub identity_file: Option<PathBuf>,
+    /// File holding the identity's passphrase.
+    #[serde(default)]
+    pub identity_passphrase_file: Option<PathBuf>,
+    /// OpenSSH known_hosts file the server key must match.
+    #[serde(default)]
+    pub known_hosts: Option<PathBuf>,
+    /// Or a pinned `SHA256:…` fingerprint.
+    #[serde(default)]
+    pub host_key: Option<String>,
+    /// Non-empty: run psql through `docker exec -i CONTAINER`.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// The psql binary on the database host.
+    #[serde(default = "default_psql")]
+    pub psql: String,
+    /// `-h` for psql: a socket directory or host name.
+    #[serde(default)]
+    pub db_host: Option<String>,
+    /// `-p` for psql.
+    #[serde(default = "default_db_port")]
+    pub db_port: u16,
+    /// `-d` for psql.
+    pub db_name: String,
+    /// The runtime role (`-U` for jobs).
+    pub db_user: String,
+    /// The admin role, used by `govsql migrate` only.
+    #[serde(default = "default_admin_db_user")]
+    pub admin_db_user: String,
+    /// Concurrent jobs (SSH channels) on this target.
+    #[serde(default = "default_max_channels")]
+    pub max_channels: usize,
+    /// Per-job deadline.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout_s: u64,
+    /// SSH keepalive interval.
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval_s: u64,
+    /// Missed keepalives before the session counts as dead.
+    #[serde(default = "default_keepalive_max")]
+    pub keepalive_max: usize,
+    /// SSH user for `migrate` (defaults to ssh_user).
+    #[serde(default)]
+    pub admin_ssh_user: Option<String>,
+    /// SSH identity for `migrate` (defaults to identity_file).
+    #[serde(default)]
+    pub admin_identity_file: Option<PathBuf>,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/govsql/govsql.sock")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/govsql")
+}
+fn default_catalog() -> PathBuf {
+    PathBuf::from("catalog.toml")
+}
+fn default_approval_ttl() -> u64 {
+    86_400
+}
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_psql() -> String {
+    "psql".to_string()
+}
+fn default_db_port() -> u16 {
+    5432
+}
+fn default_admin_db_user() -> String {
+    "postgres".to_string()
+}
+fn default_max_channels() -> usize {
+    7
+}
+fn default_job_timeout() -> u64 {
+    60
+}
+fn default_keepalive_interval() -> u64 {
+    15
+}
+fn default_keepalive_max() -> usize {
+    3
+}
+
+impl Config {
+    /// The config path: `--config`, else `GOVSQL_CONFIG`, else the default.
+    pub fn resolve_path(explicit: Option<&Path>) -> PathBuf {
+        if let Some(p) = explicit {
+            return p.to_path_buf();
+        }
+        match std::env::var_os("GOVSQL_CONFIG") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+        }
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative(base);
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.daemon.socket);
+        fix(&mut self.daemon.state_dir);
+        fix(&mut self.daemon.catalog);
+        for t in self.targets.values_mut() {
+            for p in [
+                &mut t.identity_file,
+                &mut t.identity_passphrase_file,
+                &mut t.known_hosts,
+                &mut t.admin_identity_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                fix(p);
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.targets.is_empty() {
+            return Err("no [targets.NAME] table: define at least one target".into());
+        }
+        if let Some(d) = &self.daemon.default_target {
+            if !self.targets.contains_key(d) {
+                return Err(format!("default_target {d:?} is not a defined target"));
+            }
+        }
+        for (name, t) in &self.targets {
+            t.check().map_err(|m| format!("[targets.{name}]: {m}"))?;
+        }
+        Ok(())
+    }
+
+    /// The target a job runs on: the named one, else the default.
+    pub fn target(&self, name: Option<&str>) -> Result<(&str, &TargetConfig), ConfigError> {
+        let wanted = match name.or(self.daemon.default_target.as_deref()) {
+            Some(n) => n,
+            None if self.targets.len() == 1 => {
+                self.targets.keys().next().map(String::as_str).unwrap_or("")
+            }
+            None => {
+                return Err(ConfigError::UnknownTarget {
+                    name: "(none given, and no default_target)".into(),
+                    known: self.known_targets(),
+                })
+            }
+        };
+        self.targets
+            .get_key_value(wanted)
+            .map(|(k, v)| (k.as_str(), v))
+            .ok_or_else(|| ConfigError::UnknownTarget {
+                name: wanted.to_string(),
+                known: self.known_targets(),
+            })
+    }
+
+    fn known_targets(&self) -> String {
+        self.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl TargetConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.max_channels == 0 {
+            return Err("max_channels must be at least 1".into());
+        }
+        if self.job_timeout_s == 0 {
+            return Err("job_timeout_s must be at least 1".into());
+        }
+        match self.transport {
+            TransportKind::Local => {
+                let ssh_only = [
+                    ("ssh_host", self.ssh_host.is_some()),
+                    ("ssh_user", self.ssh_user.is_some()),
+                    ("identity_file", self.identity_file.is_some()),
+                    ("known_hosts", self.known_hosts.is_some()),
+                    ("host_key", self.host_key.is_some()),
+                    (
+                        "container",
+                        self.container.as_deref().is_some_and(|c| !c.is_empty()),
+                    ),
+                ];
+                if let Some((key, _)) = ssh_only.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "{key} is an SSH setting; remove it for transport = \"local\""
+                    ));
+                }
+            }
+            TransportKind::Ssh => {
+                if self.ssh_host.is_none() || self.ssh_user.is_none() {
+                    return Err("transport = \"ssh\" needs ssh_host and ssh_user".into());
+                }
+                if self.known_hosts.is_none() && self.host_key.is_none() {
+                    return Err(
+                        "transport = \"ssh\" needs known_hosts or a pinned host_key = \"SHA256:…\"; there is no accept-anything mode"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-job deadline.
+    pub fn job_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.job_timeout_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("govsql.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    const LOCAL: &str = r#"
+[daemon]
+state_dir = "state"
+[targets.main]
+transport = "local"
+db_name = "iu_core"
+db_user = "govsql_runtime"
+"#;
+
+    #[test]
+    fn minimal_local_config_loads_with_defaults_and_relative_paths() {
+        let c = parse(LOCAL).unwrap();
+        let (name, t) = c.target(None).unwrap();
+        assert_eq!(name, "main");
+        assert_eq!(t.max_channels, 7);
+        assert_eq!(t.job_timeout_s, 60);
+        assert!(c.daemon.state_dir.is_absolute());
+        assert!(c.daemon.catalog.ends_with("catalog.toml"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let err = parse(&format!("{LOCAL}\nfrobnicate = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("frobnicate"), "{err}");
+    }
+
+    #[test]
+    fn ssh_key_on_local_target_is_an_error() {
+        let err = parse(&format!("{LOCAL}ssh_host = \"db1\"\n")).unwrap_err();
+        assert!(err.to_string().contains("ssh_host"), "{err}");
+    }
+
+    #[test]
+    fn ssh_target_without_host_key_policy_is_refused() {
+        let text = r#"
+[daemon]
+[targets.main]
+transport = "ssh"
+ssh_host = "db1"
+ssh_user = "govsql"
+db_name = "iu_core"
+db_user = "govsql_runtime"
+"#;
+        let err = parse(text).unwrap_err();
+        assert!(err.to_string().contains("known_hosts"), "{err}");
+    }
+
+    #[test]
+    fn unknown_target_names_the_known_ones() {
+        let c = parse(LOCAL).unwrap();
+        let err = c.target(Some("other")).unwrap_err();
+        assert!(err.to_string().contains("main"), "{err}");
+    }
+}

@@ -1,0 +1,222 @@
+//! `govsql migrate`: the SQL substrate, the catalog seed and (with
+//! `--demo`) the demo schema, applied over the target's own transport as
+//! `admin_db_user`. The SQL files are embedded, so it works from any
+//! directory. Each migration runs once, in its own transaction, recorded in
+//! `dot_schema_migrations`; a second run changes nothing.
+
+use sha2::{Digest, Sha256};
+
+use crate::catalog::Catalog;
+use crate::psql::{self, control_rows, DbRole, FinishedScript, Script, Sections};
+use crate::transport::{run_with_deadline, Executor, Exit, ScriptRequest};
+
+/// One embedded migration and its rollback.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// The version recorded in dot_schema_migrations.
+    pub version: &'static str,
+    /// The forward SQL.
+    pub sql: &'static str,
+    /// The rollback SQL.
+    pub rollback: &'static str,
+}
+
+/// The substrate migrations, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: "001_gates",
+        sql: include_str!("../sql/migrations/001_gates.sql"),
+        rollback: include_str!("../sql/rollback/001_gates.sql"),
+    },
+    Migration {
+        version: "002_catalog",
+        sql: include_str!("../sql/migrations/002_catalog.sql"),
+        rollback: include_str!("../sql/rollback/002_catalog.sql"),
+    },
+    Migration {
+        version: "003_ledger",
+        sql: include_str!("../sql/migrations/003_ledger.sql"),
+        rollback: include_str!("../sql/rollback/003_ledger.sql"),
+    },
+    Migration {
+        version: "004_views",
+        sql: include_str!("../sql/migrations/004_views.sql"),
+        rollback: include_str!("../sql/rollback/004_views.sql"),
+    },
+];
+
+/// The demo IU Core schema (`--demo`).
+pub const DEMO: &[Migration] = &[Migration {
+    version: "demo_001_iu_core",
+    sql: include_str!("../sql/demo/001_iu_core.sql"),
+    rollback: include_str!("../sql/rollback/demo_001_iu_core.sql"),
+}];
+
+/// A migrate or rollback that did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The runtime role name is not a plain identifier.
+    #[error("db_user {0:?} must be a plain lowercase identifier to be created by migrate")]
+    RoleName(String),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    /// psql stopped on an error.
+    #[error("migration stopped with SQLSTATE {state} (nothing of the failing step was kept); psql said: {detail}")]
+    Sql {
+        /// The SQLSTATE.
+        state: String,
+        /// psql's stderr (admin-side, no param values exist here).
+        detail: String,
+    },
+    /// psql failed otherwise.
+    #[error("psql ended with {0}")]
+    Psql(String),
+}
+
+/// What a migrate run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// Versions applied by this run.
+    pub applied: Vec<String>,
+    /// Versions found already applied.
+    pub present: Vec<String>,
+    /// Versions whose recorded checksum differs from the embedded file.
+    pub changed: Vec<String>,
+}
+
+fn checksum(sql: &str) -> String {
+    hex::encode(Sha256::digest(sql.as_bytes()))
+}
+
+fn check_role(role: &str) -> Result<(), MigrateError> {
+    let ok = role.len() <= 63
+        && role
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && role
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(MigrateError::RoleName(role.to_string()))
+    }
+}
+
+/// The migrate script: each pending migration in its own transaction, then
+/// the catalog seed, then a report of what is recorded.
+pub fn migrate_script(
+    catalog: &Catalog,
+    runtime_role: &str,
+    demo: bool,
+) -> Result<FinishedScript, MigrateError> {
+    check_role(runtime_role)?;
+    let mut s = Script::new("govsql:migrate", 0);
+    s.meta(&format!("\\set runtime_role {runtime_role}"));
+    s.sql("SET client_min_messages = warning");
+    s.sql(
+        "CREATE TABLE IF NOT EXISTS public.dot_schema_migrations (version text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+    );
+    s.section();
+    let all = MIGRATIONS.iter().chain(if demo { DEMO } else { &[] });
+    for m in all {
+        s.meta(&format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM public.dot_schema_migrations WHERE version = {}) AS govsql_need \\gset",
+            psql::quote_plain(m.version)
+        ));
+        s.meta("\\if :govsql_need");
+        s.sql("BEGIN");
+        s.meta(m.sql);
+        s.sql(&format!(
+            "INSERT INTO public.dot_schema_migrations (version, checksum) VALUES ({}, {})",
+            psql::quote_plain(m.version),
+            psql::quote_plain(&checksum(m.sql))
+        ));
+        s.sql("COMMIT");
+        s.meta(&format!("\\echo applied {}", m.version));
+        s.meta("\\endif");
+    }
+    s.meta(&catalog.seed_sql());
+    s.section();
+    s.sql("SELECT version, checksum FROM public.dot_schema_migrations ORDER BY version");
+    Ok(s.finish())
+}
+
+/// The rollback script: every rollback in reverse order (the demo's first),
+/// then the bookkeeping table. The ledger's rollback refuses to drop rows.
+pub fn rollback_script() -> FinishedScript {
+    let mut s = Script::new("govsql:rollback", 0);
+    s.sql("SET client_min_messages = warning");
+    s.sql("BEGIN");
+    for m in DEMO.iter().rev().chain(MIGRATIONS.iter().rev()) {
+        s.meta(m.rollback);
+    }
+    s.sql("DROP TABLE IF EXISTS public.dot_schema_migrations");
+    s.sql("COMMIT");
+    s.section();
+    s.finish()
+}
+
+/// Runs `migrate` on a target as the admin role.
+pub async fn migrate(
+    exec: &dyn Executor,
+    catalog: &Catalog,
+    runtime_role: &str,
+    demo: bool,
+) -> Result<MigrateReport, MigrateError> {
+    let script = migrate_script(catalog, runtime_role, demo)?;
+    let secs = run_admin(exec, &script).await?;
+    let applied: Vec<String> = String::from_utf8_lossy(secs.get(0).unwrap_or_default())
+        .lines()
+        .filter_map(|l| l.strip_prefix("applied ").map(str::to_string))
+        .collect();
+    let recorded = control_rows(1, secs.get(1).unwrap_or_default(), 2)
+        .map_err(|e| MigrateError::Psql(e.to_string()))?;
+    let mut report = MigrateReport {
+        applied: applied.clone(),
+        ..MigrateReport::default()
+    };
+    for m in MIGRATIONS.iter().chain(if demo { DEMO } else { &[] }) {
+        if let Some(row) = recorded.iter().find(|r| r[0] == m.version) {
+            if !applied.iter().any(|a| a == m.version) {
+                report.present.push(m.version.to_string());
+            }
+            if row[1] != checksum(m.sql) {
+                report.changed.push(m.version.to_string());
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Rolls everything back on a target as the admin role.
+pub async fn rollback(exec: &dyn Executor) -> Result<(), MigrateError> {
+    run_admin(exec, &rollback_script()).await.map(|_| ())
+}
+
+async fn run_admin(exec: &dyn Executor, script: &FinishedScript) -> Result<Sections, MigrateError> {
+    let req = ScriptRequest {
+        text: script.text.clone(),
+        role: DbRole::Admin,
+        tag: "govsql:migrate".into(),
+    };
+    let out = run_with_deadline(exec, req, std::time::Duration::from_secs(600)).await?;
+    if let Some(state) = psql::sqlstate(&out.stderr) {
+        return Err(MigrateError::Sql {
+            state,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let secs = Sections::split(&out.stdout, &script.nonce)
+        .map_err(|e| MigrateError::Psql(e.to_string()))?;
+    if out.exit != Exit::Code(0) || !secs.complete {
+        return Err(MigrateError::Psql(format!(
+            "{:?}: {}",
+            out.exit,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(secs)
+}

@@ -1,0 +1,138 @@
+//! Transports: how a psql script reaches the database. One trait, several
+//! executors: SSH (the product's main path), local (psql on this host) and,
+//! in unit tests, a fake. The runtime only sees [`Executor`].
+//!
+//! Deadlines are enforced here, once for every executor: past the job's
+//! deadline its run is dropped (the local child is killed, the SSH channel
+//! closed) and the backend tagged with the job's `application_name` is
+//! terminated through a second, short script.
+
+pub mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::psql::{quote_plain, DbRole, Script};
+
+/// A boxed, sendable future (the trait is used as `dyn Executor`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One script to run.
+#[derive(Debug, Clone)]
+pub struct ScriptRequest {
+    /// The script for psql's stdin.
+    pub text: String,
+    /// Which role runs it.
+    pub role: DbRole,
+    /// The `application_name` the script sets (for cancellation).
+    pub tag: String,
+}
+
+/// How the remote psql ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// An exit status (psql: 0 ok, 3 SQL error under ON_ERROR_STOP).
+    Code(i32),
+    /// Killed by a signal (SSH sends exit-signal instead of a status).
+    Signal(String),
+    /// The channel closed without telling.
+    Unknown,
+}
+
+/// What psql wrote and how it ended.
+#[derive(Debug, Clone)]
+pub struct ScriptOutput {
+    /// stdout: markers, control rows, COPY rows.
+    pub stdout: Vec<u8>,
+    /// stderr: SQLSTATEs (never copied into the ledger or logs).
+    pub stderr: Vec<u8>,
+    /// The exit.
+    pub exit: Exit,
+}
+
+/// A transport failure: the script's outcome is unknown.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The deadline passed; the backend was terminated.
+    #[error("job deadline of {0:?} passed; its backend was cancelled")]
+    Timeout(Duration),
+    /// The target could not be reached or the connection broke.
+    #[error("transport failed: {0}")]
+    Broken(String),
+    /// The server's host key is unknown or changed.
+    #[error("host key refused: {0}")]
+    HostKey(String),
+}
+
+impl TransportError {
+    /// The error class recorded in evidence and the job's state.
+    pub fn class(&self) -> &'static str {
+        match self {
+            TransportError::Timeout(_) => "timeout",
+            TransportError::Broken(_) => "transport",
+            TransportError::HostKey(_) => "host_key",
+        }
+    }
+}
+
+/// Runs psql scripts on one target.
+pub trait Executor: Send + Sync {
+    /// Runs one script to completion (no deadline: see [`run_with_deadline`]).
+    fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>>;
+    /// `local`, `ssh` or `fake`, for evidence.
+    fn kind(&self) -> &'static str;
+    /// The server key fingerprint in use, for evidence (SSH only).
+    fn host_key_fingerprint(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Runs a script under a deadline. Past it, the run is dropped and the
+/// job's backend terminated by its `application_name` tag.
+pub async fn run_with_deadline(
+    exec: &dyn Executor,
+    req: ScriptRequest,
+    deadline: Duration,
+) -> Result<ScriptOutput, TransportError> {
+    let tag = req.tag.clone();
+    let role = req.role;
+    match tokio::time::timeout(deadline, exec.run(req)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(tag = %tag, deadline_s = deadline.as_secs_f64(), "job deadline passed; cancelling its backend");
+            if let Err(e) = cancel_tagged(exec, &tag, role).await {
+                tracing::error!(tag = %tag, cause = %e, "could not cancel the backend of a timed-out job");
+            }
+            Err(TransportError::Timeout(deadline))
+        }
+    }
+}
+
+/// Terminates every backend whose application_name is `tag`, and waits
+/// (briefly) until none is left.
+pub async fn cancel_tagged(
+    exec: &dyn Executor,
+    tag: &str,
+    role: DbRole,
+) -> Result<(), TransportError> {
+    let mut script = Script::new(&format!("{tag}:cancel"), 10_000);
+    let t = quote_plain(tag);
+    script.sql(&format!(
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE application_name = {t} AND pid <> pg_backend_pid()"
+    ));
+    let req = ScriptRequest {
+        text: script.finish().text,
+        role,
+        tag: format!("{tag}:cancel"),
+    };
+    let out = tokio::time::timeout(Duration::from_secs(15), exec.run(req))
+        .await
+        .map_err(|_| TransportError::Broken("cancel script timed out".into()))??;
+    match out.exit {
+        Exit::Code(0) => Ok(()),
+        other => Err(TransportError::Broken(format!(
+            "cancel script ended with {other:?}"
+        ))),
+    }
+}
