@@ -70,6 +70,8 @@ const ALLOWED_NODES: &[&str] = &[
     "Alias",
     "List",
     "NamedArgExpr",
+    "ColumnRef",
+    "AStar",
 ];
 
 /// Types a literal may be cast to (the param types and their aliases).
@@ -114,8 +116,8 @@ pub fn check_statement(sql: &str, targets: &[String]) -> Result<StatementKind, G
         return Err(GuardError::StatementCount(stmts.len()));
     }
     let tree = serde_json::to_value(&parsed.protobuf).map_err(|_| GuardError::Unparsable)?;
-    let stmt = &tree["stmts"][0]["stmt"]["node"];
-    let (kind, _) = single_entry(stmt).ok_or(GuardError::Unparsable)?;
+    let stmt = &tree["stmts"][0]["stmt"];
+    let (kind, _) = single_entry(&stmt["node"]).ok_or(GuardError::Unparsable)?;
     match kind {
         "SelectStmt" => {
             let calls = check_select_tree(stmt, targets)?;
@@ -125,7 +127,7 @@ pub fn check_statement(sql: &str, targets: &[String]) -> Result<StatementKind, G
             Ok(StatementKind::Select)
         }
         "DoStmt" => {
-            check_do(sql, stmt, targets)?;
+            check_do(&stmt["node"], targets)?;
             Ok(StatementKind::Do)
         }
         other => Err(GuardError::StatementKind(other.to_string())),
@@ -205,6 +207,16 @@ fn check_node(
             }
             *calls += 1;
         }
+        "ColumnRef" => {
+            // Only `SELECT * FROM public.fn_x()`: a bare star, no column.
+            let fields = body["fields"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if !matches!(fields, [one] if one["node"].get("AStar").is_some()) {
+                return Err(GuardError::Forbidden("a column reference".into()));
+            }
+        }
         "TypeCast" => {
             let ty = dotted_name(&body["type_name"]["names"]);
             let bare = ty.strip_prefix("pg_catalog.").unwrap_or(&ty);
@@ -242,7 +254,7 @@ fn dotted_name(list: &Value) -> String {
 
 /// A DO block: plpgsql only, and every embedded expression is a governed
 /// SELECT.
-fn check_do(sql: &str, stmt: &Value, targets: &[String]) -> Result<(), GuardError> {
+fn check_do(stmt: &Value, targets: &[String]) -> Result<(), GuardError> {
     let args = stmt["DoStmt"]["args"]
         .as_array()
         .cloned()
@@ -266,7 +278,6 @@ fn check_do(sql: &str, stmt: &Value, targets: &[String]) -> Result<(), GuardErro
     let wrapped = format!(
         "CREATE FUNCTION govsql_guard_do() RETURNS void LANGUAGE plpgsql AS ${tag}${body}${tag}$"
     );
-    let _ = sql;
     let tree = pg_query::parse_plpgsql(&wrapped).map_err(|_| GuardError::Unparsable)?;
     let mut calls = 0;
     walk_plpgsql(&tree, targets, &mut calls)?;
@@ -323,8 +334,8 @@ fn check_embedded(query: &str, targets: &[String]) -> Result<usize, GuardError> 
         return Err(GuardError::StatementCount(parsed.protobuf.stmts.len()));
     }
     let tree = serde_json::to_value(&parsed.protobuf).map_err(|_| GuardError::Unparsable)?;
-    let stmt = &tree["stmts"][0]["stmt"]["node"];
-    match single_entry(stmt) {
+    let stmt = &tree["stmts"][0]["stmt"];
+    match single_entry(&stmt["node"]) {
         Some(("SelectStmt", _)) => check_select_tree(stmt, targets),
         Some((other, _)) => Err(GuardError::StatementKind(other.to_string())),
         None => Err(GuardError::Unparsable),

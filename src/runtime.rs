@@ -517,7 +517,7 @@ impl Runtime {
                 let msg = format!(
                     "the command's SQL failed with SQLSTATE {other}; nothing was committed"
                 );
-                self.record(ctx, RunStatus::Failed, Some(other), &[], &msg)
+                self.record(ctx, RunStatus::Failed, Some(sql_class(other)), &[], &msg)
                     .await
             }
         }
@@ -677,7 +677,7 @@ impl Runtime {
             }
             Err(RunFault::Sql(state)) => {
                 let msg = format!("the check failed with SQLSTATE {state}");
-                self.record(ctx, RunStatus::Failed, Some(&state), &[], &msg)
+                self.record(ctx, RunStatus::Failed, Some(sql_class(&state)), &[], &msg)
                     .await
             }
             Err(RunFault::Unknown(e)) => {
@@ -709,7 +709,9 @@ impl Runtime {
     }
 
     fn script(&self, ctx: &Ctx<'_>) -> Script {
-        let ms = self.job_timeout.as_millis().min(u128::from(u32::MAX)) as u64;
+        // The server-side second guard, a little past the job's deadline so
+        // the deadline (which also cancels the backend) normally fires first.
+        let ms = (self.job_timeout.as_millis() + 2000).min(u128::from(u32::MAX)) as u64;
         Script::new(&self.tag(ctx), ms)
     }
 
@@ -957,6 +959,16 @@ fn local_refusal(job: &JobSpec, digest: &str, class: &str, msg: &str) -> Outcome
         evidence: json!({ "mode": job.mode.as_str(), "error_class": class }),
         result: None,
         message: msg.to_string(),
+    }
+}
+
+/// The error class of an SQLSTATE: the statement_timeout guard's
+/// cancellation (57014) is a timeout; anything else is the SQLSTATE itself.
+fn sql_class(state: &str) -> &str {
+    if state == "57014" {
+        "timeout"
+    } else {
+        state
     }
 }
 

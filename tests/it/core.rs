@@ -1,0 +1,636 @@
+//! The governed runtime against a real PostgreSQL: the seed's durable
+//! proof, and one test per guarantee, each able to fail.
+
+use std::sync::Arc;
+
+use govsql::psql::DbRole;
+use govsql::runtime::{Mode, RunStatus};
+use govsql::transport::{BoxFuture, Executor, ScriptOutput, ScriptRequest, TransportError};
+
+use crate::harness::*;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_of(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+#[tokio::test]
+async fn seed_durable_proof_p1_to_p4_through_the_cli() {
+    let db = test_db().await;
+    db.switch(true);
+    let p1 = db.govsql(&["plan", "dot_iu_healthcheck", "--direct", "--json"]);
+    assert_eq!(p1.status.code(), Some(0));
+    assert_eq!(json_of(&p1)["status"], "planned");
+    db.gate("iu_core.operator_runtime_enabled", true);
+    let p2 = db.govsql(&["apply", "dot_iu_healthcheck", "--direct", "--json"]);
+    assert_eq!(p2.status.code(), Some(0), "{}", stdout(&p2));
+    assert_eq!(json_of(&p2)["status"], "applied");
+    let p3 = db.govsql(&["verify", "dot_iu_healthcheck", "--direct", "--json"]);
+    assert_eq!(p3.status.code(), Some(0));
+    assert_eq!(json_of(&p3)["status"], "verified");
+    db.gate("iu_core.operator_runtime_enabled", false);
+    let p4 = db.govsql(&[
+        "apply",
+        "dot_iu_add_piece",
+        "--direct",
+        "--json",
+        "--param",
+        "collection_id=00000000-0000-0000-0000-000000000001",
+        "--param",
+        "body=x",
+    ]);
+    assert_eq!(p4.status.code(), Some(3));
+    let p4 = json_of(&p4);
+    assert_eq!(p4["status"], "refused");
+    assert_eq!(p4["error_class"], "gate_closed");
+    assert_eq!(
+        p4["closed_gates"],
+        serde_json::json!([
+            "iu_core.composer_enabled",
+            "iu_core.operator_runtime_enabled"
+        ])
+    );
+
+    let registry = db.sql(
+        "SELECT command_name, total_runs, applied_runs, refused_runs, failed_runs, last_status FROM v_dot_iu_command_registry WHERE total_runs > 0 ORDER BY command_name",
+    );
+    assert_eq!(
+        registry,
+        "dot_iu_add_piece|1|0|1|0|refused\ndot_iu_healthcheck|3|1|0|0|verified"
+    );
+    let health = db.sql("SELECT total_runs, apply_runs, applied_runs, refused_runs, failed_runs, distinct_commands, catalog_size FROM v_dot_iu_command_run_health");
+    assert_eq!(
+        health,
+        format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
+    );
+}
+
+#[tokio::test]
+async fn plan_never_executes_command_sql() {
+    let db = test_db().await;
+    db.open_all();
+    let rt = db.runtime();
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Plan,
+        &[("title", "t")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Planned, "{o:?}");
+    let o = run(&rt, "dot_iu_diag_write_then_fail", Mode::Plan, &[]).await;
+    assert_eq!(o.status, RunStatus::Planned, "{o:?}");
+    assert!(o.result.is_none());
+    assert_eq!(db.count("iu_collection"), 0);
+    assert_eq!(db.count("iu_diag_probe"), 0);
+    // The same apply does write: the check above can fail.
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "t")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Applied, "{o:?}");
+    assert_eq!(db.count("iu_collection"), 1);
+}
+
+#[tokio::test]
+async fn every_shut_gate_refuses_before_any_command_sql() {
+    let db = test_db().await;
+    db.switch(true);
+    let rt = db.runtime();
+    let any = "00000000-0000-0000-0000-000000000001";
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (
+            "dot_iu_create_collection",
+            &[("title", "x")],
+            "iu_core.composer_enabled",
+        ),
+        (
+            "dot_iu_add_piece",
+            &[("collection_id", any), ("body", "b")],
+            "iu_core.composer_enabled",
+        ),
+        (
+            "dot_iu_diag_write_then_fail",
+            &[],
+            "iu_core.composer_enabled",
+        ),
+        (
+            "dot_iu_archive_collection",
+            &[("collection_id", any)],
+            "iu_core.structure_ops_enabled",
+        ),
+        (
+            "dot_iu_delete_piece_soft",
+            &[("piece_id", any)],
+            "iu_core.structure_ops_enabled",
+        ),
+        (
+            "dot_iu_publish_collection",
+            &[("collection_id", any)],
+            "iu_core.lifecycle_enabled",
+        ),
+    ];
+    for (cmd, params, gate) in cases {
+        // Everything open except the command's own gate.
+        db.sql("UPDATE dot_config SET value = 'true'");
+        db.gate(gate, false);
+        let o = run(&rt, cmd, Mode::Apply, params).await;
+        assert_eq!(o.status, RunStatus::Refused, "{cmd}: {o:?}");
+        assert_eq!(o.closed_gates, vec![gate.to_string()], "{cmd}");
+        // Only the runtime gate shut.
+        db.sql("UPDATE dot_config SET value = 'true'");
+        db.gate("iu_core.operator_runtime_enabled", false);
+        let o = run(&rt, cmd, Mode::Apply, params).await;
+        assert_eq!(
+            o.error_class.as_deref(),
+            Some("gate_closed"),
+            "{cmd}: {o:?}"
+        );
+    }
+    assert_eq!(db.count("iu_collection"), 0);
+    assert_eq!(db.count("iu_diag_probe"), 0);
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_status = 'refused'"),
+        2 * cases.len() as i64
+    );
+    // The local switch refuses too, and is audited.
+    db.sql("UPDATE dot_config SET value = 'true'");
+    db.switch(false);
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "x")],
+    )
+    .await;
+    assert_eq!(o.error_class.as_deref(), Some("kill_switch"));
+    assert!(o.run_id.is_some());
+    assert_eq!(db.count("iu_collection"), 0);
+}
+
+/// Delegates to the local executor, but runs a hook before the apply
+/// transaction's script, or breaks it.
+struct Intercept {
+    inner: govsql::transport::local::LocalExecutor,
+    before_apply: Box<dyn Fn() + Send + Sync>,
+    break_apply: bool,
+}
+
+impl Executor for Intercept {
+    fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>> {
+        let is_apply = req.role == DbRole::Runtime
+            && req.text.contains("COMMIT;")
+            && req.text.contains("fn_dot_iu_apply_begin");
+        if is_apply {
+            (self.before_apply)();
+            if self.break_apply {
+                return Box::pin(async { Err(TransportError::Broken("injected fault".into())) });
+            }
+        }
+        self.inner.run(req)
+    }
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+}
+
+#[tokio::test]
+async fn gate_shut_between_snapshot_and_apply_is_refused_inside_the_transaction() {
+    let db = test_db().await;
+    db.open_all();
+    let name = db.name.clone();
+    let exec = Intercept {
+        inner: db.executor(),
+        before_apply: Box::new(move || {
+            pg().admin(
+                &name,
+                "UPDATE dot_config SET value = 'false' WHERE key = 'iu_core.composer_enabled'",
+            );
+        }),
+        break_apply: false,
+    };
+    let rt = db.runtime_with(Arc::new(exec));
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "x")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Refused, "{o:?}");
+    assert_eq!(o.error_class.as_deref(), Some("gate_closed"));
+    assert_eq!(o.closed_gates, vec!["iu_core.composer_enabled".to_string()]);
+    assert_eq!(db.count("iu_collection"), 0);
+}
+
+#[tokio::test]
+async fn executor_fault_fails_the_job_after_settling_from_the_ledger() {
+    let db = test_db().await;
+    db.open_all();
+    let exec = Intercept {
+        inner: db.executor(),
+        before_apply: Box::new(|| {}),
+        break_apply: true,
+    };
+    let rt = db.runtime_with(Arc::new(exec));
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "x")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Failed, "{o:?}");
+    assert_eq!(o.error_class.as_deref(), Some("transport"));
+    assert!(o.run_id.is_some(), "the failed run is audited");
+    assert_eq!(db.count("iu_collection"), 0);
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_status = 'failed'"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn unknown_command_is_refused_locally_without_a_ledger_row() {
+    let db = test_db().await;
+    let out = db.govsql(&["apply", "dot_no_such", "--direct", "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let j = json_of(&out);
+    assert_eq!(j["error_class"], "unknown_command");
+    assert!(j["message"].as_str().unwrap().contains("catalog list"));
+    assert_eq!(db.count("dot_iu_command_run"), 0);
+    // And the log function itself refuses an uncatalogued name.
+    let o = pg().psql_as(
+        RUNTIME_ROLE,
+        &db.name,
+        "SELECT fn_dot_iu_command_log('dot_no_such','plan','planned','x','49da86d02e2dd734daabca2afc78ff92',NULL,'{}')",
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not in the catalog"));
+}
+
+#[tokio::test]
+async fn unsafe_catalog_statement_is_refused_at_load() {
+    let text = std::fs::read_to_string(catalog_path()).unwrap().replace(
+        "SELECT public.fn_iu_collection_healthcheck()\"]",
+        "SELECT public.fn_iu_collection_healthcheck(); DELETE FROM iu_piece\"]",
+    );
+    let err = govsql::catalog::Catalog::from_toml(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("guard"), "{err}");
+}
+
+#[tokio::test]
+async fn idempotent_rerun_inserts_no_row_and_returns_the_same_run_id() {
+    let db = test_db().await;
+    db.open_all();
+    let rt = db.runtime();
+    let mut j = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "once")],
+    );
+    j.idempotency_key = Some("op-42".into());
+    let first = rt.run(&j).await;
+    assert_eq!(first.status, RunStatus::Applied, "{first:?}");
+    let rows_before = db.count("dot_iu_command_run");
+    j.job_id = govsql::cli::new_job_id();
+    let second = rt.run(&j).await;
+    assert_eq!(second.status, RunStatus::Applied);
+    assert_eq!(second.run_id, first.run_id);
+    assert!(second.result.is_none(), "a replay returns no result");
+    assert_eq!(db.count("dot_iu_command_run"), rows_before);
+    assert_eq!(db.count("iu_collection"), 1);
+    // Same key, other params: refused as a conflict, nothing runs.
+    let mut other = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "other")],
+    );
+    other.idempotency_key = Some("op-42".into());
+    let o = rt.run(&other).await;
+    assert_eq!(o.status, RunStatus::Refused);
+    assert_eq!(o.error_class.as_deref(), Some("idempotency_conflict"));
+    assert_eq!(db.count("iu_collection"), 1);
+    // The same holds for plan rows.
+    let mut p = job("dot_iu_healthcheck", Mode::Plan, &[]);
+    p.idempotency_key = Some("plan-1".into());
+    let a = rt.run(&p).await;
+    let b = rt.run(&p).await;
+    assert_eq!(a.run_id, b.run_id);
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE idempotency_key = 'plan-1'"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_function_that_writes_then_raises_commits_nothing_and_is_failed() {
+    let db = test_db().await;
+    db.open_all();
+    let rt = db.runtime();
+    let o = run(&rt, "dot_iu_diag_write_then_fail", Mode::Apply, &[]).await;
+    assert_eq!(o.status, RunStatus::Failed, "{o:?}");
+    assert_eq!(o.error_class.as_deref(), Some("IU500"));
+    assert_eq!(db.count("iu_diag_probe"), 0);
+    assert_eq!(
+        db.sql("SELECT run_status, evidence->>'error_class' FROM dot_iu_command_run"),
+        "failed|IU500"
+    );
+}
+
+#[tokio::test]
+async fn runtime_role_cannot_touch_the_ledger_or_gates_directly() {
+    let db = test_db().await;
+    db.open_all();
+    run(&db.runtime(), "dot_iu_healthcheck", Mode::Apply, &[]).await;
+    for sql in [
+        "UPDATE dot_iu_command_run SET run_status = 'applied'",
+        "DELETE FROM dot_iu_command_run",
+        "SELECT * FROM dot_iu_command_run",
+        "INSERT INTO dot_iu_command_run (command_name) VALUES ('x')",
+        "UPDATE dot_config SET value = 'true'",
+        "SELECT * FROM iu_piece",
+        "TRUNCATE dot_iu_command_run",
+    ] {
+        let out = pg().psql_as(RUNTIME_ROLE, &db.name, sql);
+        assert!(!out.status.success(), "{sql} should be refused");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+            "{sql}"
+        );
+    }
+    // Even the owner cannot rewrite history.
+    let out = pg().psql_as(
+        "postgres",
+        &db.name,
+        "UPDATE dot_iu_command_run SET actor = 'x'",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("append-only"));
+    assert_eq!(db.count("dot_iu_command_run"), 1);
+}
+
+#[tokio::test]
+async fn verify_runs_read_only_and_reports_failed_checks() {
+    // A catalog that mis-declares a writing function as read-only: the
+    // READ ONLY transaction still stops the write.
+    let text = std::fs::read_to_string(catalog_path()).unwrap().replace(
+        "fn_iu_collection_create = \"iu_core.composer_enabled\"",
+        "fn_iu_collection_create = \"\"",
+    );
+    let text = text.replacen(
+        "name = \"dot_iu_create_collection\"\ncategory = \"composer\"\ndescription = \"Create a collection.\"\nmutating = true\n",
+        "name = \"dot_iu_create_collection\"\ncategory = \"composer\"\ndescription = \"Create a collection.\"\nmutating = false\n",
+        1,
+    );
+    let db = test_db_with(&text, 10).await;
+    db.open_all();
+    let rt = db.runtime();
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Verify,
+        &[("title", "x")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Failed, "{o:?}");
+    assert_eq!(o.error_class.as_deref(), Some("25006"));
+    assert_eq!(db.count("iu_collection"), 0);
+    // A check whose status is not ok: failed, verification_failed.
+    let o = run(
+        &rt,
+        "dot_iu_collection_validate",
+        Mode::Verify,
+        &[("collection_id", "00000000-0000-0000-0000-000000000009")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Failed);
+    assert_eq!(o.error_class.as_deref(), Some("verification_failed"));
+    assert_eq!(result_json(&o)["status"], "not_found");
+    assert_eq!(
+        db.sql("SELECT evidence->>'error_class' FROM dot_iu_command_run WHERE run_mode = 'verify' AND run_status = 'failed' AND evidence->>'error_class' = 'verification_failed'"),
+        "verification_failed"
+    );
+    // Verify refuses a command declared mutating.
+    let o = run(
+        &rt,
+        "dot_iu_add_piece",
+        Mode::Verify,
+        &[
+            ("collection_id", "00000000-0000-0000-0000-000000000009"),
+            ("body", "b"),
+        ],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Refused);
+    assert_eq!(o.error_class.as_deref(), Some("unsafe_plan"));
+}
+
+#[tokio::test]
+async fn catalog_drift_refuses_apply() {
+    let db = test_db().await;
+    db.open_all();
+    db.sql("UPDATE dot_iu_catalog_state SET digest = 'sha256:other'");
+    let o = run(
+        &db.runtime(),
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "x")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Refused);
+    assert_eq!(o.error_class.as_deref(), Some("catalog_drift"));
+    assert_eq!(db.count("iu_collection"), 0);
+}
+
+#[tokio::test]
+async fn approval_required_command_is_refused_in_direct_mode() {
+    let db = test_db().await;
+    db.open_all();
+    let o = run(
+        &db.runtime(),
+        "dot_iu_purge_piece",
+        Mode::Apply,
+        &[("piece_id", "00000000-0000-0000-0000-000000000009")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Refused);
+    assert_eq!(o.error_class.as_deref(), Some("approval_missing"));
+    assert!(o.run_id.is_some());
+}
+
+#[tokio::test]
+async fn no_param_value_reaches_ledger_evidence_logs_or_errors() {
+    let db = test_db().await;
+    db.open_all();
+    let canary = "CANARY-f00d-4e11";
+    let coll = db.govsql(&[
+        "apply",
+        "dot_iu_create_collection",
+        "--direct",
+        "--json",
+        "--param",
+        &format!("title={canary}"),
+    ]);
+    let coll_json = json_of(&coll);
+    let id = result_json_value(&coll_json)["collection_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let outputs = [
+        coll,
+        db.govsql(&[
+            "apply",
+            "dot_iu_add_piece",
+            "--direct",
+            "--json",
+            "--param",
+            &format!("collection_id={id}"),
+            "--param",
+            &format!("body={canary}"),
+        ]),
+        db.govsql(&[
+            "plan",
+            "dot_iu_add_piece",
+            "--direct",
+            "--param",
+            &format!("collection_id={id}"),
+            "--param",
+            &format!("body={canary}"),
+        ]),
+        // Refusals: bad type, unknown param, over length, NUL-free but bad uuid.
+        db.govsql(&[
+            "apply",
+            "dot_iu_add_piece",
+            "--direct",
+            "--param",
+            &format!("collection_id={canary}"),
+            "--param",
+            "body=x",
+        ]),
+        db.govsql(&[
+            "apply",
+            "dot_iu_add_piece",
+            "--direct",
+            "--param",
+            &format!("nosuch={canary}"),
+        ]),
+        db.govsql(&[
+            "apply",
+            "dot_iu_create_collection",
+            "--direct",
+            "--param",
+            &format!("title={}", canary.repeat(20)),
+        ]),
+        db.govsql(&[
+            "verify",
+            "--direct",
+            "--param",
+            &format!("collection_id={canary}"),
+        ]),
+    ];
+    for (i, o) in outputs.iter().enumerate() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !err.contains(canary),
+            "stderr of call {i} leaks the value: {err}"
+        );
+        assert!(
+            err.contains("DEBUG") || err.contains("INFO") || err.contains("WARN") || i >= 3,
+            "logging is on: {err}"
+        );
+        if i >= 2 {
+            assert!(
+                !stdout(o).contains(canary),
+                "stdout of call {i} leaks: {}",
+                stdout(o)
+            );
+        }
+    }
+    // The submitter's own result may show its data; the ledger never does.
+    let ledger = db.ledger_text();
+    assert!(db.count("dot_iu_command_run") >= 7);
+    assert!(!ledger.contains(canary), "ledger leaks: {ledger}");
+    assert!(ledger.contains(&govsql::params::digest(
+        "dot_iu_create_collection",
+        &[("title".into(), canary.into())]
+    )));
+}
+
+fn result_json_value(j: &serde_json::Value) -> serde_json::Value {
+    serde_json::from_str(j["result"][0][0].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_rollback_is_clean() {
+    let db = test_db().await;
+    let exec = db.executor();
+    let again = govsql::migrate::migrate(&exec, &db.catalog, RUNTIME_ROLE, true)
+        .await
+        .unwrap();
+    assert!(again.applied.is_empty(), "{again:?}");
+    assert!(again.changed.is_empty());
+    assert_eq!(again.present.len(), 5);
+    let updated = db.sql("SELECT count(*) FROM dot_iu_command_catalog WHERE updated_at > now() - interval '0 seconds'");
+    assert_eq!(updated, "0", "a second seed changes nothing");
+    // Rollback drops everything; then the migration re-applies.
+    govsql::migrate::rollback(&exec).await.unwrap();
+    assert_eq!(
+        db.sql("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'"),
+        "0"
+    );
+    assert_eq!(db.sql("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'"), "0");
+    let back = govsql::migrate::migrate(&exec, &db.catalog, RUNTIME_ROLE, true)
+        .await
+        .unwrap();
+    assert_eq!(back.applied.len(), 5);
+    // With ledger rows, the rollback refuses and keeps everything.
+    db.open_all();
+    run(&db.runtime(), "dot_iu_healthcheck", Mode::Plan, &[]).await;
+    let err = govsql::migrate::rollback(&exec)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("GV008"), "{err}");
+    assert_eq!(db.count("dot_iu_command_run"), 1);
+}
+
+#[tokio::test]
+async fn catalog_check_confirms_targets_and_digest() {
+    let db = test_db().await;
+    let ok = db.govsql(&["catalog", "check"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    assert!(stdout(&ok).contains("16 of 16"));
+    db.sql("DROP FUNCTION fn_iu_purge_piece(uuid)");
+    let bad = db.govsql(&["catalog", "check"]);
+    assert_eq!(bad.status.code(), Some(4));
+    assert!(stdout(&bad).contains("public.fn_iu_purge_piece"));
+}
+
+#[tokio::test]
+async fn retired_commands_are_kept_not_deleted() {
+    let db = test_db().await;
+    let text = std::fs::read_to_string(catalog_path()).unwrap();
+    let start = text
+        .find("[[command]]\nname = \"dot_iu_healthcheck_block\"")
+        .unwrap();
+    let end = start + text[start..].find("\n\n").unwrap();
+    let smaller = format!("{}{}", &text[..start], &text[end + 2..]);
+    let cat = govsql::catalog::Catalog::from_toml(&smaller).unwrap();
+    govsql::migrate::migrate(&db.executor(), &cat, RUNTIME_ROLE, true)
+        .await
+        .unwrap();
+    assert_eq!(db.sql("SELECT retired FROM dot_iu_command_catalog WHERE command_name = 'dot_iu_healthcheck_block'"), "t");
+    assert_eq!(
+        db.sql("SELECT digest FROM dot_iu_catalog_state"),
+        cat.digest()
+    );
+}

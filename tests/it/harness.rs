@@ -1,0 +1,336 @@
+//! The test harness: one real PostgreSQL cluster per test process, started
+//! on a private unix socket in a temporary directory (as the `postgres`
+//! user when run as root), stopped at exit. Each test gets its own
+//! database, migrated with the demo schema, and its own config and state
+//! directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use govsql::catalog::Catalog;
+use govsql::config::Config;
+use govsql::runtime::{JobSpec, Mode, Outcome, Runtime};
+use govsql::switch::ApplySwitch;
+use govsql::transport::local::LocalExecutor;
+use govsql::transport::Executor;
+
+/// The runtime role every test database grants to.
+pub const RUNTIME_ROLE: &str = "govsql_runtime";
+
+/// The shipped catalog.
+pub fn catalog_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/catalog.toml")
+}
+
+/// The PostgreSQL binaries (Debian layout, newest version).
+pub fn pg_bindir() -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server is not installed: run scripts/test, which installs it")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    dirs.pop().expect("no /usr/lib/postgresql/*/bin/initdb")
+}
+
+/// A running test cluster.
+pub struct Pg {
+    /// The cluster's directory (data, socket, log).
+    pub dir: PathBuf,
+    /// The port (the socket is `dir/.s.PGSQL.port`).
+    pub port: u16,
+    /// psql, the real binary.
+    pub psql: PathBuf,
+}
+
+static PG: OnceLock<Pg> = OnceLock::new();
+static DB_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this process runs as root (PostgreSQL then runs as `postgres`).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Runs a command as the `postgres` user when root.
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+extern "C" fn stop_cluster() {
+    if let Some(pg) = PG.get() {
+        let _ = as_pg_user(&pg_bindir().join("pg_ctl"))
+            .args(["-D"])
+            .arg(pg.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&pg.dir);
+    }
+}
+
+/// The cluster of this test process, started on first use.
+pub fn pg() -> &'static Pg {
+    PG.get_or_init(|| {
+        let bindir = pg_bindir();
+        let dir = tempfile::Builder::new().prefix("govsql-pg-").tempdir().unwrap().keep();
+        if is_root() {
+            let pg_user = nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user exists");
+            nix::unistd::chown(&dir, Some(pg_user.uid), Some(pg_user.gid)).unwrap();
+        }
+        let out = as_pg_user(&bindir.join("initdb"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses= -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            dir.display()
+        );
+        let out = as_pg_user(&bindir.join("pg_ctl"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-o", &opts, "-w", "start"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
+        // SAFETY: registering a plain extern "C" fn with atexit.
+        unsafe {
+            libc_atexit(stop_cluster);
+        }
+        let pg = Pg {
+            dir,
+            port,
+            psql: bindir.join("psql"),
+        };
+        pg.admin("postgres", &format!("CREATE ROLE {RUNTIME_ROLE} LOGIN NOINHERIT"));
+        pg
+    })
+}
+
+extern "C" {
+    #[link_name = "atexit"]
+    fn libc_atexit(f: extern "C" fn()) -> i32;
+}
+
+impl Pg {
+    /// Runs SQL as the superuser on `db`; returns unaligned, tuples-only
+    /// output. Panics on error.
+    pub fn admin(&self, db: &str, sql: &str) -> String {
+        let out = self.psql_as("postgres", db, sql);
+        assert!(
+            out.status.success(),
+            "admin SQL failed: {sql}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    }
+
+    /// Runs SQL as `user` on `db` (does not panic).
+    pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> Output {
+        Command::new(&self.psql)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                user,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output()
+            .unwrap()
+    }
+}
+
+/// A test database with its own config and state directory.
+pub struct TestDb {
+    /// The database name.
+    pub name: String,
+    /// Holds the config file and state directory.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config_path: PathBuf,
+    /// The parsed config.
+    pub config: Config,
+    /// The shipped catalog.
+    pub catalog: Arc<Catalog>,
+}
+
+/// A fresh, migrated database (demo schema included).
+pub async fn test_db() -> TestDb {
+    test_db_with(&std::fs::read_to_string(catalog_path()).unwrap(), 10).await
+}
+
+/// A fresh database with a given catalog text and job timeout.
+pub async fn test_db_with(catalog_text: &str, job_timeout_s: u64) -> TestDb {
+    let pg = pg();
+    let n = DB_SEQ.fetch_add(1, Ordering::SeqCst);
+    let name = format!("t{}_{n}", std::process::id());
+    pg.admin("postgres", &format!("CREATE DATABASE {name}"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("catalog.toml"), catalog_text).unwrap();
+    let config_path = dir.path().join("govsql.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"[daemon]
+state_dir = "state"
+catalog = "catalog.toml"
+socket = "govsql.sock"
+
+[targets.main]
+transport = "local"
+psql = "{psql}"
+db_host = "{host}"
+db_port = {port}
+db_name = "{name}"
+db_user = "{RUNTIME_ROLE}"
+admin_db_user = "postgres"
+job_timeout_s = {job_timeout_s}
+"#,
+            psql = pg.psql.display(),
+            host = pg.dir.display(),
+            port = pg.port,
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&config_path).unwrap();
+    let catalog = Arc::new(Catalog::from_toml(catalog_text).unwrap());
+    let db = TestDb {
+        name,
+        dir,
+        config_path,
+        config,
+        catalog,
+    };
+    govsql::migrate::migrate(&db.executor(), &db.catalog, RUNTIME_ROLE, true)
+        .await
+        .expect("migrate --demo");
+    db
+}
+
+impl TestDb {
+    /// The local executor of this database.
+    pub fn executor(&self) -> LocalExecutor {
+        LocalExecutor::new(self.config.target(None).unwrap().1)
+    }
+
+    /// A runtime over the local executor.
+    pub fn runtime(&self) -> Runtime {
+        self.runtime_with(Arc::new(self.executor()))
+    }
+
+    /// A runtime over a given executor.
+    pub fn runtime_with(&self, exec: Arc<dyn Executor>) -> Runtime {
+        let (_, t) = self.config.target(None).unwrap();
+        Runtime::new(
+            self.catalog.clone(),
+            exec,
+            "main",
+            ApplySwitch::new(&self.config.daemon.state_dir),
+            Duration::from_secs(t.job_timeout_s),
+        )
+    }
+
+    /// Admin SQL on this database.
+    pub fn sql(&self, sql: &str) -> String {
+        pg().admin(&self.name, sql)
+    }
+
+    /// Opens or shuts a gate (as the admin).
+    pub fn gate(&self, key: &str, open: bool) {
+        self.sql(&format!(
+            "UPDATE dot_config SET value = '{open}' WHERE key = '{key}'"
+        ));
+    }
+
+    /// Opens every gate and the local switch.
+    pub fn open_all(&self) {
+        self.sql("UPDATE dot_config SET value = 'true'");
+        self.switch(true);
+    }
+
+    /// Sets the local apply switch.
+    pub fn switch(&self, on: bool) {
+        ApplySwitch::new(&self.config.daemon.state_dir)
+            .set(on)
+            .unwrap();
+    }
+
+    /// Runs the built binary with this database's config.
+    pub fn govsql(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_govsql"))
+            .args(args)
+            .env("GOVSQL_CONFIG", &self.config_path)
+            .env("GOVSQL_LOG", "debug")
+            .output()
+            .unwrap()
+    }
+
+    /// Ledger rows as text, one per line (for canary searches).
+    pub fn ledger_text(&self) -> String {
+        self.sql("SELECT r::text FROM dot_iu_command_run r ORDER BY run_id")
+    }
+
+    /// A count query.
+    pub fn count(&self, from_where: &str) -> i64 {
+        self.sql(&format!("SELECT count(*) FROM {from_where}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+/// A job with fresh id and the test actor.
+pub fn job(command: &str, mode: Mode, params: &[(&str, &str)]) -> JobSpec {
+    JobSpec {
+        job_id: govsql::cli::new_job_id(),
+        command: command.to_string(),
+        mode,
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        idempotency_key: None,
+        actor: "tester".into(),
+        approved: false,
+    }
+}
+
+/// Runs a job and returns its outcome.
+pub async fn run(rt: &Runtime, command: &str, mode: Mode, params: &[(&str, &str)]) -> Outcome {
+    rt.run(&job(command, mode, params)).await
+}
+
+/// The single string of a one-row, one-column jsonb result, parsed.
+pub fn result_json(o: &Outcome) -> serde_json::Value {
+    let rows = o.result.as_ref().expect("a result");
+    assert_eq!(rows.len(), 1, "one row expected: {o:?}");
+    serde_json::from_str(rows[0][0].as_deref().expect("not null")).unwrap()
+}
