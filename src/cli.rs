@@ -14,6 +14,7 @@ use crate::psql::{self, control_rows, DbRole, Script, Sections};
 use crate::runtime::{JobSpec, Mode, Outcome, Runtime};
 use crate::switch::ApplySwitch;
 use crate::transport::local::LocalExecutor;
+use crate::transport::ssh::SshExecutor;
 use crate::transport::{run_with_deadline, Executor, Exit, ScriptRequest};
 
 /// Exit code for errors (config, daemon unreachable, internal).
@@ -173,14 +174,12 @@ fn load(config_path: &Path) -> anyhow::Result<(Config, Catalog)> {
     Ok((config, catalog))
 }
 
-/// Builds the executor of a target.
-pub fn executor_for(target: &TargetConfig) -> anyhow::Result<Arc<dyn Executor>> {
-    match target.transport {
-        TransportKind::Local => Ok(Arc::new(LocalExecutor::new(target))),
-        TransportKind::Ssh => anyhow::bail!(
-            "transport = \"ssh\" is not available in this build yet; use transport = \"local\""
-        ),
-    }
+/// Builds the executor of a target (`admin`: migrate's SSH identity).
+pub fn executor_for(target: &TargetConfig, admin: bool) -> anyhow::Result<Arc<dyn Executor>> {
+    Ok(match target.transport {
+        TransportKind::Local => Arc::new(LocalExecutor::new(target)),
+        TransportKind::Ssh => Arc::new(SshExecutor::new(target, admin)?),
+    })
 }
 
 /// The effective user's name (the actor of `--direct` jobs).
@@ -236,7 +235,7 @@ async fn job(
     let (target_name, target) = config.target(a.target.as_deref())?;
     let runtime = Runtime::new(
         Arc::new(catalog),
-        executor_for(target)?,
+        executor_for(target, false)?,
         target_name,
         ApplySwitch::new(&config.daemon.state_dir),
         target.job_timeout(),
@@ -350,7 +349,7 @@ async fn catalog_cmd(config_path: &Path, action: CatalogAction) -> anyhow::Resul
         }
         CatalogAction::Check { target } => {
             let (_, t) = config.target(target.as_deref())?;
-            let exec = executor_for(t)?;
+            let exec = executor_for(t, false)?;
             catalog_check(exec.as_ref(), &catalog).await
         }
     }
@@ -430,7 +429,7 @@ async fn migrate_cmd(
 ) -> anyhow::Result<i32> {
     let (config, catalog) = load(config_path)?;
     let (name, t) = config.target(target)?;
-    let exec = executor_for(t)?;
+    let exec = executor_for(t, true)?;
     if rollback {
         crate::migrate::rollback(exec.as_ref()).await?;
         println!("rolled back every govsql object on target {name}");

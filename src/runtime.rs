@@ -312,6 +312,9 @@ impl Runtime {
                 }
             }
         }
+        if let Err(e) = self.executor.ready().await {
+            return self.unreachable(ctx, e);
+        }
         match job.mode {
             Mode::Plan => self.plan(ctx).await,
             Mode::Apply => self.apply(ctx, &statements).await,

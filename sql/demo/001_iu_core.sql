@@ -195,6 +195,20 @@ BEGIN
 END
 $$;
 
+-- A large result for transport drills: p_bytes characters of awkward text.
+CREATE FUNCTION public.fn_iu_diag_blob(p_bytes bigint) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    v_unit text := E'a\t~|~\\\n"\u00e9\r';
+BEGIN
+    IF p_bytes < 0 OR p_bytes > 67108864 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'bytes out of range 0..64 MiB';
+    END IF;
+    RETURN jsonb_build_object('status', 'ok',
+        'blob', left(repeat(v_unit, (p_bytes / length(v_unit) + 1)::int), p_bytes::int));
+END
+$$;
+
 -- Writes a probe row, then raises: the atomicity drill. Nothing it wrote
 -- may survive.
 CREATE FUNCTION public.fn_iu_diag_write_then_fail() RETURNS jsonb

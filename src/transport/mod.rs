@@ -8,6 +8,7 @@
 //! terminated through a second, short script.
 
 pub mod local;
+pub mod ssh;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -63,6 +64,9 @@ pub enum TransportError {
     /// The server's host key is unknown or changed.
     #[error("host key refused: {0}")]
     HostKey(String),
+    /// Authentication failed (not retried).
+    #[error("{0}")]
+    Auth(String),
 }
 
 impl TransportError {
@@ -70,7 +74,7 @@ impl TransportError {
     pub fn class(&self) -> &'static str {
         match self {
             TransportError::Timeout(_) => "timeout",
-            TransportError::Broken(_) => "transport",
+            TransportError::Broken(_) | TransportError::Auth(_) => "transport",
             TransportError::HostKey(_) => "host_key",
         }
     }
@@ -80,6 +84,11 @@ impl TransportError {
 pub trait Executor: Send + Sync {
     /// Runs one script to completion (no deadline: see [`run_with_deadline`]).
     fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>>;
+    /// Makes sure the target can be reached (the SSH session is up and its
+    /// host key checked) before a job builds its evidence.
+    fn ready(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async { Ok(()) })
+    }
     /// `local`, `ssh` or `fake`, for evidence.
     fn kind(&self) -> &'static str;
     /// The server key fingerprint in use, for evidence (SSH only).

@@ -89,6 +89,8 @@ pub fn pg() -> &'static Pg {
     PG.get_or_init(|| {
         let bindir = pg_bindir();
         let dir = tempfile::Builder::new().prefix("govsql-pg-").tempdir().unwrap().keep();
+        // The SSH test users connect through the socket in this directory.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         if is_root() {
             let pg_user = nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user exists");
             nix::unistd::chown(&dir, Some(pg_user.uid), Some(pg_user.gid)).unwrap();
@@ -190,6 +192,26 @@ pub async fn test_db() -> TestDb {
 
 /// A fresh database with a given catalog text and job timeout.
 pub async fn test_db_with(catalog_text: &str, job_timeout_s: u64) -> TestDb {
+    build_db(catalog_text, job_timeout_s, "transport = \"local\"\n").await
+}
+
+/// A fresh database whose target is reached over SSH.
+pub async fn ssh_db(transport_toml: &str, job_timeout_s: u64) -> TestDb {
+    let text = std::fs::read_to_string(catalog_path()).unwrap();
+    build_db(&text, job_timeout_s, transport_toml).await
+}
+
+fn db_keys(name: &str) -> String {
+    let pg = pg();
+    format!(
+        "psql = \"{psql}\"\ndb_host = \"{host}\"\ndb_port = {port}\ndb_name = \"{name}\"\ndb_user = \"{RUNTIME_ROLE}\"\nadmin_db_user = \"postgres\"\n",
+        psql = pg.psql.display(),
+        host = pg.dir.display(),
+        port = pg.port,
+    )
+}
+
+async fn build_db(catalog_text: &str, job_timeout_s: u64, transport_toml: &str) -> TestDb {
     let pg = pg();
     let n = DB_SEQ.fetch_add(1, Ordering::SeqCst);
     let name = format!("t{}_{n}", std::process::id());
@@ -200,24 +222,8 @@ pub async fn test_db_with(catalog_text: &str, job_timeout_s: u64) -> TestDb {
     std::fs::write(
         &config_path,
         format!(
-            r#"[daemon]
-state_dir = "state"
-catalog = "catalog.toml"
-socket = "govsql.sock"
-
-[targets.main]
-transport = "local"
-psql = "{psql}"
-db_host = "{host}"
-db_port = {port}
-db_name = "{name}"
-db_user = "{RUNTIME_ROLE}"
-admin_db_user = "postgres"
-job_timeout_s = {job_timeout_s}
-"#,
-            psql = pg.psql.display(),
-            host = pg.dir.display(),
-            port = pg.port,
+            "[daemon]\nstate_dir = \"state\"\ncatalog = \"catalog.toml\"\nsocket = \"govsql.sock\"\n\n[targets.main]\n{transport_toml}{db}job_timeout_s = {job_timeout_s}\n",
+            db = db_keys(&name)
         ),
     )
     .unwrap();
@@ -237,14 +243,20 @@ job_timeout_s = {job_timeout_s}
 }
 
 impl TestDb {
-    /// The local executor of this database.
+    /// A local executor of this database (whatever the config's transport).
     pub fn executor(&self) -> LocalExecutor {
-        LocalExecutor::new(self.config.target(None).unwrap().1)
+        let toml = format!("transport = \"local\"\n{}", db_keys(&self.name));
+        LocalExecutor::new(&toml::from_str(&toml).unwrap())
     }
 
-    /// A runtime over the local executor.
+    /// The executor the config names (local or SSH).
+    pub fn configured_executor(&self) -> Arc<dyn Executor> {
+        govsql::cli::executor_for(self.config.target(None).unwrap().1, false).unwrap()
+    }
+
+    /// A runtime over the configured transport.
     pub fn runtime(&self) -> Runtime {
-        self.runtime_with(Arc::new(self.executor()))
+        self.runtime_with(self.configured_executor())
     }
 
     /// A runtime over a given executor.

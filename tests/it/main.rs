@@ -1,8 +1,10 @@
-//! govsql's integration tests: one binary, against a real PostgreSQL the
-//! harness starts on a private socket.
+//! govsql's integration tests: one binary, against a real PostgreSQL and a
+//! real OpenSSH sshd that the harness starts on loopback.
 
 mod core;
 mod guard_table;
 mod harness;
 mod seed_lock;
+mod ssh;
+mod sshd;
 mod values;

@@ -1,0 +1,575 @@
+//! The SSH executor: one persistent russh session per target, one channel
+//! per job, the psql command line as ONE shell-quoted string, the script on
+//! stdin, then EOF.
+//!
+//! Host keys fail closed: the server key must match the known_hosts file
+//! (hashed entries and `[host]:port` included) or the pinned fingerprint,
+//! checked before authentication; an unknown or changed key is refused with
+//! the fingerprint offered and where to pin it. A dead session is noticed
+//! (keepalive, closed handle) and re-established with exponential backoff
+//! and jitter; a refused channel open (sshd frees session slots late) is
+//! retried the same way. Every channel is drained to its close, even when
+//! the job that opened it was abandoned at its deadline.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use rand::Rng;
+use russh::client::{self, Handle};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::ChannelMsg;
+use tokio::sync::{oneshot, Mutex, Semaphore};
+
+use super::{BoxFuture, Executor, Exit, ScriptOutput, ScriptRequest, TransportError};
+use crate::config::TargetConfig;
+use crate::psql::{command_line, command_words, DbRole};
+
+/// How the server's host key is trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyPolicy {
+    /// The key must match an entry of this OpenSSH known_hosts file.
+    KnownHosts(PathBuf),
+    /// The key's SHA256 fingerprint must be exactly this.
+    Pinned(String),
+}
+
+/// How the client authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A private key file, with its passphrase read from a file if any.
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// The file holding its passphrase.
+        passphrase_file: Option<PathBuf>,
+    },
+    /// ssh-agent through SSH_AUTH_SOCK.
+    Agent,
+}
+
+/// Everything needed to open a session.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    /// Server host.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// SSH user.
+    pub user: String,
+    /// Key file or agent.
+    pub identity: Identity,
+    /// Host key trust.
+    pub host_key: HostKeyPolicy,
+    /// Keepalive interval.
+    pub keepalive_interval: Duration,
+    /// Missed keepalives before the session is dead.
+    pub keepalive_max: usize,
+}
+
+impl SshSettings {
+    /// Settings of a target; `admin` picks migrate's own user and identity.
+    pub fn from_target(t: &TargetConfig, admin: bool) -> Result<SshSettings, TransportError> {
+        let missing =
+            |k: &str| TransportError::Broken(format!("{k} is not set for this SSH target"));
+        let user = if admin {
+            t.admin_ssh_user.clone().or_else(|| t.ssh_user.clone())
+        } else {
+            t.ssh_user.clone()
+        };
+        let key = if admin {
+            t.admin_identity_file
+                .clone()
+                .or_else(|| t.identity_file.clone())
+        } else {
+            t.identity_file.clone()
+        };
+        let identity = match key {
+            Some(path) => Identity::KeyFile {
+                path,
+                passphrase_file: t.identity_passphrase_file.clone(),
+            },
+            None => Identity::Agent,
+        };
+        let host_key = match (&t.host_key, &t.known_hosts) {
+            (Some(fp), _) => HostKeyPolicy::Pinned(fp.clone()),
+            (None, Some(path)) => HostKeyPolicy::KnownHosts(path.clone()),
+            (None, None) => return Err(missing("known_hosts or host_key")),
+        };
+        Ok(SshSettings {
+            host: t.ssh_host.clone().ok_or_else(|| missing("ssh_host"))?,
+            port: t.ssh_port,
+            user: user.ok_or_else(|| missing("ssh_user"))?,
+            identity,
+            host_key,
+            keepalive_interval: Duration::from_secs(t.keepalive_interval_s.max(1)),
+            keepalive_max: t.keepalive_max.max(1),
+        })
+    }
+}
+
+/// What the host-key check saw (the handler runs inside russh).
+#[derive(Debug, Clone, Default)]
+struct HostKeySeen {
+    fingerprint: Option<String>,
+    refusal: Option<String>,
+}
+
+/// The russh client handler: the host-key check.
+struct Client {
+    settings: Arc<SshSettings>,
+    seen: Arc<StdMutex<HostKeySeen>>,
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        offered: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let s = &self.settings;
+        let verdict: Result<String, String> = match offered {
+            PublicKeyOrCertificate::Certificate(_) => {
+                Err("the server offered a certificate; govsql trusts plain host keys only".into())
+            }
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                let fp = key.fingerprint(HashAlg::Sha256).to_string();
+                let where_ = format!("{}:{}", s.host, s.port);
+                match &s.host_key {
+                    HostKeyPolicy::Pinned(pin) if *pin == fp => Ok(fp),
+                    HostKeyPolicy::Pinned(pin) => Err(format!(
+                        "{where_} offered host key {fp}, but host_key pins {pin}; if the server's key really changed, set host_key = \"{fp}\""
+                    )),
+                    HostKeyPolicy::KnownHosts(path) => match russh::keys::check_known_hosts_path(&s.host, s.port, key, path) {
+                        Ok(true) => Ok(fp),
+                        Ok(false) => Err(format!(
+                            "{where_} offered host key {fp}, which is not in {}; if it is the right key, add it (ssh-keyscan -p {} {} >> {}) or pin host_key = \"{fp}\"",
+                            path.display(),
+                            s.port,
+                            s.host,
+                            path.display()
+                        )),
+                        Err(russh::keys::Error::KeyChanged { line }) => Err(format!(
+                            "{where_} offered host key {fp}, which DIFFERS from line {line} of {}: possible man-in-the-middle; nothing was sent",
+                            path.display()
+                        )),
+                        Err(e) => Err(format!("cannot check {}: {e}", path.display())),
+                    },
+                }
+            }
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match verdict {
+            Ok(fp) => {
+                seen.fingerprint = Some(fp);
+                seen.refusal = None;
+                Ok(true)
+            }
+            Err(why) => {
+                seen.refusal = Some(why);
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// A live session and the fingerprint it was accepted with.
+struct Live {
+    handle: Arc<Handle<Client>>,
+}
+
+/// Reconnect bookkeeping.
+#[derive(Default)]
+struct SessionSlot {
+    live: Option<Live>,
+    failures: u32,
+}
+
+/// The SSH executor of one target.
+pub struct SshExecutor {
+    settings: Arc<SshSettings>,
+    config: Arc<client::Config>,
+    runtime_cmd: String,
+    admin_cmd: String,
+    slot: Mutex<SessionSlot>,
+    channels: Arc<Semaphore>,
+    seen: Arc<StdMutex<HostKeySeen>>,
+}
+
+const MAX_ATTEMPTS: u32 = 6;
+
+impl SshExecutor {
+    /// An executor for `target` (`admin`: migrate's own SSH identity).
+    pub fn new(target: &TargetConfig, admin: bool) -> Result<SshExecutor, TransportError> {
+        let settings = Arc::new(SshSettings::from_target(target, admin)?);
+        let config = client::Config {
+            nodelay: true,
+            inactivity_timeout: None,
+            keepalive_interval: Some(settings.keepalive_interval),
+            keepalive_max: settings.keepalive_max,
+            ..Default::default()
+        };
+        Ok(SshExecutor {
+            settings,
+            config: Arc::new(config),
+            runtime_cmd: command_line(&command_words(target, DbRole::Runtime)),
+            admin_cmd: command_line(&command_words(target, DbRole::Admin)),
+            slot: Mutex::new(SessionSlot::default()),
+            channels: Arc::new(Semaphore::new(target.max_channels)),
+            seen: Arc::new(StdMutex::new(HostKeySeen::default())),
+        })
+    }
+
+    /// The current session, connecting (with backoff) if there is none or
+    /// it died.
+    async fn session(&self) -> Result<Arc<Handle<Client>>, TransportError> {
+        let mut slot = self.slot.lock().await;
+        if let Some(live) = &slot.live {
+            if !live.handle.is_closed() {
+                return Ok(live.handle.clone());
+            }
+            tracing::warn!(host = %self.settings.host, "SSH session is closed; reconnecting");
+            slot.live = None;
+        }
+        loop {
+            match self.connect().await {
+                Ok(handle) => {
+                    slot.failures = 0;
+                    let handle = Arc::new(handle);
+                    slot.live = Some(Live {
+                        handle: handle.clone(),
+                    });
+                    return Ok(handle);
+                }
+                Err(e @ (TransportError::HostKey(_) | TransportError::Auth(_))) => return Err(e),
+                Err(e) => {
+                    slot.failures += 1;
+                    if slot.failures >= MAX_ATTEMPTS {
+                        slot.failures = MAX_ATTEMPTS - 1;
+                        return Err(e);
+                    }
+                    let wait = backoff(slot.failures);
+                    tracing::warn!(host = %self.settings.host, cause = %e, wait_ms = wait.as_millis() as u64, "SSH connect failed; backing off");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Handle<Client>, TransportError> {
+        let s = &self.settings;
+        let client = Client {
+            settings: s.clone(),
+            seen: self.seen.clone(),
+        };
+        let addr = (s.host.as_str(), s.port);
+        let mut handle = match client::connect(self.config.clone(), addr, client).await {
+            Ok(h) => h,
+            Err(e) => {
+                let refusal = self
+                    .seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .refusal
+                    .take();
+                return Err(match refusal {
+                    Some(why) => TransportError::HostKey(why),
+                    None => TransportError::Broken(format!(
+                        "cannot connect to {}:{}: {e}",
+                        s.host, s.port
+                    )),
+                });
+            }
+        };
+        self.authenticate(&mut handle).await?;
+        tracing::info!(host = %s.host, port = s.port, user = %s.user, "SSH session established");
+        Ok(handle)
+    }
+
+    async fn authenticate(&self, handle: &mut Handle<Client>) -> Result<(), TransportError> {
+        let s = &self.settings;
+        let fail = |tried: &str, detail: String| {
+            TransportError::Auth(format!(
+                "SSH authentication as {} on {}:{} failed; tried {tried}: {detail}",
+                s.user, s.host, s.port
+            ))
+        };
+        match &s.identity {
+            Identity::KeyFile {
+                path,
+                passphrase_file,
+            } => {
+                let passphrase = read_passphrase(passphrase_file.as_deref())?;
+                let key = russh::keys::load_secret_key(path, passphrase.as_deref()).map_err(|e| {
+                    fail(
+                        &format!("publickey ({})", path.display()),
+                        format!("cannot load the key: {e} (is identity_passphrase_file or GOVSQL_SSH_PASSPHRASE right?)"),
+                    )
+                })?;
+                let hash = if key.algorithm().is_rsa() {
+                    handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .ok()
+                        .flatten()
+                        .flatten()
+                        .or(Some(HashAlg::Sha256))
+                } else {
+                    None
+                };
+                let algo = key.algorithm().to_string();
+                let res = handle
+                    .authenticate_publickey(
+                        &s.user,
+                        PrivateKeyWithHashAlg::new(Arc::new(key), hash),
+                    )
+                    .await
+                    .map_err(|e| {
+                        TransportError::Broken(format!("SSH authentication broke: {e}"))
+                    })?;
+                if res.success() {
+                    Ok(())
+                } else {
+                    Err(fail(
+                        &format!("publickey {algo} ({})", path.display()),
+                        "the server refused the key".into(),
+                    ))
+                }
+            }
+            Identity::Agent => {
+                let mut agent = russh::keys::agent::client::AgentClient::connect_env()
+                    .await
+                    .map_err(|e| {
+                        fail(
+                            "ssh-agent",
+                            format!("cannot reach the agent through SSH_AUTH_SOCK: {e}"),
+                        )
+                    })?;
+                let ids = agent
+                    .request_identities()
+                    .await
+                    .map_err(|e| fail("ssh-agent", format!("agent did not list keys: {e}")))?;
+                let mut tried = 0;
+                for id in ids {
+                    let russh::keys::agent::AgentIdentity::PublicKey { key, .. } = id else {
+                        continue;
+                    };
+                    tried += 1;
+                    let hash = if key.algorithm().is_rsa() {
+                        Some(HashAlg::Sha256)
+                    } else {
+                        None
+                    };
+                    if let Ok(r) = handle
+                        .authenticate_publickey_with(&s.user, key, hash, &mut agent)
+                        .await
+                    {
+                        if r.success() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(fail(
+                    "ssh-agent",
+                    format!("none of its {tried} key(s) was accepted"),
+                ))
+            }
+        }
+    }
+
+    /// Opens a channel, retrying a refused open and a dead session.
+    async fn open_channel(&self) -> Result<russh::Channel<client::Msg>, TransportError> {
+        let mut attempt = 0;
+        loop {
+            let handle = self.session().await?;
+            match handle.channel_open_session().await {
+                Ok(ch) => return Ok(ch),
+                Err(e) => {
+                    attempt += 1;
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(TransportError::Broken(format!(
+                            "cannot open an SSH channel: {e}"
+                        )));
+                    }
+                    if handle.is_closed() {
+                        let mut slot = self.slot.lock().await;
+                        if slot
+                            .live
+                            .as_ref()
+                            .is_some_and(|l| Arc::ptr_eq(&l.handle, &handle))
+                        {
+                            slot.live = None;
+                        }
+                    }
+                    tracing::debug!(cause = %e, attempt, "channel open refused; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn run_channel(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
+        let permit = self
+            .channels
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TransportError::Broken("executor closed".into()))?;
+        let channel = self.open_channel().await?;
+        let cmd = match req.role {
+            DbRole::Runtime => self.runtime_cmd.clone(),
+            DbRole::Admin => self.admin_cmd.clone(),
+        };
+        // The channel lives in its own task, drained to its close even if
+        // this job is abandoned at its deadline; `abandon` tells it to
+        // close the channel early.
+        let (abandon_tx, abandon_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(drive_channel(
+            channel,
+            cmd,
+            req.text.into_bytes(),
+            abandon_rx,
+            permit,
+        ));
+        let _guard = AbandonOnDrop(Some(abandon_tx));
+        task.await
+            .map_err(|e| TransportError::Broken(format!("channel task failed: {e}")))?
+    }
+}
+
+/// Sends the abandon signal when the job's future is dropped.
+struct AbandonOnDrop(Option<oneshot::Sender<()>>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn drive_channel(
+    channel: russh::Channel<client::Msg>,
+    cmd: String,
+    stdin: Vec<u8>,
+    mut abandon: oneshot::Receiver<()>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<ScriptOutput, TransportError> {
+    let broken = |what: &str, e: russh::Error| {
+        TransportError::Broken(format!("SSH channel {what} failed: {e}"))
+    };
+    channel
+        .exec(true, cmd.into_bytes())
+        .await
+        .map_err(|e| broken("exec", e))?;
+    let (mut rd, wr) = channel.split();
+    let writer = async {
+        wr.data(stdin.as_slice())
+            .await
+            .map_err(|e| broken("write", e))?;
+        wr.eof().await.map_err(|e| broken("eof", e))
+    };
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut exit: Option<Exit> = None;
+    let mut refused = false;
+    let reader = async {
+        let mut abandoned = false;
+        loop {
+            let msg = tokio::select! {
+                m = rd.wait() => m,
+                _ = &mut abandon, if !abandoned => {
+                    abandoned = true;
+                    let _ = wr.close().await;
+                    continue;
+                }
+            };
+            match msg {
+                Some(ChannelMsg::Data { data }) => stdout.extend_from_slice(&data),
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => stderr.extend_from_slice(&data),
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    exit = Some(Exit::Code(exit_status as i32))
+                }
+                Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                    exit = Some(Exit::Signal(format!("{signal_name:?}")))
+                }
+                Some(ChannelMsg::Failure) => refused = true,
+                Some(ChannelMsg::Close) | None => break,
+                Some(_) => {}
+            }
+        }
+    };
+    let (written, ()) = tokio::join!(writer, reader);
+    if refused && exit.is_none() {
+        return Err(TransportError::Broken(
+            "the server refused to run the command".into(),
+        ));
+    }
+    if let Err(e) = written {
+        // psql may stop reading early (ON_ERROR_STOP); only a run that
+        // never ended is a transport failure.
+        if exit.is_none() {
+            return Err(e);
+        }
+    }
+    Ok(ScriptOutput {
+        stdout,
+        stderr,
+        exit: exit.unwrap_or(Exit::Unknown),
+    })
+}
+
+fn read_passphrase(file: Option<&std::path::Path>) -> Result<Option<String>, TransportError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            TransportError::Auth(format!(
+                "cannot read identity_passphrase_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    Ok(std::env::var("GOVSQL_SSH_PASSPHRASE").ok())
+}
+
+/// Exponential backoff with jitter: 100 ms · 2^n, capped at 5 s, ±50 %.
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
+    let jitter = rand::thread_rng().gen_range(base / 2..=base + base / 2);
+    Duration::from_millis(jitter)
+}
+
+impl Executor for SshExecutor {
+    fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>> {
+        Box::pin(self.run_channel(req))
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async { self.session().await.map(|_| ()) })
+    }
+
+    fn kind(&self) -> &'static str {
+        "ssh"
+    }
+
+    fn host_key_fingerprint(&self) -> Option<String> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fingerprint
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(300));
+        assert!(backoff(10) <= Duration::from_millis(7_500));
+        assert!(backoff(10) >= Duration::from_millis(2_500));
+    }
+}
