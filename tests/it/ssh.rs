@@ -425,3 +425,49 @@ async fn migrate_over_ssh_is_idempotent() {
         catalog.commands().len().to_string()
     );
 }
+
+#[tokio::test]
+async fn remote_psql_killed_mid_apply_is_settled_from_the_ledger() {
+    // Its own user, so killing "its" psql cannot touch other tests' jobs.
+    let user = sshd::VICTIM.0;
+    let db = db_as(user, &keys().ed25519, 30).await;
+    db.open_all();
+    let rt = Arc::new(db.runtime());
+    let task = {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            run(&rt, "dot_iu_diag_sleep", Mode::Apply, &[("seconds", "20")]).await
+        })
+    };
+    // Wait until the job's backend runs, then kill the remote psql.
+    let mut seen = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if db.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%fn_iu_diag_sleep%' AND application_name LIKE 'govsql:%'") != "0" {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the job never started");
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-u", user, "-x", "psql"])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = task.await.unwrap();
+    assert_eq!(o.status, RunStatus::Failed, "{o:?}");
+    assert_eq!(o.error_class.as_deref(), Some("transport"));
+    assert!(
+        o.message.contains("not applied"),
+        "settled from the ledger: {}",
+        o.message
+    );
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_status = 'applied'"),
+        0
+    );
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_status = 'failed'"),
+        1
+    );
+}

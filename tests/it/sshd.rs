@@ -18,6 +18,14 @@ pub const SHELL_USERS: &[(&str, &str)] = &[
     ("govsqlt_busybox", "/usr/local/lib/govsql-test/sh"),
 ];
 
+/// A user only the kill drills log in as (so killing its processes cannot
+/// touch another test's jobs).
+pub const VICTIM: (&str, &str) = ("govsqlt_victim", "/bin/bash");
+
+fn all_users() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    SHELL_USERS.iter().chain(std::iter::once(&VICTIM))
+}
+
 /// The user most tests log in as.
 pub const USER: &str = "govsqlt_bash";
 
@@ -115,7 +123,7 @@ fn ensure_users() {
     if !busybox_sh.exists() {
         std::os::unix::fs::symlink("/usr/bin/busybox", busybox_sh).unwrap();
     }
-    for (user, shell) in SHELL_USERS {
+    for (user, shell) in all_users() {
         let exists = Command::new("id")
             .arg(user)
             .output()
@@ -178,11 +186,11 @@ impl Sshd {
                 }),
             );
         }
-        for (user, _) in SHELL_USERS {
+        for (user, _) in all_users() {
             std::fs::write(auth_dir.join(user), &authorized).unwrap();
         }
         let port = free_port();
-        let users: Vec<&str> = SHELL_USERS.iter().map(|(u, _)| *u).collect();
+        let users: Vec<&str> = all_users().map(|(u, _)| *u).collect();
         let config = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_ed25519\nPidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys/%u\nStrictModes no\nUsePAM no\n\
