@@ -8,7 +8,9 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use crate::catalog::Catalog;
+use crate::client::{self, Client};
 use crate::config::{Config, TargetConfig, TransportKind};
+use crate::daemon::protocol::{JobView, Reply, Request, PROTOCOL_VERSION};
 use crate::params;
 use crate::psql::{self, control_rows, DbRole, Script, Sections};
 use crate::runtime::{JobSpec, Mode, Outcome, Runtime};
@@ -72,6 +74,46 @@ pub enum Cmd {
         /// on, off or status.
         #[arg(value_parser = ["on", "off", "status"])]
         state: String,
+    },
+    /// Run the daemon (socket, durable queue, workers).
+    Daemon,
+    /// A job's state and outcome.
+    Status {
+        /// The job.
+        job_id: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent jobs.
+    Jobs {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a job that waits for approval (by a different user).
+    Approve {
+        /// The job.
+        job_id: String,
+    },
+    /// Cancel a queued or waiting job.
+    Cancel {
+        /// The job.
+        job_id: String,
+    },
+    /// The daemon's health.
+    Health {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit many jobs from a JSON-lines file, wait for them, summarise.
+    Batch {
+        /// One job per line: {"command": …, "mode": …, "params": {…}, "target"?, "idempotency_key"?}.
+        file: PathBuf,
     },
 }
 
@@ -165,6 +207,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             rollback,
         } => migrate_cmd(&config_path, target.as_deref(), demo, rollback).await,
         Cmd::Switch { state } => switch_cmd(&config_path, &state),
+        Cmd::Daemon => {
+            let config = Config::load(&config_path)?;
+            crate::daemon::run(config).await?;
+            Ok(0)
+        }
+        Cmd::Status { job_id, json } => status_cmd(&config_path, &job_id, json).await,
+        Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,
+        Cmd::Approve { job_id } => {
+            simple_job_op(
+                &config_path,
+                Request::Approve {
+                    v: PROTOCOL_VERSION,
+                    job_id,
+                },
+            )
+            .await
+        }
+        Cmd::Cancel { job_id } => {
+            simple_job_op(
+                &config_path,
+                Request::Cancel {
+                    v: PROTOCOL_VERSION,
+                    job_id,
+                },
+            )
+            .await
+        }
+        Cmd::Health { json } => health_cmd(&config_path, json).await,
+        Cmd::Batch { file } => {
+            crate::batch::run(&client::socket_from_config(&config_path), &file).await
+        }
     }
 }
 
@@ -227,9 +300,7 @@ async fn job(
         None => "dot_iu_healthcheck".to_string(),
     };
     if !a.direct {
-        anyhow::bail!(
-            "the daemon client is not available in this build; add --direct to run the job in this process under the same governance"
-        );
+        return submit_to_daemon(config_path, mode, command, pairs, a).await;
     }
     let (config, catalog) = load(config_path)?;
     let (target_name, target) = config.target(a.target.as_deref())?;
@@ -247,7 +318,7 @@ async fn job(
         params: pairs,
         idempotency_key: a.idempotency_key,
         actor: effective_user(),
-        approved: false,
+        approved_by: None,
     };
     let outcome = runtime.run(&spec).await;
     print_outcome(&outcome, a.json);
@@ -475,4 +546,211 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Exit code of a daemon reply that is an error.
+fn reply_error_code(reply: &Reply) -> i32 {
+    match reply.error.as_ref().map(|e| e.kind.as_str()) {
+        Some("bad_request") | Some("version") | Some("too_long") => EXIT_USAGE,
+        Some("denied") | Some("expired") => 3,
+        _ => EXIT_ERROR,
+    }
+}
+
+fn print_reply_error(reply: &Reply) -> i32 {
+    if let Some(e) = &reply.error {
+        eprintln!("govsql: {} ({})", e.message, e.kind);
+    }
+    reply_error_code(reply)
+}
+
+async fn call(config_path: &Path, req: &Request) -> anyhow::Result<Reply> {
+    let socket = client::socket_from_config(config_path);
+    let mut c = Client::connect(&socket).await?;
+    Ok(c.call(req).await?)
+}
+
+async fn submit_to_daemon(
+    config_path: &Path,
+    mode: Mode,
+    command: String,
+    params: Vec<(String, String)>,
+    a: CommonJobArgs,
+) -> anyhow::Result<i32> {
+    let req = Request::Submit {
+        v: PROTOCOL_VERSION,
+        command,
+        mode,
+        params,
+        target: a.target,
+        idempotency_key: a.idempotency_key,
+        wait: a.wait,
+        timeout_s: None,
+    };
+    let reply = call(config_path, &req).await?;
+    let Some(job) = reply.job.as_ref().filter(|_| reply.ok) else {
+        return Ok(print_reply_error(&reply));
+    };
+    Ok(print_job(job, a.json))
+}
+
+/// Prints a job; returns the exit code its state implies.
+fn print_job(job: &JobView, json: bool) -> i32 {
+    if let Some(o) = &job.outcome {
+        if json {
+            print_outcome(o, true);
+        } else {
+            print_outcome(o, false);
+            if let Some(by) = &job.approved_by {
+                println!("  approved by: {by}");
+            }
+        }
+        return if job.state == "cancelled" {
+            3
+        } else {
+            o.status.exit_code()
+        };
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "job_id": job.job_id, "command": job.command, "mode": job.mode, "status": job.state,
+                "run_id": null, "params_digest": job.params_digest, "closed_gates": [], "error_class": null,
+                "evidence": null, "result": null
+            })
+        );
+    } else {
+        println!(
+            "{}  {} {}  (job {})",
+            job.state,
+            job.mode.as_str(),
+            job.command,
+            job.job_id
+        );
+        if job.state == "awaiting_approval" {
+            println!(
+                "  needs approval: another user in the approve list runs `govsql approve {}`",
+                job.job_id
+            );
+        } else {
+            println!("  `govsql status {}` shows its outcome", job.job_id);
+        }
+    }
+    0
+}
+
+async fn status_cmd(config_path: &Path, job_id: &str, json: bool) -> anyhow::Result<i32> {
+    let reply = call(
+        config_path,
+        &Request::Status {
+            v: PROTOCOL_VERSION,
+            job_id: job_id.to_string(),
+        },
+    )
+    .await?;
+    match reply.job.as_ref().filter(|_| reply.ok) {
+        Some(job) => Ok(print_job(job, json)),
+        None => Ok(print_reply_error(&reply)),
+    }
+}
+
+async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::Result<i32> {
+    let reply = call(config_path, &req).await?;
+    match reply.job.as_ref().filter(|_| reply.ok) {
+        Some(job) => {
+            println!(
+                "{}  {} {}  (job {})",
+                job.state,
+                job.mode.as_str(),
+                job.command,
+                job.job_id
+            );
+            Ok(0)
+        }
+        None => Ok(print_reply_error(&reply)),
+    }
+}
+
+async fn jobs_cmd(config_path: &Path, limit: u32, json: bool) -> anyhow::Result<i32> {
+    let reply = call(
+        config_path,
+        &Request::List {
+            v: PROTOCOL_VERSION,
+            limit: Some(limit),
+        },
+    )
+    .await?;
+    let Some(jobs) = reply.jobs.as_ref().filter(|_| reply.ok) else {
+        return Ok(print_reply_error(&reply));
+    };
+    if json {
+        println!("{}", serde_json::to_string(jobs)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<18} {:<7} {:<32} {:<12} RUN",
+        "JOB", "STATE", "MODE", "COMMAND", "ACTOR"
+    );
+    for j in jobs {
+        let run = j
+            .outcome
+            .as_ref()
+            .and_then(|o| o.run_id)
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<18} {:<7} {:<32} {:<12} {run}",
+            j.job_id,
+            j.state,
+            j.mode.as_str(),
+            j.command,
+            j.actor
+        );
+    }
+    Ok(0)
+}
+
+async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result<i32> {
+    let reply = call(
+        config_path,
+        &Request::Health {
+            v: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    let Some(h) = reply.health.as_ref().filter(|_| reply.ok) else {
+        return Ok(print_reply_error(&reply));
+    };
+    if json {
+        println!("{}", serde_json::to_string(h)?);
+    } else {
+        println!(
+            "daemon pid {} up {} s, workers {}",
+            h.pid,
+            h.uptime_s,
+            if h.workers_alive {
+                "alive"
+            } else {
+                "NOT ANSWERING"
+            }
+        );
+        println!(
+            "last watchdog heartbeat {} s ago; apply switch {}",
+            h.last_heartbeat_s,
+            if h.apply_switch { "on" } else { "off" }
+        );
+        println!("catalog {}", h.catalog_digest);
+        println!("targets: {}", h.targets.join(", "));
+        let jobs: Vec<String> = h.jobs.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "jobs: {}",
+            if jobs.is_empty() {
+                "none".to_string()
+            } else {
+                jobs.join(", ")
+            }
+        );
+    }
+    Ok(if h.workers_alive { 0 } else { 4 })
 }

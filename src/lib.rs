@@ -7,9 +7,12 @@
 //! (local psql or SSH). [`migrate`] installs the SQL substrate; [`switch`]
 //! is the local apply switch; [`config`] and [`cli`] are the edges.
 
+pub mod batch;
 pub mod catalog;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod guard;
 pub mod migrate;
 pub mod params;

@@ -112,8 +112,9 @@ pub struct JobSpec {
     pub idempotency_key: Option<String>,
     /// The unix user the ledger records.
     pub actor: String,
-    /// Whether a required approval was given (never true for `--direct`).
-    pub approved: bool,
+    /// Who approved it, when a required approval was given (never for
+    /// `--direct`).
+    pub approved_by: Option<String>,
 }
 
 impl std::fmt::Debug for JobSpec {
@@ -268,6 +269,35 @@ impl Runtime {
         outcome
     }
 
+    /// Refuses a job for a reason decided outside the runtime (peer not
+    /// allowed, approval expired, cancelled), with its ledger row.
+    pub async fn refuse(&self, job: &JobSpec, class: &str, message: &str) -> Outcome {
+        let digest = params::digest(&job.command, &job.params);
+        let cmd = match self.catalog.get(&job.command) {
+            Ok(c) => c,
+            Err(e) => return local_refusal(job, &digest, "unknown_command", &e.to_string()),
+        };
+        let key = job
+            .idempotency_key
+            .clone()
+            .unwrap_or_else(|| format!("job:{}", job.job_id));
+        if !valid_key(&key) || !valid_key(&job.actor) {
+            return local_refusal(job, &digest, class, message);
+        }
+        let ctx = Ctx {
+            job,
+            cmd,
+            digest,
+            key,
+            started: Instant::now(),
+        };
+        let outcome = self
+            .record(&ctx, RunStatus::Refused, Some(class), &[], message)
+            .await;
+        tracing::info!(job_id = %job.job_id, command = %job.command, mode = job.mode.as_str(), status = "refused", error_class = class, "job refused");
+        outcome
+    }
+
     async fn run_known(&self, ctx: &Ctx<'_>) -> Outcome {
         let (job, cmd) = (ctx.job, ctx.cmd);
         if job.mode == Mode::Verify && cmd.mutating {
@@ -375,7 +405,7 @@ impl Runtime {
     // ---- apply --------------------------------------------------------------
 
     async fn apply(&self, ctx: &Ctx<'_>, statements: &[(String, StatementKind)]) -> Outcome {
-        if ctx.cmd.requires_approval && !ctx.job.approved {
+        if ctx.cmd.requires_approval && ctx.job.approved_by.is_none() {
             let msg = format!(
                 "{} requires approval by a second person; submit it to the daemon and have an approver run `govsql approve JOB`",
                 ctx.cmd.name
@@ -915,6 +945,9 @@ impl Runtime {
         }
         if let Some(fp) = self.executor.host_key_fingerprint() {
             ev["host_key"] = json!(fp);
+        }
+        if let Some(by) = &ctx.job.approved_by {
+            ev["approved_by"] = json!(by);
         }
         ev
     }

@@ -331,7 +331,7 @@ pub fn job(command: &str, mode: Mode, params: &[(&str, &str)]) -> JobSpec {
             .collect(),
         idempotency_key: None,
         actor: "tester".into(),
-        approved: false,
+        approved_by: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! real OpenSSH sshd that the harness starts on loopback.
 
 mod core;
+mod daemon;
 mod guard_table;
 mod harness;
 mod seed_lock;

@@ -113,7 +113,7 @@ pub fn keys() -> &'static Keys {
 }
 
 /// Creates the shell users if missing (root only).
-fn ensure_users() {
+pub fn ensure_users() {
     assert!(
         is_root(),
         "the SSH tests create real unix users: run scripts/test as root (or with sudo)"

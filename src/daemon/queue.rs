@@ -1,0 +1,641 @@
+//! The durable job queue: SQLite (WAL, synchronous FULL, secure_delete,
+//! file mode 0600) owned by one writer thread. Requests arriving together
+//! are committed in one transaction (group commit), so durability costs
+//! one fsync per batch, not per job.
+//!
+//! A job's raw params live here only while it is queued or running; when
+//! it becomes terminal they are erased (and the WAL checkpointed with
+//! TRUNCATE so the bytes leave the disk); its digest stays.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::oneshot;
+
+use crate::daemon::protocol::JobView;
+use crate::runtime::{Mode, Outcome};
+
+/// A queue failure.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// SQLite said no.
+    #[error("queue database {path}: {source}")]
+    Sqlite {
+        /// The queue file.
+        path: PathBuf,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// The file could not be created with mode 0600.
+    #[error("cannot create the queue file {path}: {source}")]
+    Create {
+        /// The queue file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The writer thread is gone.
+    #[error("the queue writer stopped")]
+    Closed,
+    /// A state transition that does not apply.
+    #[error("{0}")]
+    State(String),
+}
+
+/// A job to insert.
+#[derive(Clone)]
+pub struct NewJob {
+    /// The job id.
+    pub job_id: String,
+    /// The command.
+    pub command: String,
+    /// The mode.
+    pub mode: Mode,
+    /// The target.
+    pub target: String,
+    /// Raw params (kept only until the job ends).
+    pub params: Vec<(String, String)>,
+    /// md5 params digest.
+    pub params_digest: String,
+    /// The idempotency key.
+    pub idempotency_key: String,
+    /// The submitter's unix name.
+    pub actor: String,
+    /// The submitter's uid.
+    pub actor_uid: u32,
+    /// `queued` or `awaiting_approval`.
+    pub state: &'static str,
+    /// A refusal decided at submit (class, message): the worker audits it.
+    pub preset_refusal: Option<(String, String)>,
+}
+
+/// A job as stored.
+#[derive(Clone)]
+pub struct JobRow {
+    /// Submission order.
+    pub seq: i64,
+    /// The job id.
+    pub job_id: String,
+    /// The command.
+    pub command: String,
+    /// The mode.
+    pub mode: Mode,
+    /// The target.
+    pub target: String,
+    /// Raw params; None once terminal.
+    pub params: Option<Vec<(String, String)>>,
+    /// md5 params digest.
+    pub params_digest: String,
+    /// The idempotency key.
+    pub idempotency_key: String,
+    /// The submitter.
+    pub actor: String,
+    /// The submitter's uid.
+    pub actor_uid: u32,
+    /// Current state.
+    pub state: String,
+    /// A refusal decided at submit.
+    pub preset_refusal: Option<(String, String)>,
+    /// Approver.
+    pub approved_by: Option<String>,
+    /// Approval time (unix seconds).
+    pub approved_at: Option<i64>,
+    /// Submission time.
+    pub submitted_at: i64,
+    /// End time.
+    pub finished_at: Option<i64>,
+    /// The outcome without its result.
+    pub outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for JobRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRow")
+            .field("job_id", &self.job_id)
+            .field("command", &self.command)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobRow {
+    /// The client's view (never the raw params).
+    pub fn view(&self) -> JobView {
+        JobView {
+            job_id: self.job_id.clone(),
+            command: self.command.clone(),
+            mode: self.mode,
+            target: self.target.clone(),
+            state: self.state.clone(),
+            actor: self.actor.clone(),
+            params_digest: self.params_digest.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            submitted_at: self.submitted_at,
+            finished_at: self.finished_at,
+            approved_by: self.approved_by.clone(),
+            outcome: self.outcome.clone(),
+        }
+    }
+
+    /// Whether the job has ended.
+    pub fn is_terminal(&self) -> bool {
+        is_terminal(&self.state)
+    }
+}
+
+/// Whether a state is terminal.
+pub fn is_terminal(state: &str) -> bool {
+    matches!(
+        state,
+        "planned" | "applied" | "verified" | "refused" | "failed" | "cancelled"
+    )
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
+
+/// The deferred reply of one op, sent once the batch's commit is known.
+type Deferred = Box<dyn FnOnce(Option<&rusqlite::Error>)>;
+
+enum Op {
+    Submit(Box<NewJob>, Reply<JobRow>),
+    Get(String, Reply<Option<JobRow>>),
+    List(u32, Reply<Vec<JobRow>>),
+    ClaimNext(String, Reply<Option<JobRow>>),
+    Finish(String, String, Box<Outcome>, Reply<()>),
+    Approve(String, String, Reply<JobRow>),
+    Preset(String, String, String, Reply<usize>),
+    Recover(Reply<usize>),
+    Counts(Reply<BTreeMap<String, i64>>),
+    Expired(i64, Reply<Vec<String>>),
+}
+
+/// A handle to the queue's writer thread.
+#[derive(Clone)]
+pub struct Queue {
+    tx: mpsc::Sender<Op>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id          TEXT NOT NULL UNIQUE,
+    command         TEXT NOT NULL,
+    mode            TEXT NOT NULL,
+    target          TEXT NOT NULL,
+    params          TEXT,
+    params_digest   TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    actor           TEXT NOT NULL,
+    actor_uid       INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    preset_class    TEXT,
+    preset_message  TEXT,
+    approved_by     TEXT,
+    approved_at     INTEGER,
+    submitted_at    INTEGER NOT NULL,
+    started_at      INTEGER,
+    finished_at     INTEGER,
+    outcome         TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (target, state, seq);
+";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Queue {
+    /// Opens (creating with mode 0600) the queue at `path` and starts its
+    /// writer thread.
+    pub fn open(path: &Path) -> Result<Queue, QueueError> {
+        let sq = |source| QueueError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| QueueError::Create {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let conn = Connection::open(path).map_err(sq)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sq)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sq)?;
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(sq)?;
+        conn.execute_batch(SCHEMA).map_err(sq)?;
+        let (tx, rx) = mpsc::channel();
+        let owned = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("govsql-queue".into())
+            .spawn(move || writer(conn, owned, rx))
+            .map_err(|source| QueueError::Create {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Queue { tx })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Inserts a job.
+    pub async fn submit(&self, job: NewJob) -> Result<JobRow, QueueError> {
+        self.call(|r| Op::Submit(Box::new(job), r)).await
+    }
+
+    /// One job.
+    pub async fn get(&self, job_id: &str) -> Result<Option<JobRow>, QueueError> {
+        self.call(|r| Op::Get(job_id.to_string(), r)).await
+    }
+
+    /// The newest jobs.
+    pub async fn list(&self, limit: u32) -> Result<Vec<JobRow>, QueueError> {
+        self.call(|r| Op::List(limit, r)).await
+    }
+
+    /// Moves the oldest queued job of `target` to running and returns it.
+    pub async fn claim_next(&self, target: &str) -> Result<Option<JobRow>, QueueError> {
+        self.call(|r| Op::ClaimNext(target.to_string(), r)).await
+    }
+
+    /// Records a terminal state; erases the params.
+    pub async fn finish(
+        &self,
+        job_id: &str,
+        state: &str,
+        outcome: &Outcome,
+    ) -> Result<(), QueueError> {
+        let mut stored = outcome.clone();
+        stored.result = None;
+        self.call(|r| Op::Finish(job_id.to_string(), state.to_string(), Box::new(stored), r))
+            .await
+    }
+
+    /// awaiting_approval → queued, approved by `by`.
+    pub async fn approve(&self, job_id: &str, by: &str) -> Result<JobRow, QueueError> {
+        self.call(|r| Op::Approve(job_id.to_string(), by.to_string(), r))
+            .await
+    }
+
+    /// Sets a refusal the worker will audit, and queues the job; returns
+    /// 0 when the job was no longer queued or waiting.
+    pub async fn preset_refusal(
+        &self,
+        job_id: &str,
+        class: &str,
+        message: &str,
+    ) -> Result<usize, QueueError> {
+        self.call(|r| {
+            Op::Preset(
+                job_id.to_string(),
+                class.to_string(),
+                message.to_string(),
+                r,
+            )
+        })
+        .await
+    }
+
+    /// After a crash: every running job goes back to queued, in order, to
+    /// be settled through the same path (the ledger decides).
+    pub async fn recover(&self) -> Result<usize, QueueError> {
+        self.call(Op::Recover).await
+    }
+
+    /// Jobs per state.
+    pub async fn counts(&self) -> Result<BTreeMap<String, i64>, QueueError> {
+        self.call(Op::Counts).await
+    }
+
+    /// awaiting_approval jobs submitted before `before` (unix seconds).
+    pub async fn expired_approvals(&self, before: i64) -> Result<Vec<String>, QueueError> {
+        self.call(|r| Op::Expired(before, r)).await
+    }
+}
+
+const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome";
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let mode: String = r.get(3)?;
+    let params: Option<String> = r.get(5)?;
+    let outcome: Option<String> = r.get(17)?;
+    let class: Option<String> = r.get(11)?;
+    let message: Option<String> = r.get(12)?;
+    Ok(JobRow {
+        seq: r.get(0)?,
+        job_id: r.get(1)?,
+        command: r.get(2)?,
+        mode: serde_json::from_value(serde_json::Value::String(mode)).unwrap_or(Mode::Plan),
+        target: r.get(4)?,
+        params: params.and_then(|p| serde_json::from_str(&p).ok()),
+        params_digest: r.get(6)?,
+        idempotency_key: r.get(7)?,
+        actor: r.get(8)?,
+        actor_uid: r.get(9)?,
+        state: r.get(10)?,
+        preset_refusal: class.map(|c| (c, message.unwrap_or_default())),
+        approved_by: r.get(13)?,
+        approved_at: r.get(14)?,
+        submitted_at: r.get(15)?,
+        finished_at: r.get(16)?,
+        outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
+    })
+}
+
+fn get_job(conn: &Connection, job_id: &str) -> rusqlite::Result<Option<JobRow>> {
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM jobs WHERE job_id = ?1"),
+        [job_id],
+        row_to_job,
+    )
+    .optional()
+}
+
+/// The writer thread: drains every pending op into one transaction.
+fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut erased = false;
+        let tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::error!(cause = %e, "queue transaction failed to start");
+                continue;
+            }
+        };
+        let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
+        for op in batch {
+            if matches!(op, Op::Finish(..)) {
+                erased = true;
+            }
+            replies.push(apply(&tx, op, &path));
+        }
+        let committed = tx.commit();
+        if let Err(e) = &committed {
+            tracing::error!(cause = %e, "queue commit failed");
+        }
+        for reply in replies {
+            reply(committed.as_ref().err());
+        }
+        if erased {
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                tracing::warn!(cause = %e, "queue checkpoint failed");
+            }
+        }
+    }
+}
+
+/// Runs one op inside the batch's transaction; returns the reply to send
+/// once the commit is known.
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
+    fn respond<T: Send + 'static>(
+        reply: Reply<T>,
+        result: rusqlite::Result<T>,
+        path: &Path,
+    ) -> Deferred {
+        let path = path.to_path_buf();
+        Box::new(move |commit_err| {
+            let out = match (result, commit_err) {
+                (Ok(v), None) => Ok(v),
+                (Err(e), _) => Err(QueueError::Sqlite { path, source: e }),
+                (Ok(_), Some(e)) => Err(QueueError::State(format!("queue commit failed: {e}"))),
+            };
+            let _ = reply.send(out);
+        })
+    }
+    fn state_err<T: Send + 'static>(reply: Reply<T>, msg: String) -> Deferred {
+        Box::new(move |_| {
+            let _ = reply.send(Err(QueueError::State(msg)));
+        })
+    }
+    match op {
+        Op::Submit(job, reply) => {
+            let params = serde_json::to_string(&job.params).unwrap_or_else(|_| "[]".into());
+            let (class, message) = job.preset_refusal.clone().unzip();
+            let r = tx
+                .execute(
+                    "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    params![
+                        job.job_id,
+                        job.command,
+                        job.mode.as_str(),
+                        job.target,
+                        params,
+                        job.params_digest,
+                        job.idempotency_key,
+                        job.actor,
+                        job.actor_uid,
+                        job.state,
+                        class,
+                        message,
+                        now()
+                    ],
+                )
+                .and_then(|_| get_job(tx, &job.job_id))
+                .and_then(|j| j.ok_or(rusqlite::Error::QueryReturnedNoRows));
+            respond(reply, r, path)
+        }
+        Op::Get(id, reply) => respond(reply, get_job(tx, &id), path),
+        Op::List(limit, reply) => {
+            let r = (|| {
+                let mut st = tx.prepare(&format!(
+                    "SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
+                ))?;
+                let rows = st
+                    .query_map([limit], row_to_job)?
+                    .collect::<rusqlite::Result<Vec<_>>>();
+                rows
+            })();
+            respond(reply, r, path)
+        }
+        Op::ClaimNext(target, reply) => {
+            let r = (|| {
+                let job = tx
+                    .query_row(
+                        &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state = 'queued' ORDER BY seq LIMIT 1"),
+                        [&target],
+                        row_to_job,
+                    )
+                    .optional()?;
+                if let Some(mut j) = job {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
+                        params![j.job_id, now()],
+                    )?;
+                    j.state = "running".into();
+                    return Ok(Some(j));
+                }
+                Ok(None)
+            })();
+            respond(reply, r, path)
+        }
+        Op::Finish(id, state, outcome, reply) => {
+            let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
+            let r = tx
+                .execute(
+                    "UPDATE jobs SET state = ?2, params = NULL, preset_message = NULL, outcome = ?3, finished_at = ?4 WHERE job_id = ?1",
+                    params![id, state, json, now()],
+                )
+                .map(|_| ());
+            respond(reply, r, path)
+        }
+        Op::Approve(id, by, reply) => match get_job(tx, &id) {
+            Ok(Some(j)) if j.state == "awaiting_approval" => {
+                let r = tx
+                    .execute(
+                        "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3 WHERE job_id = ?1",
+                        params![id, by, now()],
+                    )
+                    .and_then(|_| get_job(tx, &id))
+                    .and_then(|j| j.ok_or(rusqlite::Error::QueryReturnedNoRows));
+                respond(reply, r, path)
+            }
+            Ok(Some(j)) => state_err(
+                reply,
+                format!("job {id} is {}, not awaiting approval", j.state),
+            ),
+            Ok(None) => state_err(reply, format!("no job {id}")),
+            Err(e) => respond(reply, Err(e), path),
+        },
+        Op::Preset(id, class, message, reply) => {
+            let r = tx
+                .execute(
+                    "UPDATE jobs SET state = 'queued', preset_class = ?2, preset_message = ?3 WHERE job_id = ?1 AND state IN ('queued', 'awaiting_approval')",
+                    params![id, class, message],
+                );
+            respond(reply, r, path)
+        }
+        Op::Recover(reply) => {
+            let r = tx.execute(
+                "UPDATE jobs SET state = 'queued' WHERE state = 'running'",
+                [],
+            );
+            respond(reply, r, path)
+        }
+        Op::Counts(reply) => {
+            let r = (|| {
+                let mut st = tx.prepare("SELECT state, count(*) FROM jobs GROUP BY state")?;
+                let rows = st
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<BTreeMap<_, _>>>();
+                rows
+            })();
+            respond(reply, r, path)
+        }
+        Op::Expired(before, reply) => {
+            let r = (|| {
+                let mut st = tx.prepare("SELECT job_id FROM jobs WHERE state = 'awaiting_approval' AND submitted_at < ?1")?;
+                let rows = st
+                    .query_map([before], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>();
+                rows
+            })();
+            respond(reply, r, path)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str) -> NewJob {
+        NewJob {
+            job_id: id.into(),
+            command: "dot_iu_add_piece".into(),
+            mode: Mode::Apply,
+            target: "main".into(),
+            params: vec![("body".into(), "CANARY-q1".into())],
+            params_digest: "d".repeat(32),
+            idempotency_key: format!("job:{id}"),
+            actor: "alice".into(),
+            actor_uid: 1000,
+            state: "queued",
+            preset_refusal: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_run_in_order_and_params_are_erased_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let q = Queue::open(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for id in ["a", "b", "c"] {
+            q.submit(job(id)).await.unwrap();
+        }
+        let first = q.claim_next("main").await.unwrap().unwrap();
+        assert_eq!(first.job_id, "a");
+        assert_eq!(first.params.as_ref().unwrap()[0].1, "CANARY-q1");
+        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, "b");
+        assert!(q.claim_next("other").await.unwrap().is_none());
+        // A crash: running jobs go back to the queue, in order.
+        assert_eq!(q.recover().await.unwrap(), 2);
+        let again = q.claim_next("main").await.unwrap().unwrap();
+        assert_eq!(again.job_id, "a");
+        let outcome: Outcome = serde_json::from_value(serde_json::json!({
+            "job_id": "a", "command": "dot_iu_add_piece", "mode": "apply", "status": "applied",
+            "run_id": 1, "params_digest": "d", "closed_gates": [], "error_class": null,
+            "evidence": {}, "result": [["CANARY-result"]], "message": "m"
+        }))
+        .unwrap();
+        q.finish("a", "applied", &outcome).await.unwrap();
+        let done = q.get("a").await.unwrap().unwrap();
+        assert!(done.params.is_none());
+        assert!(done.outcome.as_ref().unwrap().result.is_none());
+        drop(q);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Only the still-queued jobs hold the canary value; "a" does not.
+        let conn = Connection::open(&path).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM jobs WHERE params LIKE '%CANARY-q1%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 2);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!String::from_utf8_lossy(&raw).contains("CANARY-result"));
+    }
+
+    #[tokio::test]
+    async fn approval_moves_a_waiting_job_to_the_queue_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("queue.db")).unwrap();
+        let mut j = job("w");
+        j.state = "awaiting_approval";
+        q.submit(j).await.unwrap();
+        assert!(q.claim_next("main").await.unwrap().is_none());
+        let approved = q.approve("w", "bob").await.unwrap();
+        assert_eq!(approved.approved_by.as_deref(), Some("bob"));
+        assert!(q.approve("w", "bob").await.is_err());
+        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, "w");
+    }
+}

@@ -1,0 +1,657 @@
+//! The daemon as a real process: socket protocol, peer credentials with a
+//! second real unix user, approvals, crash recovery with SIGKILL, signals,
+//! logs without values.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+use crate::sshd::{self, keys, USER};
+
+/// A second real unix user (created by the SSH harness).
+const OTHER: &str = "govsqlt_dash";
+
+/// A `govsql daemon` child process with its log file.
+struct DaemonProc {
+    child: Option<Child>,
+    log: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+impl DaemonProc {
+    fn start(db: &TestDb) -> DaemonProc {
+        let log = db.dir.path().join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let log = if log.exists() {
+            db.dir.path().join("daemon-2.log")
+        } else {
+            log
+        };
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_govsql"))
+            .arg("daemon")
+            .env("GOVSQL_CONFIG", &db.config_path)
+            .env("GOVSQL_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let d = DaemonProc {
+            child: Some(child),
+            log,
+            config: db.config_path.clone(),
+            socket: db.config.daemon.socket.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&d.socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st.code();
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the CLI against this daemon, optionally as another user.
+    fn cli(&self, as_user: Option<&str>, args: &[&str]) -> std::process::Output {
+        let mut c = match as_user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", env!("CARGO_BIN_EXE_govsql")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_govsql")),
+        };
+        c.args(args)
+            .env("GOVSQL_CONFIG", &self.config)
+            .output()
+            .unwrap()
+    }
+
+    /// One raw request line; the reply as JSON.
+    fn raw(&self, line: &[u8]) -> Option<Value> {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(line).unwrap();
+        let mut r = BufReader::new(s);
+        let mut out = String::new();
+        r.read_line(&mut out).ok()?;
+        if out.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&out).unwrap())
+        }
+    }
+
+    fn request(&self, v: Value) -> Value {
+        let mut line = serde_json::to_vec(&v).unwrap();
+        line.push(b'\n');
+        self.raw(&line).expect("a reply")
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Rewrites the test config with an [access] table and extra [daemon] keys,
+/// and opens the directory to the second user.
+fn configure(db: &mut TestDb, access: &str, daemon_extra: &str) {
+    let text = std::fs::read_to_string(&db.config_path).unwrap();
+    let text = text.replacen(
+        "[daemon]\n",
+        &format!("[daemon]\nsocket_mode = \"0666\"\n{daemon_extra}"),
+        1,
+    );
+    let text = text.replacen(
+        "[targets.main]",
+        &format!("[access]\n{access}\n[targets.main]"),
+        1,
+    );
+    std::fs::write(&db.config_path, text).unwrap();
+    db.config = govsql::config::Config::load(&db.config_path).unwrap();
+    std::fs::set_permissions(db.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in ["govsql.toml", "catalog.toml"] {
+        std::fs::set_permissions(
+            db.dir.path().join(f),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    sshd::ensure_users();
+}
+
+const OPEN_ACCESS: &str = "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"*\"]\n";
+
+fn submit(d: &DaemonProc, command: &str, mode: &str, params: Value, wait: bool) -> Value {
+    d.request(json!({"v": 1, "op": "submit", "command": command, "mode": mode, "params": params, "wait": wait}))
+}
+
+fn wait_terminal(d: &DaemonProc, job_id: &str) -> Value {
+    let r = d.request(json!({"v": 1, "op": "wait", "job_id": job_id, "timeout_s": 120}));
+    assert_eq!(r["ok"], true, "{r}");
+    r["job"].clone()
+}
+
+#[tokio::test]
+async fn seed_proof_through_the_daemon_over_ssh() {
+    let s = sshd::shared();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 20).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.switch(true);
+    let d = DaemonProc::start(&db);
+    let run = |args: &[&str]| {
+        let out = d.cli(None, args);
+        let j: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), j)
+    };
+    let (code, p1) = run(&["plan", "dot_iu_healthcheck", "--wait", "--json"]);
+    assert_eq!((code, p1["status"].as_str()), (Some(0), Some("planned")));
+    db.gate("iu_core.operator_runtime_enabled", true);
+    let (code, p2) = run(&["apply", "dot_iu_healthcheck", "--wait", "--json"]);
+    assert_eq!(
+        (code, p2["status"].as_str()),
+        (Some(0), Some("applied")),
+        "{p2}"
+    );
+    assert_eq!(p2["evidence"]["transport"], "ssh");
+    assert!(p2["result"].is_array(), "the submitter sees the result");
+    let (code, p3) = run(&["verify", "--wait", "--json"]);
+    assert_eq!((code, p3["status"].as_str()), (Some(0), Some("verified")));
+    db.gate("iu_core.operator_runtime_enabled", false);
+    let (code, p4) = run(&[
+        "apply",
+        "dot_iu_add_piece",
+        "--param",
+        "collection_id=00000000-0000-0000-0000-000000000001",
+        "--param",
+        "body=x",
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!((code, p4["status"].as_str()), (Some(3), Some("refused")));
+    assert_eq!(
+        db.sql("SELECT command_name, total_runs, applied_runs, refused_runs, failed_runs, last_status FROM v_dot_iu_command_registry WHERE total_runs > 0 ORDER BY command_name"),
+        "dot_iu_add_piece|1|0|1|0|refused\ndot_iu_healthcheck|3|1|0|0|verified"
+    );
+    assert_eq!(
+        db.sql("SELECT total_runs, apply_runs, applied_runs, refused_runs, failed_runs, distinct_commands, catalog_size FROM v_dot_iu_command_run_health"),
+        format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
+    );
+    // Without --wait: queued, exit 0, then status shows the outcome
+    // without its result (results are erased from the queue).
+    let out = d.cli(None, &["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = j["job_id"].as_str().unwrap().to_string();
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "verified");
+    let st = d.cli(None, &["status", &id, "--json"]);
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["status"], "verified");
+    assert!(st["result"].is_null());
+    let h = d.cli(None, &["health", "--json"]);
+    let h: Value = serde_json::from_slice(&h.stdout).unwrap();
+    assert_eq!(h["workers_alive"], true);
+    assert!(h["targets"][0].as_str().unwrap().contains("ssh"));
+}
+
+#[tokio::test]
+async fn malformed_requests_get_clear_errors_and_the_daemon_keeps_serving() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    let long = {
+        let mut v = vec![b'{'; 1024 * 1024 + 10];
+        v.push(b'\n');
+        v
+    };
+    let cases: Vec<Vec<u8>> = vec![
+        b"\n{}\n".to_vec(),
+        b"hello\n".to_vec(),
+        b"{\n".to_vec(),
+        b"[]\n".to_vec(),
+        b"null\n".to_vec(),
+        b"42\n".to_vec(),
+        b"\"string\"\n".to_vec(),
+        b"\xff\xfe\xfd\n".to_vec(),
+        b"{\"v\":1}\n".to_vec(),
+        b"{\"op\":\"health\"}\n".to_vec(),
+        b"{\"v\":2,\"op\":\"health\"}\n".to_vec(),
+        b"{\"v\":\"1\",\"op\":\"health\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"nuke\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\",\"command\":\"dot_iu_healthcheck\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\",\"command\":\"dot_iu_healthcheck\",\"mode\":\"destroy\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\",\"command\":\"dot_iu_healthcheck\",\"mode\":\"plan\",\"actor\":\"postgres\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\",\"command\":\"dot_iu_healthcheck\",\"mode\":\"plan\",\"params\":\"x\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\",\"command\":\"dot_iu_healthcheck\",\"mode\":\"plan\",\"params\":[[1,2]]}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"submit\",\"command\":\"dot_iu_healthcheck\",\"mode\":\"plan\",\"target\":\"nowhere\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"status\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"status\",\"job_id\":\"nope\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"status\",\"job_id\":7}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"wait\",\"job_id\":\"nope\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"approve\",\"job_id\":\"nope\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"cancel\",\"job_id\":\"nope\"}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"list\",\"limit\":-1}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"health\",\"x\":1}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"health\"}{\"v\":1}\n".to_vec(),
+        b"{\"v\":1,\"op\":\"health\"\0}\n".to_vec(),
+        b"{\"v\":1e999,\"op\":\"health\"}\n".to_vec(),
+        long,
+    ];
+    assert!(cases.len() >= 30);
+    for (i, case) in cases.iter().enumerate() {
+        match d.raw(case) {
+            Some(reply) => {
+                assert_eq!(reply["ok"], false, "case {i} should fail: {reply}");
+                let msg = reply["error"]["message"].as_str().unwrap();
+                assert!(!msg.is_empty(), "case {i}");
+            }
+            None => assert_eq!(
+                i,
+                cases.len() - 1,
+                "only the over-long line may be closed without a reply"
+            ),
+        }
+    }
+    // A silent client is closed within the bound, and others are served meanwhile.
+    let mut silent = UnixStream::connect(&d.socket).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let h = d.request(json!({"v": 1, "op": "health"}));
+    assert_eq!(h["ok"], true);
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a reply");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let h = d.request(json!({"v": 1, "op": "health"}));
+    assert_eq!(h["ok"], true, "still serving");
+}
+
+#[tokio::test]
+async fn peer_credentials_decide_and_name_the_actor() {
+    let mut db = test_db().await;
+    configure(
+        &mut db,
+        &format!("plan = [\"*\"]\napply = [\"root\"]\nverify = [\"{OTHER}\", \"root\"]\napprove = [\"root\"]\n"),
+        "",
+    );
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    // The other user may verify: the ledger names that user.
+    let out = d.cli(Some(OTHER), &["verify", "--wait", "--json"]);
+    let j: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(j["status"], "verified", "{j}");
+    let run_id = j["run_id"].as_i64().unwrap();
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT actor FROM dot_iu_command_run WHERE run_id = {run_id}"
+        )),
+        OTHER
+    );
+    // But not apply: refused, audited with its name, and told which list.
+    let out = d.cli(
+        Some(OTHER),
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=x",
+            "--wait",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["error_class"], "peer_not_allowed");
+    assert!(j["message"].as_str().unwrap().contains("apply list"), "{j}");
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT actor, run_status FROM dot_iu_command_run WHERE run_id = {}",
+            j["run_id"]
+        )),
+        format!("{OTHER}|refused")
+    );
+    assert_eq!(db.count("iu_collection"), 0);
+    // Root may apply; the ledger says root.
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=x",
+            "--wait",
+            "--json",
+        ],
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "applied", "{j}");
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT actor FROM dot_iu_command_run WHERE run_id = {}",
+            j["run_id"]
+        )),
+        "root"
+    );
+}
+
+#[tokio::test]
+async fn approvals_need_a_different_user_and_expire() {
+    let mut db = test_db().await;
+    configure(
+        &mut db,
+        &format!("plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"root\", \"{OTHER}\"]\n"),
+        "approval_ttl_s = 3\n",
+    );
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    let piece = "00000000-0000-0000-0000-00000000000a";
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(j["job"]["state"], "awaiting_approval");
+    // Nothing runs while it waits.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(db.count("dot_iu_command_run"), 0);
+    // The submitter cannot approve its own job.
+    let own = d.cli(None, &["approve", &id]);
+    assert_eq!(own.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&own.stderr).contains("different user"));
+    // Another approver can.
+    let other = d.cli(Some(OTHER), &["approve", &id]);
+    assert_eq!(
+        other.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "applied", "{done}");
+    assert_eq!(done["approved_by"], OTHER);
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT evidence->>'approved_by' FROM dot_iu_command_run WHERE run_id = {}",
+            done["outcome"]["run_id"]
+        )),
+        OTHER
+    );
+    // An approval that comes too late is refused as expired, and audited.
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let late = j["job"]["job_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(4500));
+    let out = d.cli(Some(OTHER), &["approve", &late]);
+    assert_ne!(out.status.code(), Some(0));
+    let done = wait_terminal(&d, &late);
+    assert_eq!(done["state"], "refused");
+    assert_eq!(done["outcome"]["error_class"], "approval_expired");
+    assert!(done["outcome"]["run_id"].is_i64());
+    // Cancel: a waiting job ends cancelled, audited as refused (cancelled).
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let c = j["job"]["job_id"].as_str().unwrap().to_string();
+    let out = d.cli(None, &["cancel", &c]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = wait_terminal(&d, &c);
+    assert_eq!(done["state"], "cancelled");
+    assert_eq!(done["outcome"]["error_class"], "cancelled");
+}
+
+#[tokio::test]
+async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
+    let s = sshd::shared();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 60).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let mut d = DaemonProc::start(&db);
+    let n = 200;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = d.request(json!({
+            "v": 1, "op": "submit", "command": "dot_iu_create_collection", "mode": "apply",
+            "params": [["title", format!("crash-{i}")]], "idempotency_key": format!("crash-{i}")
+        }));
+        ids.push(r["job"]["job_id"].as_str().unwrap().to_string());
+    }
+    // Kill it while jobs are running.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.count("dot_iu_command_run WHERE run_status = 'applied'") < 20 {
+        assert!(Instant::now() < deadline, "jobs did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(10));
+    let at_kill = db.count("dot_iu_command_run WHERE run_status = 'applied'");
+    assert!(
+        at_kill < n as i64,
+        "the kill came too late to test anything ({at_kill})"
+    );
+    let d = DaemonProc::start(&db);
+    for id in &ids {
+        let job = wait_terminal(&d, id);
+        assert_eq!(job["state"], "applied", "{job}");
+    }
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_status = 'applied'"),
+        n as i64
+    );
+    assert_eq!(
+        db.sql("SELECT count(*) FROM (SELECT idempotency_key FROM dot_iu_command_run WHERE run_status = 'applied' GROUP BY 1 HAVING count(*) = 1) k"),
+        n.to_string()
+    );
+    assert_eq!(
+        db.sql("SELECT count(DISTINCT title) FROM iu_collection"),
+        n.to_string()
+    );
+    assert_eq!(db.count("iu_collection"), n as i64, "no job ran twice");
+    eprintln!("crash test: {at_kill} of {n} applied at SIGKILL; {n} of {n} applied exactly once after restart");
+}
+
+#[tokio::test]
+async fn no_param_value_in_the_daemon_log_or_the_queue_file() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    let canary = "CANARY-d43m0n-77";
+    let coll = submit(
+        &d,
+        "dot_iu_create_collection",
+        "apply",
+        json!([["title", canary]]),
+        true,
+    );
+    assert_eq!(coll["job"]["state"], "applied", "{coll}");
+    let id: Value =
+        serde_json::from_str(coll["job"]["outcome"]["result"][0][0].as_str().unwrap()).unwrap();
+    let cid = id["collection_id"].as_str().unwrap();
+    for (mode, params) in [
+        ("apply", json!([["collection_id", cid], ["body", canary]])),
+        ("plan", json!([["collection_id", cid], ["body", canary]])),
+        ("apply", json!([["collection_id", canary], ["body", "x"]])),
+        ("apply", json!([["nosuch", canary]])),
+    ] {
+        let r = submit(&d, "dot_iu_add_piece", mode, params, true);
+        assert!(
+            !r.to_string().contains(canary) || mode == "apply" && r["job"]["state"] == "applied",
+            "{r}"
+        );
+    }
+    let r = submit(
+        &d,
+        "dot_no_such_command",
+        "apply",
+        json!([["x", canary]]),
+        true,
+    );
+    assert_eq!(r["job"]["outcome"]["error_class"], "unknown_command");
+    let r = d.raw(format!("{{\"v\":1,\"op\":\"submit\",\"command\":\"x\",\"mode\":\"apply\",\"params\":[[\"a\",\"{canary}\",3]]}}\n").as_bytes());
+    assert!(!r.unwrap().to_string().contains(canary));
+    let log = d.log_text();
+    assert!(log.contains("job finished"), "the log has job lines: {log}");
+    assert!(!log.contains(canary), "the daemon log leaks a value");
+    assert!(!db.ledger_text().contains(canary));
+    for f in ["queue.db", "queue.db-wal"] {
+        let p = db.config.daemon.state_dir.join(f);
+        if let Ok(bytes) = std::fs::read(&p) {
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(canary),
+                "{f} keeps a value after the jobs ended"
+            );
+        }
+    }
+    let mode = std::fs::metadata(db.config.daemon.state_dir.join("queue.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let mut d = DaemonProc::start(&db);
+    // A second daemon on the same state directory says who holds it.
+    let second = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .arg("daemon")
+        .env("GOVSQL_CONFIG", &db.config_path)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains(&format!("pid {}", d.pid())), "{err}");
+    // SIGHUP with a broken catalog keeps the old one.
+    let digest = |d: &DaemonProc| {
+        d.request(json!({"v": 1, "op": "health"}))["health"]["catalog_digest"].clone()
+    };
+    let before = digest(&d);
+    let cat = db.dir.path().join("catalog.toml");
+    let good = std::fs::read_to_string(&cat).unwrap();
+    std::fs::write(&cat, "this is not a catalog").unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(digest(&d), before);
+    assert!(d.log_text().contains("catalog reload refused"));
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(r["job"]["state"], "verified");
+    // A valid change is picked up.
+    std::fs::write(&cat, good.replace("Whole-database health", "Health")).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(digest(&d), before);
+    // SIGTERM lets a running job finish, then exits 0.
+    let r = submit(
+        &d,
+        "dot_iu_diag_sleep",
+        "verify",
+        json!([["seconds", "2"]]),
+        false,
+    );
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(!Path::new(&db.config.daemon.socket).exists());
+    assert_eq!(db.count("dot_iu_command_run WHERE run_mode = 'verify' AND run_status = 'verified' AND evidence->>'job_id' = '{id}'".replace("{id}", &id).as_str()), 1);
+}
+
+#[tokio::test]
+async fn batch_submits_many_and_summarises() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    let file = db.dir.path().join("jobs.jsonl");
+    let mut lines = String::new();
+    for i in 0..5 {
+        lines.push_str(&format!("{{\"command\":\"dot_iu_create_collection\",\"mode\":\"apply\",\"params\":{{\"title\":\"b{i}\"}}}}\n"));
+    }
+    lines.push_str("{\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n");
+    lines.push_str("{\"command\":\"dot_iu_add_piece\",\"mode\":\"apply\",\"params\":{\"collection_id\":\"nope\",\"body\":\"x\"}}\n");
+    std::fs::write(&file, lines).unwrap();
+    let out = d.cli(None, &["batch", file.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("batch of 7 jobs: applied 5, refused 1, verified 1"),
+        "{text}"
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(db.count("iu_collection"), 5);
+}
