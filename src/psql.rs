@@ -102,12 +102,13 @@ impl Script {
         };
         s.text
             .push_str("\\set VERBOSITY sqlstate\n\\set SHOW_CONTEXT never\n");
-        s.sql("SET standard_conforming_strings = on");
+        // One round trip that prints nothing. The statement holds no
+        // backslash; every later literal is read with
+        // standard_conforming_strings on.
         s.sql(&format!(
-            "SET application_name = {}",
+            "SELECT 1 WHERE (set_config('standard_conforming_strings', 'on', false) || set_config('application_name', {}, false) || set_config('statement_timeout', '{statement_timeout_ms}', false)) IS NULL",
             quote_plain(application_name)
         ));
-        s.sql(&format!("SET statement_timeout = {statement_timeout_ms}"));
         s
     }
 

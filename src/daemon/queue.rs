@@ -366,9 +366,41 @@ fn get_job(conn: &Connection, job_id: &str) -> rusqlite::Result<Option<JobRow>> 
     .optional()
 }
 
+/// How long the writer waits for more work before it checkpoints the WAL
+/// after params were erased, and the longest it defers that checkpoint.
+const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(50);
+const CHECKPOINT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The writer thread: drains every pending op into one transaction.
+///
+/// Batches that only claim or read skip the fsync (synchronous NORMAL): a
+/// claim lost in a crash leaves the job queued, which recovery treats
+/// exactly like running. Submits, finishes, approvals and cancels are
+/// durable (FULL). After params are erased, the WAL is checkpointed with
+/// TRUNCATE as soon as the writer is idle, and at least once a second.
 fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+    let mut erased_since: Option<std::time::Instant> = None;
+    let mut full = true;
+    loop {
+        let first = match erased_since {
+            Some(t) if t.elapsed() >= CHECKPOINT_MAX_DELAY => None,
+            Some(_) => match rx.recv_timeout(CHECKPOINT_IDLE) {
+                Ok(op) => Some(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+            None => match rx.recv() {
+                Ok(op) => Some(op),
+                Err(_) => return,
+            },
+        };
+        let Some(first) = first else {
+            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                tracing::warn!(cause = %e, "queue checkpoint failed");
+            }
+            erased_since = None;
+            continue;
+        };
         let mut batch = vec![first];
         while batch.len() < 512 {
             match rx.try_recv() {
@@ -376,7 +408,22 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let mut erased = false;
+        let durable = batch.iter().any(|op| {
+            !matches!(
+                op,
+                Op::ClaimNext(..) | Op::Get(..) | Op::List(..) | Op::Counts(..) | Op::Expired(..)
+            )
+        });
+        if durable != full {
+            let level = if durable { "FULL" } else { "NORMAL" };
+            if let Err(e) = conn.pragma_update(None, "synchronous", level) {
+                tracing::error!(cause = %e, "cannot set the queue's synchronous level");
+            }
+            full = durable;
+        }
+        if batch.iter().any(|op| matches!(op, Op::Finish(..))) && erased_since.is_none() {
+            erased_since = Some(std::time::Instant::now());
+        }
         let tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => {
@@ -386,9 +433,6 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
         };
         let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
         for op in batch {
-            if matches!(op, Op::Finish(..)) {
-                erased = true;
-            }
             replies.push(apply(&tx, op, &path));
         }
         let committed = tx.commit();
@@ -397,11 +441,6 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
         }
         for reply in replies {
             reply(committed.as_ref().err());
-        }
-        if erased {
-            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
-                tracing::warn!(cause = %e, "queue checkpoint failed");
-            }
         }
     }
 }
