@@ -77,6 +77,9 @@ pub enum Cmd {
     },
     /// Run the daemon (socket, durable queue, workers).
     Daemon,
+    /// Check this installation: config, catalog, state directory, every
+    /// target (host key, login, runtime role, catalog digest), the daemon.
+    SelfTest,
     /// A job's state and outcome.
     Status {
         /// The job.
@@ -212,6 +215,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             crate::daemon::run(config).await?;
             Ok(0)
         }
+        Cmd::SelfTest => self_test(&config_path).await,
         Cmd::Status { job_id, json } => status_cmd(&config_path, &job_id, json).await,
         Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,
         Cmd::Approve { job_id } => {
@@ -539,12 +543,21 @@ fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<i32> {
 }
 
 /// Logs to stderr (journald keeps it); `GOVSQL_LOG` sets the filter.
-pub fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("GOVSQL_LOG").unwrap_or_else(|_| "warn".into());
+/// The daemon logs every job at `info`; one-shot commands only warnings.
+pub fn init_tracing(cli: &Cli) {
+    use std::io::IsTerminal;
+    let default = if matches!(cli.command, Cmd::Daemon) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GOVSQL_LOG")
+        .unwrap_or_else(|_| default.into());
+    // Plain text (no colour codes) when journald or a file takes stderr.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -753,4 +766,117 @@ async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result<i32> {
         );
     }
     Ok(if h.workers_alive { 0 } else { 4 })
+}
+
+async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
+    let mut failed = 0;
+    let mut check = |ok: bool, what: &str, detail: String| {
+        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+        if !ok {
+            failed += 1;
+        }
+    };
+    let config = match Config::load(config_path) {
+        Ok(c) => {
+            check(true, "config", config_path.display().to_string());
+            c
+        }
+        Err(e) => {
+            check(false, "config", e.to_string());
+            return Ok(4);
+        }
+    };
+    let catalog = match Catalog::load(&config.daemon.catalog) {
+        Ok(c) => {
+            check(
+                true,
+                "catalog",
+                format!("{} commands, {}", c.commands().len(), c.digest()),
+            );
+            c
+        }
+        Err(e) => {
+            check(false, "catalog", e.to_string());
+            return Ok(4);
+        }
+    };
+    let probe = config.daemon.state_dir.join(".self-test");
+    let writable = std::fs::create_dir_all(&config.daemon.state_dir)
+        .and_then(|_| std::fs::write(&probe, b"ok"))
+        .and_then(|_| std::fs::remove_file(&probe));
+    check(
+        writable.is_ok(),
+        "state_dir",
+        match &writable {
+            Ok(()) => format!("{} is writable", config.daemon.state_dir.display()),
+            Err(e) => format!("{}: {e}", config.daemon.state_dir.display()),
+        },
+    );
+    let switch = ApplySwitch::new(&config.daemon.state_dir).is_on();
+    check(
+        true,
+        "apply switch",
+        if switch {
+            "on".into()
+        } else {
+            "off (applies are refused)".into()
+        },
+    );
+    for (name, t) in &config.targets {
+        let exec = match executor_for(t, false) {
+            Ok(e) => e,
+            Err(e) => {
+                check(false, &format!("target {name}"), e.to_string());
+                continue;
+            }
+        };
+        match exec.ready().await {
+            Ok(()) => check(
+                true,
+                &format!("target {name} reachable"),
+                exec.host_key_fingerprint()
+                    .map(|f| format!("{} host key {f}", exec.kind()))
+                    .unwrap_or_else(|| exec.kind().to_string()),
+            ),
+            Err(e) => {
+                check(false, &format!("target {name} reachable"), e.to_string());
+                continue;
+            }
+        }
+        match catalog_check(exec.as_ref(), &catalog).await {
+            Ok(0) => check(
+                true,
+                &format!("target {name} catalog"),
+                "targets resolve, digest matches".into(),
+            ),
+            Ok(_) => check(
+                false,
+                &format!("target {name} catalog"),
+                "see the lines above".into(),
+            ),
+            Err(e) => check(false, &format!("target {name} catalog"), format!("{e:#}")),
+        }
+    }
+    let socket = &config.daemon.socket;
+    match Client::connect(socket).await {
+        Ok(mut c) => match c
+            .call(&Request::Health {
+                v: PROTOCOL_VERSION,
+            })
+            .await
+        {
+            Ok(r) if r.ok => check(
+                r.health.as_ref().is_some_and(|h| h.workers_alive),
+                "daemon",
+                format!("answers on {}", socket.display()),
+            ),
+            Ok(r) => check(false, "daemon", format!("{:?}", r.error)),
+            Err(e) => check(false, "daemon", e.to_string()),
+        },
+        Err(_) => println!(
+            "--   daemon: not running at {} (fine for --direct use)",
+            socket.display()
+        ),
+    }
+    Ok(if failed == 0 { 0 } else { 4 })
 }

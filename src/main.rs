@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() {
-    govsql::cli::init_tracing();
     let cli = govsql::cli::Cli::parse();
+    govsql::cli::init_tracing(&cli);
     std::process::exit(govsql::cli::main_with(cli));
 }

@@ -5,13 +5,15 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-/// Sends one notification; errors are logged, never fatal.
+/// Sends one notification without blocking; errors are logged, never fatal.
 pub fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
     let result = (|| -> std::io::Result<()> {
         let sock = UnixDatagram::unbound()?;
+        // Never block the daemon on a notify socket nobody reads.
+        sock.set_nonblocking(true)?;
         let bytes = path.as_encoded_bytes();
         if let Some(name) = bytes.strip_prefix(b"@") {
             use std::os::linux::net::SocketAddrExt;

@@ -27,6 +27,10 @@ struct DaemonProc {
 
 impl DaemonProc {
     fn start(db: &TestDb) -> DaemonProc {
+        DaemonProc::start_with(db, &[])
+    }
+
+    fn start_with(db: &TestDb, envs: &[(&str, &Path)]) -> DaemonProc {
         let log = db.dir.path().join(format!(
             "daemon-{}.log",
             Instant::now().elapsed().as_nanos()
@@ -45,6 +49,7 @@ impl DaemonProc {
             .arg("daemon")
             .env("GOVSQL_CONFIG", &db.config_path)
             .env("GOVSQL_LOG", "debug")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -587,7 +592,36 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
     let mut db = test_db().await;
     configure(&mut db, OPEN_ACCESS, "");
     db.open_all();
-    let mut d = DaemonProc::start(&db);
+    // systemd's notify socket: READY, WATCHDOG heartbeats, STOPPING.
+    let notify_path = db.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut d = DaemonProc::start_with(
+        &db,
+        &[
+            ("NOTIFY_SOCKET", notify_path.as_path()),
+            ("WATCHDOG_USEC", Path::new("400000")),
+        ],
+    );
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(seen.iter().any(|m: &String| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1"))
+    {
+        let n = notify
+            .recv(&mut buf)
+            .expect("a notification from the daemon");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    // self-test sees the running daemon and the database.
+    let st = d.cli(None, &["self-test"]);
+    assert_eq!(
+        st.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
     // A second daemon on the same state directory says who holds it.
     let second = Command::new(env!("CARGO_BIN_EXE_govsql"))
         .arg("daemon")
@@ -629,6 +663,14 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0));
     assert!(!Path::new(&db.config.daemon.socket).exists());
+    let mut stopping = false;
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while let Ok(n) = notify.recv(&mut buf) {
+        stopping |= &buf[..n] == b"STOPPING=1";
+    }
+    assert!(stopping, "STOPPING=1 was sent");
     assert_eq!(db.count("dot_iu_command_run WHERE run_mode = 'verify' AND run_status = 'verified' AND evidence->>'job_id' = '{id}'".replace("{id}", &id).as_str()), 1);
 }
 
