@@ -398,6 +398,15 @@ db_user = "govsql_runtime"
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/govsql.toml");
+        let c = Config::load(&path).unwrap();
+        let (_, t) = c.target(None).unwrap();
+        assert_eq!(t.transport, TransportKind::Ssh);
+        assert!(t.max_channels <= 7);
+    }
+
+    #[test]
     fn unknown_key_is_an_error() {
         let err = parse(&format!("{LOCAL}\nfrobnicate = 1\n")).unwrap_err();
         assert!(err.to_string().contains("frobnicate"), "{err}");

@@ -237,7 +237,14 @@ fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>, DaemonError> {
         path: state_dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(state_dir).map_err(|e| io("cannot create state_dir", e))?;
+    if !state_dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|e| io("cannot create state_dir", e))?;
+    }
     let path = state_dir.join("govsql.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
