@@ -227,74 +227,59 @@ impl Runtime {
         &self.catalog
     }
 
-    /// Runs one job to its terminal outcome. Never panics on bad input;
-    /// every failure is an [`Outcome`].
-    pub async fn run(&self, job: &JobSpec) -> Outcome {
-        let started = Instant::now();
+    /// Resolves a job's command, digest and key; a job that cannot reach
+    /// the ledger (unknown command, malformed key) is refused here.
+    fn context<'a>(&'a self, job: &'a JobSpec) -> Result<Ctx<'a>, Box<Outcome>> {
         let digest = params::digest(&job.command, &job.params);
-        let cmd = match self.catalog.get(&job.command) {
-            Ok(c) => c,
-            Err(e) => return local_refusal(job, &digest, "unknown_command", &e.to_string()),
-        };
+        let cmd = self.catalog.get(&job.command).map_err(|e| {
+            Box::new(local_refusal(
+                job,
+                &digest,
+                "unknown_command",
+                &e.to_string(),
+            ))
+        })?;
         let key = job
             .idempotency_key
             .clone()
             .unwrap_or_else(|| format!("job:{}", job.job_id));
         if !valid_key(&key) || !valid_key(&job.actor) {
-            return local_refusal(
-                job,
-                &digest,
-                "bad_request",
-                "idempotency key and actor must be 1-128 characters of A-Z a-z 0-9 . _ : @ -",
-            );
+            let msg = "idempotency key and actor must be 1-128 characters of A-Z a-z 0-9 . _ : @ -";
+            return Err(Box::new(local_refusal(job, &digest, "bad_request", msg)));
         }
-        let ctx = Ctx {
+        Ok(Ctx {
             job,
             cmd,
             digest,
             key,
-            started,
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs one job to its terminal outcome. Never panics on bad input;
+    /// every failure is an [`Outcome`].
+    pub async fn run(&self, job: &JobSpec) -> Outcome {
+        let started = Instant::now();
+        let outcome = match self.context(job) {
+            Ok(ctx) => self.run_known(&ctx).await,
+            Err(refused) => *refused,
         };
-        let outcome = self.run_known(&ctx).await;
-        tracing::info!(
-            job_id = %job.job_id,
-            command = %job.command,
-            mode = job.mode.as_str(),
-            status = outcome.status.as_str(),
-            run_id = ?outcome.run_id,
-            error_class = ?outcome.error_class,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "job finished"
-        );
+        log_outcome(job, &outcome, started);
         outcome
     }
 
     /// Refuses a job for a reason decided outside the runtime (peer not
     /// allowed, approval expired, cancelled), with its ledger row.
     pub async fn refuse(&self, job: &JobSpec, class: &str, message: &str) -> Outcome {
-        let digest = params::digest(&job.command, &job.params);
-        let cmd = match self.catalog.get(&job.command) {
-            Ok(c) => c,
-            Err(e) => return local_refusal(job, &digest, "unknown_command", &e.to_string()),
+        let started = Instant::now();
+        let outcome = match self.context(job) {
+            Ok(ctx) => {
+                self.record(&ctx, RunStatus::Refused, Some(class), &[], message)
+                    .await
+            }
+            Err(refused) => *refused,
         };
-        let key = job
-            .idempotency_key
-            .clone()
-            .unwrap_or_else(|| format!("job:{}", job.job_id));
-        if !valid_key(&key) || !valid_key(&job.actor) {
-            return local_refusal(job, &digest, class, message);
-        }
-        let ctx = Ctx {
-            job,
-            cmd,
-            digest,
-            key,
-            started: Instant::now(),
-        };
-        let outcome = self
-            .record(&ctx, RunStatus::Refused, Some(class), &[], message)
-            .await;
-        tracing::info!(job_id = %job.job_id, command = %job.command, mode = job.mode.as_str(), status = "refused", error_class = class, "job refused");
+        log_outcome(job, &outcome, started);
         outcome
     }
 
@@ -660,8 +645,9 @@ impl Runtime {
         };
         let evidence = self.evidence(ctx, None, &[], Some(checks.len()));
         let ev_sql = format!(
-            "{} || CASE WHEN {all_ok} THEN '{{}}'::jsonb ELSE '{{\"error_class\": \"verification_failed\"}}'::jsonb END",
-            jsonb_lit(&evidence)
+            "{} || CASE WHEN {all_ok} THEN '{{}}'::jsonb ELSE '{{\"error_class\": \"verification_failed\"}}'::jsonb END || jsonb_build_object('duration_ms', {} + round(extract(epoch FROM clock_timestamp() - (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())) * 1000)::bigint)",
+            jsonb_lit(&evidence),
+            ctx.started.elapsed().as_millis()
         );
         let status_sql = format!("CASE WHEN {all_ok} THEN 'verified' ELSE 'failed' END");
         s.sql(&self.log_call(ctx, &status_sql, &ev_sql));
@@ -964,6 +950,10 @@ impl Runtime {
         result: Option<Vec<Row>>,
         message: String,
     ) -> Outcome {
+        let mut evidence = evidence;
+        if evidence.is_object() {
+            evidence["duration_ms"] = json!(ctx.started.elapsed().as_millis() as u64);
+        }
         Outcome {
             job_id: ctx.job.job_id.clone(),
             command: ctx.cmd.name.clone(),
@@ -978,6 +968,21 @@ impl Runtime {
             message,
         }
     }
+}
+
+/// The one log line of every job: ids, command, mode, status, duration;
+/// never a value.
+fn log_outcome(job: &JobSpec, outcome: &Outcome, started: Instant) {
+    tracing::info!(
+        job_id = %job.job_id,
+        command = %job.command,
+        mode = job.mode.as_str(),
+        status = outcome.status.as_str(),
+        run_id = ?outcome.run_id,
+        error_class = ?outcome.error_class,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "job finished"
+    );
 }
 
 /// A refusal that cannot reach the ledger (unknown command, bad request).
