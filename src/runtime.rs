@@ -200,8 +200,21 @@ enum RunFault {
     /// psql ended without finishing and without an SQLSTATE (connection
     /// lost, killed) or the transport broke: outcome unknown.
     Unknown(TransportError),
+    /// psql ended before running anything (no marker printed): the
+    /// database could not be reached, so nothing ran.
+    NotStarted(TransportError),
     /// The output did not have the promised shape.
     Output(String),
+}
+
+/// Why psql stopped short, in words an operator can act on.
+fn unfinished(exit: &Exit) -> TransportError {
+    TransportError::Broken(match exit {
+        Exit::Code(2) => "psql could not reach the database or lost its connection (exit 2); is PostgreSQL up and db_host/db_port/db_name right?".to_string(),
+        Exit::Code(c) => format!("psql stopped before finishing (exit {c})"),
+        Exit::Signal(sig) => format!("the remote psql was killed ({sig})"),
+        Exit::Unknown => "the channel closed without an exit status".to_string(),
+    })
 }
 
 impl Runtime {
@@ -458,6 +471,11 @@ impl Runtime {
             },
             Err(RunFault::Sql(state)) => self.apply_sql_error(ctx, &gates, &state).await,
             Err(RunFault::Unknown(e)) => self.settle_unknown(ctx, e).await,
+            Err(RunFault::NotStarted(e)) => {
+                let msg = format!("{e}; nothing ran");
+                self.record(ctx, RunStatus::Failed, Some(e.class()), &[], &msg)
+                    .await
+            }
             Err(RunFault::Output(m)) => self.settle_unknown(ctx, TransportError::Broken(m)).await,
         }
     }
@@ -699,7 +717,7 @@ impl Runtime {
                 self.record(ctx, RunStatus::Failed, Some(sql_class(&state)), &[], &msg)
                     .await
             }
-            Err(RunFault::Unknown(e)) => {
+            Err(RunFault::Unknown(e) | RunFault::NotStarted(e)) => {
                 let msg = e.to_string();
                 self.record(ctx, RunStatus::Failed, Some(e.class()), &[], &msg)
                     .await
@@ -881,13 +899,7 @@ impl Runtime {
                 };
                 self.record(ctx, status, Some(&state), &[], &msg).await
             }
-            None => {
-                let e = TransportError::Broken(format!(
-                    "psql ended with {:?} before finishing",
-                    out.exit
-                ));
-                self.unreachable(ctx, e)
-            }
+            None => self.unreachable(ctx, unfinished(&out.exit)),
         }
     }
 
@@ -1028,9 +1040,7 @@ fn finished(out: &ScriptOutput, script: &FinishedScript) -> Result<Sections, Led
         .map_err(|e| LedgerFault::Output(e.to_string()))?;
     match (&out.exit, secs.complete) {
         (Exit::Code(0), true) => Ok(secs),
-        (exit, _) => Err(LedgerFault::Transport(TransportError::Broken(format!(
-            "psql ended with {exit:?} before finishing"
-        )))),
+        (exit, _) => Err(LedgerFault::Transport(unfinished(exit))),
     }
 }
 
@@ -1048,10 +1058,10 @@ fn classify(
     let secs =
         Sections::split(&out.stdout, &script.nonce).map_err(|e| RunFault::Output(e.to_string()))?;
     if out.exit != Exit::Code(0) || !secs.complete {
-        return Err(RunFault::Unknown(TransportError::Broken(format!(
-            "psql ended with {:?} before finishing",
-            out.exit
-        ))));
+        if secs.parts.is_empty() && matches!(out.exit, Exit::Code(_)) {
+            return Err(RunFault::NotStarted(unfinished(&out.exit)));
+        }
+        return Err(RunFault::Unknown(unfinished(&out.exit)));
     }
     if secs.parts.len() != sections {
         return Err(RunFault::Output(format!(

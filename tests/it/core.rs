@@ -634,3 +634,36 @@ async fn retired_commands_are_kept_not_deleted() {
         cat.digest()
     );
 }
+
+#[tokio::test]
+async fn a_database_that_went_away_fails_clearly_and_nothing_runs() {
+    let db = test_db().await;
+    db.open_all();
+    // The database disappears under the target.
+    let text = std::fs::read_to_string(&db.config_path).unwrap().replace(
+        &format!("db_name = \"{}\"", db.name),
+        "db_name = \"gone_away\"",
+    );
+    std::fs::write(&db.config_path, text).unwrap();
+    for args in [
+        &["verify", "--direct", "--json"][..],
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=x",
+            "--direct",
+            "--json",
+        ],
+    ] {
+        let out = db.govsql(args);
+        assert_eq!(out.status.code(), Some(4), "{args:?}");
+        let j = json_of(&out);
+        assert_eq!(j["status"], "failed");
+        assert_eq!(j["error_class"], "transport");
+        assert!(j["run_id"].is_null());
+        let msg = j["message"].as_str().unwrap();
+        assert!(msg.contains("could not reach the database"), "{msg}");
+    }
+    assert_eq!(db.count("iu_collection"), 0);
+}
