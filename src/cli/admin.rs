@@ -1,0 +1,298 @@
+//! Administration that talks to a target or the local state directly:
+//! reversal, catalog list / seed-sql / check, migrate, the apply switch,
+//! self-test.
+
+use super::*;
+
+pub(super) fn reversal(config_path: &Path, command: &str) -> anyhow::Result<i32> {
+    let (_, catalog) = load(config_path)?;
+    let cmd = match catalog.get(command) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("govsql: {e}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    println!("command:       {}", cmd.name);
+    println!(
+        "reversible:    {}",
+        if cmd.reversible { "yes" } else { "no" }
+    );
+    println!(
+        "inverse:       {}",
+        cmd.inverse.as_deref().unwrap_or("(none)")
+    );
+    println!(
+        "rollback note: {}",
+        if cmd.rollback_note.is_empty() {
+            "(none)"
+        } else {
+            &cmd.rollback_note
+        }
+    );
+    println!("(nothing was run)");
+    Ok(0)
+}
+
+pub(super) async fn catalog_cmd(config_path: &Path, action: CatalogAction) -> anyhow::Result<i32> {
+    let (config, catalog) = load(config_path)?;
+    match action {
+        CatalogAction::List => {
+            println!(
+                "{:<34} {:<13} {:<8} {:<10} {:<8} GATES",
+                "COMMAND", "CATEGORY", "MUTATES", "REVERSIBLE", "APPROVAL"
+            );
+            for c in catalog.commands() {
+                println!(
+                    "{:<34} {:<13} {:<8} {:<10} {:<8} {}",
+                    c.name,
+                    c.category,
+                    yes_no(c.mutating),
+                    yes_no(c.reversible),
+                    yes_no(c.requires_approval),
+                    c.apply_gates().join(",")
+                );
+            }
+            println!(
+                "{} commands, digest {}",
+                catalog.commands().len(),
+                catalog.digest()
+            );
+            Ok(0)
+        }
+        CatalogAction::SeedSql => {
+            print!("{}", catalog.seed_sql());
+            Ok(0)
+        }
+        CatalogAction::Check { target } => {
+            let (_, t) = config.target(target.as_deref())?;
+            let exec = executor_for(t, false)?;
+            catalog_check(exec.as_ref(), &catalog).await
+        }
+    }
+}
+
+pub(super) fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// `catalog check`: every target resolves in pg_proc and is executable by
+/// the runtime role; the database holds the same catalog digest.
+pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Result<i32> {
+    let mut s = Script::new("govsql:catalog-check", 30_000);
+    s.section();
+    let targets: Vec<String> = catalog
+        .all_targets()
+        .iter()
+        .map(|t| psql::quote_plain(t))
+        .collect();
+    s.sql(&format!(
+        "SELECT t, coalesce((SELECT bool_or(has_function_privilege(p.oid, 'EXECUTE')) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public' AND p.proname = t), false) FROM unnest(ARRAY[{}]::text[]) AS t",
+        targets.join(", ")
+    ));
+    s.section();
+    s.sql("SELECT public.fn_dot_iu_catalog_digest()");
+    let script = s.finish();
+    let req = ScriptRequest {
+        text: script.text.clone(),
+        role: DbRole::Runtime,
+        tag: "govsql:catalog-check".into(),
+    };
+    let out = run_with_deadline(exec, req, std::time::Duration::from_secs(60)).await?;
+    if out.exit != Exit::Code(0) {
+        anyhow::bail!(
+            "catalog check could not run (SQLSTATE {}); has `govsql migrate` been run on this target?",
+            psql::sqlstate(&out.stderr).unwrap_or_else(|| "none".into())
+        );
+    }
+    let secs = Sections::split(&out.stdout, &script.nonce)?;
+    let rows = control_rows(0, secs.get(0).unwrap_or_default(), 2)?;
+    let digest = control_rows(1, secs.get(1).unwrap_or_default(), 1)?;
+    let db_digest = digest.first().map(|r| r[0].as_str()).unwrap_or("");
+    let missing: Vec<&str> = rows
+        .iter()
+        .filter(|r| r[1] != "t")
+        .map(|r| r[0].as_str())
+        .collect();
+    println!(
+        "targets: {} of {} resolve and are executable",
+        rows.len() - missing.len(),
+        rows.len()
+    );
+    for m in &missing {
+        println!("  missing or not executable by the runtime role: public.{m}");
+    }
+    let same = db_digest == catalog.digest();
+    println!(
+        "catalog digest: {}",
+        if same {
+            "matches the database"
+        } else {
+            "DIFFERS from the database (run `govsql migrate`)"
+        }
+    );
+    Ok(if missing.is_empty() && same { 0 } else { 4 })
+}
+
+pub(super) async fn migrate_cmd(
+    config_path: &Path,
+    target: Option<&str>,
+    demo: bool,
+    rollback: bool,
+) -> anyhow::Result<i32> {
+    let (config, catalog) = load(config_path)?;
+    let (name, t) = config.target(target)?;
+    let exec = executor_for(t, true)?;
+    if rollback {
+        crate::migrate::rollback(exec.as_ref()).await?;
+        println!("rolled back every govsql object on target {name}");
+        return Ok(0);
+    }
+    let report = crate::migrate::migrate(exec.as_ref(), &catalog, &t.db_user, demo).await?;
+    println!(
+        "migrated target {name}: applied [{}], already present [{}]; catalog of {} commands seeded ({})",
+        report.applied.join(", "),
+        report.present.join(", "),
+        catalog.commands().len(),
+        catalog.digest()
+    );
+    if !report.changed.is_empty() {
+        eprintln!(
+            "govsql: warning: migrations applied from a different file version: {}",
+            report.changed.join(", ")
+        );
+    }
+    Ok(0)
+}
+
+pub(super) fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<i32> {
+    let config = Config::load(config_path)?;
+    let switch = ApplySwitch::new(&config.daemon.state_dir);
+    match state {
+        "on" => switch.set(true)?,
+        "off" => switch.set(false)?,
+        _ => {}
+    }
+    println!(
+        "apply switch: {}",
+        if switch.is_on() { "on" } else { "off" }
+    );
+    Ok(0)
+}
+
+pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
+    let mut failed = 0;
+    let mut check = |ok: bool, what: &str, detail: String| {
+        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+        if !ok {
+            failed += 1;
+        }
+    };
+    let config = match Config::load(config_path) {
+        Ok(c) => {
+            check(true, "config", config_path.display().to_string());
+            c
+        }
+        Err(e) => {
+            check(false, "config", e.to_string());
+            return Ok(4);
+        }
+    };
+    let catalog = match Catalog::load(&config.daemon.catalog) {
+        Ok(c) => {
+            check(
+                true,
+                "catalog",
+                format!("{} commands, {}", c.commands().len(), c.digest()),
+            );
+            c
+        }
+        Err(e) => {
+            check(false, "catalog", e.to_string());
+            return Ok(4);
+        }
+    };
+    let probe = config.daemon.state_dir.join(".self-test");
+    let writable = std::fs::create_dir_all(&config.daemon.state_dir)
+        .and_then(|_| std::fs::write(&probe, b"ok"))
+        .and_then(|_| std::fs::remove_file(&probe));
+    check(
+        writable.is_ok(),
+        "state_dir",
+        match &writable {
+            Ok(()) => format!("{} is writable", config.daemon.state_dir.display()),
+            Err(e) => format!("{}: {e}", config.daemon.state_dir.display()),
+        },
+    );
+    let switch = ApplySwitch::new(&config.daemon.state_dir).is_on();
+    check(
+        true,
+        "apply switch",
+        if switch {
+            "on".into()
+        } else {
+            "off (applies are refused)".into()
+        },
+    );
+    for (name, t) in &config.targets {
+        let exec = match executor_for(t, false) {
+            Ok(e) => e,
+            Err(e) => {
+                check(false, &format!("target {name}"), e.to_string());
+                continue;
+            }
+        };
+        match exec.ready().await {
+            Ok(()) => check(
+                true,
+                &format!("target {name} reachable"),
+                exec.host_key_fingerprint()
+                    .map(|f| format!("{} host key {f}", exec.kind()))
+                    .unwrap_or_else(|| exec.kind().to_string()),
+            ),
+            Err(e) => {
+                check(false, &format!("target {name} reachable"), e.to_string());
+                continue;
+            }
+        }
+        match catalog_check(exec.as_ref(), &catalog).await {
+            Ok(0) => check(
+                true,
+                &format!("target {name} catalog"),
+                "targets resolve, digest matches".into(),
+            ),
+            Ok(_) => check(
+                false,
+                &format!("target {name} catalog"),
+                "see the lines above".into(),
+            ),
+            Err(e) => check(false, &format!("target {name} catalog"), format!("{e:#}")),
+        }
+    }
+    let socket = &config.daemon.socket;
+    match Client::connect(socket).await {
+        Ok(mut c) => match c
+            .call(&Request::Health {
+                v: PROTOCOL_VERSION,
+            })
+            .await
+        {
+            Ok(r) if r.ok => check(
+                r.health.as_ref().is_some_and(|h| h.workers_alive),
+                "daemon",
+                format!("answers on {}", socket.display()),
+            ),
+            Ok(r) => check(false, "daemon", format!("{:?}", r.error)),
+            Err(e) => check(false, "daemon", e.to_string()),
+        },
+        Err(_) => println!(
+            "--   daemon: not running at {} (fine for --direct use)",
+            socket.display()
+        ),
+    }
+    Ok(if failed == 0 { 0 } else { 4 })
+}

@@ -1,0 +1,282 @@
+//! The command line: argument parsing (clap) and the subcommands that run
+//! in this process. Exit codes, in one place: 0 planned/applied/verified,
+//! 1 error, 2 usage, 3 refused, 4 failed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::catalog::Catalog;
+use crate::client::{self, Client};
+use crate::config::{Config, TargetConfig, TransportKind};
+use crate::daemon::protocol::{JobView, Reply, Request, PROTOCOL_VERSION};
+use crate::params;
+use crate::psql::{self, control_rows, DbRole, Script, Sections};
+use crate::runtime::{JobSpec, Mode, Outcome, Runtime};
+use crate::switch::ApplySwitch;
+use crate::transport::local::LocalExecutor;
+use crate::transport::ssh::SshExecutor;
+use crate::transport::{run_with_deadline, Executor, Exit, ScriptRequest};
+
+mod admin;
+mod direct;
+mod remote;
+
+pub use admin::catalog_check;
+pub use direct::{effective_user, executor_for, new_job_id, print_outcome};
+
+use admin::{catalog_cmd, migrate_cmd, reversal, self_test, switch_cmd};
+use direct::job;
+use remote::{health_cmd, jobs_cmd, simple_job_op, status_cmd, submit_to_daemon};
+
+/// Exit code for errors (config, daemon unreachable, internal).
+pub const EXIT_ERROR: i32 = 1;
+/// Exit code for usage errors.
+pub const EXIT_USAGE: i32 = 2;
+
+/// govsql: a governed remote psql executor.
+#[derive(Debug, Parser)]
+#[command(name = "govsql", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file (else $GOVSQL_CONFIG, else /etc/govsql/govsql.toml).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Resolve and audit a command; never runs its SQL.
+    Plan(JobArgs),
+    /// Run a command, gated, atomic with its ledger row.
+    Apply(JobArgs),
+    /// Run read-only checks (default: dot_iu_healthcheck; with
+    /// --param collection_id=…: dot_iu_collection_validate).
+    Verify(VerifyArgs),
+    /// Print a command's rollback note and inverse command; runs nothing.
+    Reversal {
+        /// The command.
+        command: String,
+    },
+    /// The catalog: list, seed-sql, check.
+    Catalog {
+        /// What to do.
+        #[command(subcommand)]
+        action: CatalogAction,
+    },
+    /// Apply the SQL substrate and catalog seed to a target (as admin).
+    Migrate {
+        /// The target (default: the config's default).
+        #[arg(long)]
+        target: Option<String>,
+        /// Also install the demo IU Core schema.
+        #[arg(long)]
+        demo: bool,
+        /// Roll everything back instead (refused while the ledger has rows).
+        #[arg(long, conflicts_with = "demo")]
+        rollback: bool,
+    },
+    /// The local apply switch (kill switch): on, off, status.
+    Switch {
+        /// on, off or status.
+        #[arg(value_parser = ["on", "off", "status"])]
+        state: String,
+    },
+    /// Run the daemon (socket, durable queue, workers).
+    Daemon,
+    /// Check this installation: config, catalog, state directory, every
+    /// target (host key, login, runtime role, catalog digest), the daemon.
+    SelfTest,
+    /// A job's state and outcome.
+    Status {
+        /// The job.
+        job_id: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent jobs.
+    Jobs {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a job that waits for approval (by a different user).
+    Approve {
+        /// The job.
+        job_id: String,
+    },
+    /// Cancel a queued or waiting job.
+    Cancel {
+        /// The job.
+        job_id: String,
+    },
+    /// The daemon's health.
+    Health {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Submit many jobs from a JSON-lines file, wait for them, summarise.
+    Batch {
+        /// One job per line: {"command": …, "mode": …, "params": {…}, "target"?, "idempotency_key"?}.
+        file: PathBuf,
+    },
+}
+
+/// `govsql catalog …`
+#[derive(Debug, Subcommand)]
+pub enum CatalogAction {
+    /// List the commands.
+    List,
+    /// Print the SQL that seeds the catalog table.
+    SeedSql,
+    /// Check a live database: targets resolve, digest matches.
+    Check {
+        /// The target (default: the config's default).
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+/// Arguments shared by plan and apply.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The catalog command.
+    pub command: String,
+    #[command(flatten)]
+    common: CommonJobArgs,
+}
+
+/// Arguments of verify (the command is optional).
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The catalog command (default: healthcheck or collection validate).
+    pub command: Option<String>,
+    #[command(flatten)]
+    common: CommonJobArgs,
+}
+
+#[derive(Debug, Args)]
+struct CommonJobArgs {
+    /// A param, NAME=VALUE (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    params: Vec<String>,
+    /// The target (default: the config's default).
+    #[arg(long)]
+    target: Option<String>,
+    /// Idempotency key: the same key never runs twice.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Wait for the outcome (the daemon's jobs).
+    #[arg(long)]
+    wait: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Run in this process against the target, without a daemon.
+    #[arg(long)]
+    direct: bool,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main_with(cli: Cli) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("govsql: cannot start the async runtime: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("govsql: {e:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let config_path = Config::resolve_path(cli.config.as_deref());
+    match cli.command {
+        Cmd::Plan(a) => job(&config_path, Mode::Plan, Some(a.command), a.common).await,
+        Cmd::Apply(a) => job(&config_path, Mode::Apply, Some(a.command), a.common).await,
+        Cmd::Verify(a) => job(&config_path, Mode::Verify, a.command, a.common).await,
+        Cmd::Reversal { command } => reversal(&config_path, &command),
+        Cmd::Catalog { action } => catalog_cmd(&config_path, action).await,
+        Cmd::Migrate {
+            target,
+            demo,
+            rollback,
+        } => migrate_cmd(&config_path, target.as_deref(), demo, rollback).await,
+        Cmd::Switch { state } => switch_cmd(&config_path, &state),
+        Cmd::Daemon => {
+            let config = Config::load(&config_path)?;
+            crate::daemon::run(config).await?;
+            Ok(0)
+        }
+        Cmd::SelfTest => self_test(&config_path).await,
+        Cmd::Status { job_id, json } => status_cmd(&config_path, &job_id, json).await,
+        Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,
+        Cmd::Approve { job_id } => {
+            simple_job_op(
+                &config_path,
+                Request::Approve {
+                    v: PROTOCOL_VERSION,
+                    job_id,
+                },
+            )
+            .await
+        }
+        Cmd::Cancel { job_id } => {
+            simple_job_op(
+                &config_path,
+                Request::Cancel {
+                    v: PROTOCOL_VERSION,
+                    job_id,
+                },
+            )
+            .await
+        }
+        Cmd::Health { json } => health_cmd(&config_path, json).await,
+        Cmd::Batch { file } => {
+            crate::batch::run(&client::socket_from_config(&config_path), &file).await
+        }
+    }
+}
+
+fn load(config_path: &Path) -> anyhow::Result<(Config, Catalog)> {
+    let config = Config::load(config_path)?;
+    let catalog = Catalog::load(&config.daemon.catalog)?;
+    Ok((config, catalog))
+}
+
+/// Logs to stderr (journald keeps it); `GOVSQL_LOG` sets the filter.
+/// The daemon logs every job at `info`; one-shot commands only warnings.
+pub fn init_tracing(cli: &Cli) {
+    use std::io::IsTerminal;
+    let default = if matches!(cli.command, Cmd::Daemon) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GOVSQL_LOG")
+        .unwrap_or_else(|_| default.into());
+    // Plain text (no colour codes) when journald or a file takes stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
