@@ -648,16 +648,25 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
     let good = std::fs::read_to_string(&cat).unwrap();
     std::fs::write(&cat, "this is not a catalog").unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log_text().contains("catalog reload refused") {
+        assert!(Instant::now() < deadline, "no reload attempt logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(digest(&d), before);
-    assert!(d.log_text().contains("catalog reload refused"));
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified");
     // A valid change is picked up.
     std::fs::write(&cat, good.replace("Whole-database health", "Health")).unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_ne!(digest(&d), before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while digest(&d) == before {
+        assert!(
+            Instant::now() < deadline,
+            "a valid catalog was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // SIGTERM lets a running job finish, then exits 0.
     let r = submit(
         &d,
