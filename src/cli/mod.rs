@@ -201,7 +201,7 @@ pub fn main_with(cli: Cli) -> i32 {
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("govsql: {e:#}");
+            eprintln!("govsql: {e}");
             EXIT_ERROR
         }
     }
