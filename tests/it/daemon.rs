@@ -331,7 +331,10 @@ async fn peer_credentials_decide_and_name_the_actor() {
     let mut db = test_db().await;
     configure(
         &mut db,
-        &format!("plan = [\"*\"]\napply = [\"root\"]\nverify = [\"{OTHER}\", \"root\"]\napprove = [\"root\"]\n"),
+        &format!(
+            "plan = [\"@{}\"]\napply = [\"root\"]\nverify = [\"{OTHER}\", \"root\"]\napprove = [\"root\"]\n",
+            sshd::OPS_GROUP
+        ),
         "",
     );
     db.open_all();
@@ -372,6 +375,17 @@ async fn peer_credentials_decide_and_name_the_actor() {
         format!("{OTHER}|refused")
     );
     assert_eq!(db.count("iu_collection"), 0);
+    // @group entries match supplementary groups: the other user may plan
+    // through its group; root, not in it, may not.
+    let out = d.cli(
+        Some(OTHER),
+        &["plan", "dot_iu_healthcheck", "--wait", "--json"],
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "planned", "{j}");
+    let out = d.cli(None, &["plan", "dot_iu_healthcheck", "--wait", "--json"]);
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["error_class"], "peer_not_allowed", "{j}");
     // Root may apply; the ledger says root.
     let out = d.cli(
         None,

@@ -147,7 +147,22 @@ pub fn ensure_users() {
             );
         }
     }
+    // A supplementary group (not anyone's primary gid), for @group access lists.
+    let has_group = Command::new("getent")
+        .args(["group", OPS_GROUP])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_group {
+        let _ = Command::new("groupadd").arg(OPS_GROUP).output();
+    }
+    let _ = Command::new("usermod")
+        .args(["-a", "-G", OPS_GROUP, "govsqlt_dash"])
+        .output();
 }
+
+/// A supplementary group of `govsqlt_dash`.
+pub const OPS_GROUP: &str = "govsqlt_ops";
 
 /// The sshd shared by the tests of this process.
 pub fn shared() -> &'static Sshd {
