@@ -142,20 +142,7 @@ impl Runtime {
                     .await
             }
             "GV002" => self.replay_applied(ctx).await,
-            "GV003" => {
-                let msg = format!(
-                    "idempotency key {} was already used with other params",
-                    ctx.key
-                );
-                self.record(
-                    ctx,
-                    RunStatus::Refused,
-                    Some("idempotency_conflict"),
-                    &[],
-                    &msg,
-                )
-                .await
-            }
+            "GV003" => self.refuse_conflict(ctx).await,
             "GV004" => {
                 let msg = "catalog drift found inside the apply transaction; run `govsql migrate`";
                 self.record(ctx, RunStatus::Refused, Some("catalog_drift"), &[], msg)

@@ -5,6 +5,22 @@
 use super::*;
 
 impl Runtime {
+    /// The key was used before with other params: refused, audited.
+    pub(super) async fn refuse_conflict(&self, ctx: &Ctx<'_>) -> Outcome {
+        let msg = format!(
+            "idempotency key {} was already used with other params",
+            ctx.key
+        );
+        self.record(
+            ctx,
+            RunStatus::Refused,
+            Some("idempotency_conflict"),
+            &[],
+            &msg,
+        )
+        .await
+    }
+
     pub(super) fn tag(&self, ctx: &Ctx<'_>) -> String {
         let id: String = ctx
             .job
@@ -155,20 +171,7 @@ impl Runtime {
         what: &str,
     ) -> Outcome {
         match psql::sqlstate(&out.stderr) {
-            Some(state) if state == "GV003" => {
-                let msg = format!(
-                    "idempotency key {} was already used with other params",
-                    ctx.key
-                );
-                self.record(
-                    ctx,
-                    RunStatus::Refused,
-                    Some("idempotency_conflict"),
-                    &[],
-                    &msg,
-                )
-                .await
-            }
+            Some(state) if state == "GV003" => self.refuse_conflict(ctx).await,
             Some(state) => {
                 let msg = format!("{what} failed with SQLSTATE {state}");
                 let status = if ctx.job.mode == Mode::Plan {

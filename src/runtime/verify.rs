@@ -76,20 +76,7 @@ impl Runtime {
                 }
                 Err(m) => self.record_failed(ctx, "output", &m).await,
             },
-            Err(RunFault::Sql(state)) if state == "GV003" => {
-                let msg = format!(
-                    "idempotency key {} was already used with other params",
-                    ctx.key
-                );
-                self.record(
-                    ctx,
-                    RunStatus::Refused,
-                    Some("idempotency_conflict"),
-                    &[],
-                    &msg,
-                )
-                .await
-            }
+            Err(RunFault::Sql(state)) if state == "GV003" => self.refuse_conflict(ctx).await,
             Err(RunFault::Sql(state)) => {
                 let msg = format!("the check failed with SQLSTATE {state}");
                 self.record(ctx, RunStatus::Failed, Some(sql_class(&state)), &[], &msg)
