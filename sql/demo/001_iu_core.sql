@@ -195,6 +195,12 @@ BEGIN
 END
 $$;
 
+-- Returns its argument unchanged, NULL included (output-exactness drills).
+CREATE FUNCTION public.fn_iu_diag_echo(p_value text) RETURNS text
+LANGUAGE sql IMMUTABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+    SELECT p_value
+$$;
+
 -- A large result for transport drills: p_bytes characters of awkward text.
 CREATE FUNCTION public.fn_iu_diag_blob(p_bytes bigint) RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$

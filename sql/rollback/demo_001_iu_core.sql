@@ -2,6 +2,7 @@
 DROP FUNCTION IF EXISTS public.fn_iu_diag_write_then_fail();
 DROP FUNCTION IF EXISTS public.fn_iu_diag_sleep(bigint);
 DROP FUNCTION IF EXISTS public.fn_iu_diag_blob(bigint);
+DROP FUNCTION IF EXISTS public.fn_iu_diag_echo(text);
 DROP FUNCTION IF EXISTS public.fn_iu_add_unit(uuid, text, jsonb);
 DROP FUNCTION IF EXISTS public.fn_iu_purge_piece(uuid);
 DROP FUNCTION IF EXISTS public.fn_iu_restore_piece(uuid);

@@ -608,7 +608,7 @@ async fn catalog_check_confirms_targets_and_digest() {
     let db = test_db().await;
     let ok = db.govsql(&["catalog", "check"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
-    assert!(stdout(&ok).contains("17 of 17"));
+    assert!(stdout(&ok).contains("18 of 18"));
     db.sql("DROP FUNCTION fn_iu_purge_piece(uuid)");
     let bad = db.govsql(&["catalog", "check"]);
     assert_eq!(bad.status.code(), Some(4));

@@ -471,3 +471,36 @@ async fn remote_psql_killed_mid_apply_is_settled_from_the_ledger() {
         1
     );
 }
+
+#[tokio::test]
+async fn null_is_told_from_empty_and_from_the_null_marker_over_ssh() {
+    let db = bash_db().await;
+    db.open_all();
+    let rt = db.runtime();
+    let echo = |params: Vec<(&'static str, &'static str)>| {
+        let rt = &rt;
+        async move {
+            let o = run(rt, "dot_iu_diag_echo", Mode::Apply, &params).await;
+            assert_eq!(o.status, RunStatus::Applied, "{o:?}");
+            o.result.unwrap()
+        }
+    };
+    assert_eq!(echo(vec![]).await, vec![vec![None]]);
+    assert_eq!(
+        echo(vec![("value", "")]).await,
+        vec![vec![Some(String::new())]]
+    );
+    assert_eq!(
+        echo(vec![("value", "\\N")]).await,
+        vec![vec![Some("\\N".to_string())]]
+    );
+    assert_eq!(
+        echo(vec![("value", "NULL")]).await,
+        vec![vec![Some("NULL".to_string())]]
+    );
+    let tricky = "a\tb\nc\\d~|~e\u{10ffff}'\"";
+    assert_eq!(
+        echo(vec![("value", tricky)]).await,
+        vec![vec![Some(tricky.to_string())]]
+    );
+}
