@@ -158,15 +158,6 @@ impl ValidParams {
         self.values.get(name).map(|(t, v)| (*t, v.as_str()))
     }
 
-    /// How many params were given.
-    pub fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    /// Whether no param was given.
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-    }
 }
 
 /// Checks `given` against the command's declared params.

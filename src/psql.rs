@@ -133,11 +133,6 @@ impl Script {
         self.text.push('\n');
     }
 
-    /// The per-job nonce.
-    pub fn nonce(&self) -> &str {
-        &self.nonce
-    }
-
     /// Closes the script with the end marker; returns its text.
     pub fn finish(mut self) -> FinishedScript {
         self.text

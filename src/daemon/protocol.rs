@@ -86,21 +86,6 @@ pub enum Request {
     },
 }
 
-impl Request {
-    /// The request's protocol version.
-    pub fn version(&self) -> u32 {
-        match self {
-            Request::Submit { v, .. }
-            | Request::Status { v, .. }
-            | Request::Wait { v, .. }
-            | Request::List { v, .. }
-            | Request::Approve { v, .. }
-            | Request::Cancel { v, .. }
-            | Request::Health { v } => *v,
-        }
-    }
-}
-
 /// A job as clients see it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobView {

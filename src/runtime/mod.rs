@@ -248,11 +248,6 @@ impl Runtime {
         }
     }
 
-    /// The catalog in use.
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
-    }
-
     /// Resolves a job's command, digest and key; a job that cannot reach
     /// the ledger (unknown command, malformed key) is refused here.
     fn context<'a>(&'a self, job: &'a JobSpec) -> Result<Ctx<'a>, Box<Outcome>> {
