@@ -157,7 +157,6 @@ impl ValidParams {
     pub fn get(&self, name: &str) -> Option<(ParamType, &str)> {
         self.values.get(name).map(|(t, v)| (*t, v.as_str()))
     }
-
 }
 
 /// Checks `given` against the command's declared params.

@@ -53,6 +53,19 @@ impl Runtime {
         run_with_deadline(self.executor.as_ref(), req, self.job_timeout).await
     }
 
+    /// Runs a runtime-owned script to its end; its sections, or why not.
+    async fn exec_control(
+        &self,
+        ctx: &Ctx<'_>,
+        script: &FinishedScript,
+    ) -> Result<Sections, LedgerFault> {
+        let out = self
+            .exec(ctx, script, DbRole::Runtime)
+            .await
+            .map_err(LedgerFault::Transport)?;
+        finished(&out, script)
+    }
+
     /// The live gate snapshot and the database's catalog digest.
     pub(super) async fn preflight(
         &self,
@@ -63,14 +76,8 @@ impl Runtime {
         s.sql("SELECT gate_key, gate_value FROM public.fn_dot_iu_gate_snapshot()");
         s.section();
         s.sql("SELECT public.fn_dot_iu_catalog_digest()");
-        let script = s.finish();
-        let out = self
-            .exec(ctx, &script, DbRole::Runtime)
-            .await
-            .map_err(LedgerFault::Transport)?;
-        let secs = finished(&out, &script)?;
-        let snapshot = control_rows(0, secs.get(0).unwrap_or_default(), 2)
-            .map_err(|e| LedgerFault::Output(e.to_string()))?;
+        let secs = self.exec_control(ctx, &s.finish()).await?;
+        let snapshot = gate_rows(&secs, 0).map_err(LedgerFault::Output)?;
         let digest = control_rows(1, secs.get(1).unwrap_or_default(), 1)
             .map_err(|e| LedgerFault::Output(e.to_string()))?;
         let digest = digest
@@ -102,12 +109,7 @@ impl Runtime {
         let mut s = self.script(ctx);
         s.section();
         s.sql(&self.log_call(ctx, &psql::quote_plain(status), &jsonb_lit(evidence)));
-        let script = s.finish();
-        let out = self
-            .exec(ctx, &script, DbRole::Runtime)
-            .await
-            .map_err(LedgerFault::Transport)?;
-        let secs = finished(&out, &script)?;
+        let secs = self.exec_control(ctx, &s.finish()).await?;
         parse_log_row(&secs, 0).map_err(LedgerFault::Output)
     }
 
@@ -362,6 +364,11 @@ pub(super) fn classify(
         );
     }
     Ok((secs, rows))
+}
+
+/// The `(gate_key, gate_value)` rows of a gate snapshot in section `n`.
+pub(super) fn gate_rows(secs: &Sections, n: usize) -> Result<Vec<Vec<String>>, String> {
+    control_rows(n, secs.get(n).unwrap_or_default(), 2).map_err(|e| e.to_string())
 }
 
 /// The (run_id, run_status, replayed) row of a log call in section `n`.

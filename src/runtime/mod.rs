@@ -34,8 +34,8 @@ mod plan;
 mod verify;
 
 use ledger::{
-    classify, closed_in_snapshot, jsonb_lit, local_refusal, log_outcome, parse_log_row, sql_class,
-    text_array, text_lit, valid_key,
+    classify, closed_in_snapshot, gate_rows, jsonb_lit, local_refusal, log_outcome, parse_log_row,
+    sql_class, text_array, text_lit, valid_key,
 };
 
 /// plan, apply or verify.

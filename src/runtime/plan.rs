@@ -25,8 +25,7 @@ impl Runtime {
         let parsed = Sections::split(&out.stdout, &script.nonce)
             .map_err(|e| e.to_string())
             .and_then(|secs| {
-                let snapshot = control_rows(0, secs.get(0).unwrap_or_default(), 2)
-                    .map_err(|e| e.to_string())?;
+                let snapshot = gate_rows(&secs, 0)?;
                 let log = parse_log_row(&secs, 1)?;
                 Ok((snapshot, log, secs.complete))
             });
