@@ -69,6 +69,14 @@ pub enum DaemonError {
     Target(String, String),
 }
 
+/// What a waiter receives when its job ends.
+pub struct Finished {
+    /// The job's terminal state (a run status, or cancelled).
+    pub state: String,
+    /// The outcome, result included.
+    pub outcome: Outcome,
+}
+
 /// One target: its executor (kept across catalog reloads), its runtime,
 /// its concurrency and its wake-up signal.
 pub struct TargetSlot {
@@ -86,7 +94,7 @@ pub struct Daemon {
     queue: queue::Queue,
     catalog: RwLock<Arc<Catalog>>,
     targets: BTreeMap<String, TargetSlot>,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Outcome>>>>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Finished>>>>,
     started: Instant,
     heartbeat_at: AtomicU64,
     shutting_down: AtomicBool,
@@ -134,7 +142,7 @@ impl Daemon {
     }
 
     /// Registers a waiter for a job's outcome.
-    pub fn add_waiter(&self, job_id: &str) -> oneshot::Receiver<Outcome> {
+    pub fn add_waiter(&self, job_id: &str) -> oneshot::Receiver<Finished> {
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -153,15 +161,19 @@ impl Daemon {
             .remove(job_id);
     }
 
-    /// Hands a finished job's outcome (result included) to its waiters.
-    pub fn deliver(&self, outcome: &Outcome) {
+    /// Hands a finished job's terminal state and outcome (result included)
+    /// to its waiters.
+    pub fn deliver(&self, state: &str, outcome: &Outcome) {
         let waiters = self
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&outcome.job_id);
         for w in waiters.into_iter().flatten() {
-            let _ = w.send(outcome.clone());
+            let _ = w.send(Finished {
+                state: state.to_string(),
+                outcome: outcome.clone(),
+            });
         }
     }
 

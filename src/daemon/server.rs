@@ -12,8 +12,8 @@ use tokio::sync::Semaphore;
 
 use super::peer::{denial, Peer};
 use super::protocol::{parse_request, Reply, Request, MAX_LINE};
-use super::queue::NewJob;
-use super::{unix_now, Daemon, DaemonError};
+use super::queue::{JobRow, NewJob};
+use super::{unix_now, Daemon, DaemonError, Finished};
 use crate::config::DaemonConfig;
 use crate::params;
 use crate::runtime::Mode;
@@ -218,18 +218,19 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
                 idempotency_key,
             )
             .await;
-            match (rx, reply.job.as_ref()) {
-                (Some(rx), Some(job)) if !super::queue::is_terminal(&job.state) => {
-                    match daemon.queue().get(&job_id).await {
-                        Ok(Some(row)) => await_outcome(daemon, peer, row, rx, timeout_s).await,
-                        _ => reply,
+            match (rx, reply) {
+                (Some(rx), Ok(row)) if !row.is_terminal() => {
+                    await_outcome(peer, row, rx, timeout_s).await
+                }
+                (rx, reply) => {
+                    if rx.is_some() {
+                        daemon.forget_waiters(&job_id);
+                    }
+                    match reply {
+                        Ok(row) => Reply::job(row.view()),
+                        Err(reply) => *reply,
                     }
                 }
-                (Some(_), _) => {
-                    daemon.forget_waiters(&job_id);
-                    reply
-                }
-                (None, _) => reply,
             }
         }
         Request::Status { job_id, .. } => match daemon.queue().get(&job_id).await {
@@ -280,16 +281,16 @@ async fn submit(
     params: Vec<(String, String)>,
     target: Option<String>,
     idempotency_key: Option<String>,
-) -> Reply {
+) -> Result<JobRow, Box<Reply>> {
     if daemon.is_shutting_down() {
-        return Reply::error(
+        return Err(Box::new(Reply::error(
             "unavailable",
             "the daemon is shutting down; submit again once it is back",
-        );
+        )));
     }
     let target = match daemon.config().target(target.as_deref()) {
         Ok((name, _)) => name.to_string(),
-        Err(e) => return Reply::error("bad_request", e.to_string()),
+        Err(e) => return Err(Box::new(Reply::error("bad_request", e.to_string()))),
     };
     let catalog = daemon.catalog();
     let mut state = "queued";
@@ -321,9 +322,9 @@ async fn submit(
         Ok(row) => {
             tracing::info!(job_id = %row.job_id, command = %row.command, mode = row.mode.as_str(), user = %peer.user, state = %row.state, "job submitted");
             daemon.wake(&target);
-            Reply::job(row.view())
+            Ok(row)
         }
-        Err(e) => internal(e),
+        Err(e) => Err(Box::new(internal(e))),
     }
 }
 
@@ -339,29 +340,31 @@ async fn wait(daemon: &Daemon, peer: &Peer, job_id: &str, timeout_s: Option<u64>
         daemon.forget_waiters(job_id);
         return Reply::job(row.view());
     }
-    await_outcome(daemon, peer, row, rx, timeout_s).await
+    await_outcome(peer, row, rx, timeout_s).await
 }
 
 /// Waits for a registered job's outcome; the result goes to its submitter
 /// only.
 async fn await_outcome(
-    daemon: &Daemon,
     peer: &Peer,
-    row: super::queue::JobRow,
-    rx: tokio::sync::oneshot::Receiver<crate::runtime::Outcome>,
+    row: JobRow,
+    rx: tokio::sync::oneshot::Receiver<Finished>,
     timeout_s: Option<u64>,
 ) -> Reply {
     let job_id = row.job_id.as_str();
     let limit = Duration::from_secs(timeout_s.unwrap_or(3600).min(86_400));
     match tokio::time::timeout(limit, rx).await {
-        Ok(Ok(mut outcome)) => {
-            let mut view = match daemon.queue().get(job_id).await {
-                Ok(Some(r)) => r.view(),
-                _ => row.view(),
-            };
+        Ok(Ok(Finished { state, mut outcome })) => {
             // Results go to the submitter only.
             if peer.uid != row.actor_uid {
                 outcome.result = None;
+            }
+            let mut view = row.view();
+            view.state = state;
+            view.finished_at = Some(unix_now() as i64);
+            // An approval given while this wait was open is in the evidence.
+            if let Some(by) = outcome.evidence["approved_by"].as_str() {
+                view.approved_by = Some(by.to_string());
             }
             view.outcome = Some(outcome);
             Reply::job(view)

@@ -103,7 +103,7 @@ pub async fn run_job(daemon: &Daemon, job: JobRow) {
         // start; the waiters still get the outcome.
         tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue");
     }
-    daemon.deliver(&outcome);
+    daemon.deliver(&state, &outcome);
 }
 
 /// Refuses (and audits) jobs whose approval never came within the TTL.
