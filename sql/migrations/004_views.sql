@@ -18,15 +18,16 @@ FROM public.dot_iu_command_catalog c
 LEFT JOIN public.dot_iu_command_run r ON r.command_name = c.command_name
 GROUP BY c.command_name, c.category, c.mutating, c.retired;
 
--- One row: the runtime's health at a glance.
+-- One row: the runtime's health at a glance (one pass over the ledger).
 CREATE VIEW public.v_dot_iu_command_run_health AS
-SELECT (SELECT count(*) FROM public.dot_iu_command_run)::bigint                                   AS total_runs,
-       (SELECT count(*) FROM public.dot_iu_command_run WHERE run_mode = 'apply')::bigint          AS apply_runs,
-       (SELECT count(*) FROM public.dot_iu_command_run WHERE run_status = 'applied')::bigint      AS applied_runs,
-       (SELECT count(*) FROM public.dot_iu_command_run WHERE run_status = 'refused')::bigint      AS refused_runs,
-       (SELECT count(*) FROM public.dot_iu_command_run WHERE run_status = 'failed')::bigint       AS failed_runs,
-       (SELECT count(DISTINCT command_name) FROM public.dot_iu_command_run)::bigint               AS distinct_commands,
-       (SELECT count(*) FROM public.dot_iu_command_catalog WHERE NOT retired)::bigint             AS catalog_size;
+SELECT count(*)::bigint                                          AS total_runs,
+       count(*) FILTER (WHERE r.run_mode = 'apply')::bigint      AS apply_runs,
+       count(*) FILTER (WHERE r.run_status = 'applied')::bigint  AS applied_runs,
+       count(*) FILTER (WHERE r.run_status = 'refused')::bigint  AS refused_runs,
+       count(*) FILTER (WHERE r.run_status = 'failed')::bigint   AS failed_runs,
+       count(DISTINCT r.command_name)::bigint                    AS distinct_commands,
+       (SELECT count(*) FROM public.dot_iu_command_catalog WHERE NOT retired)::bigint AS catalog_size
+FROM public.dot_iu_command_run r;
 
 REVOKE ALL ON TABLE public.v_dot_iu_command_registry FROM PUBLIC;
 REVOKE ALL ON TABLE public.v_dot_iu_command_run_health FROM PUBLIC;
