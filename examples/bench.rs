@@ -205,18 +205,22 @@ async fn runtime_job(rt: &govsql::runtime::Runtime) -> bool {
     rt.run(&job).await.status == govsql::runtime::RunStatus::Verified
 }
 
-async fn daemon_job(client: &mut Client) -> bool {
-    let req = Request::Submit {
+/// A verify of dot_iu_healthcheck, answered at once or when it ends.
+fn healthcheck(wait: bool) -> Request {
+    Request::Submit {
         v: PROTOCOL_VERSION,
         command: "dot_iu_healthcheck".into(),
         mode: Mode::Verify,
         params: vec![],
         target: None,
         idempotency_key: None,
-        wait: true,
-        timeout_s: Some(120),
-    };
-    match client.call(&req).await {
+        wait,
+        timeout_s: wait.then_some(120),
+    }
+}
+
+async fn daemon_job(client: &mut Client) -> bool {
+    match client.call(&healthcheck(true)).await {
         Ok(r) => r.job.map(|j| j.state == "verified").unwrap_or(false),
         Err(_) => false,
     }
@@ -364,17 +368,7 @@ async fn main() {
         tasks.push(tokio::spawn(async move {
             let mut c = Client::connect(&socket).await.expect("socket");
             while submitted.fetch_add(1, Ordering::SeqCst) < total {
-                let req = Request::Submit {
-                    v: PROTOCOL_VERSION,
-                    command: "dot_iu_healthcheck".into(),
-                    mode: Mode::Verify,
-                    params: vec![],
-                    target: None,
-                    idempotency_key: None,
-                    wait: false,
-                    timeout_s: None,
-                };
-                let _ = c.call(&req).await;
+                let _ = c.call(&healthcheck(false)).await;
             }
         }));
     }

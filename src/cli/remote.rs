@@ -76,13 +76,7 @@ pub(super) fn print_job(job: &JobView, json: bool) -> i32 {
             })
         );
     } else {
-        println!(
-            "{}  {} {}  (job {})",
-            job.state,
-            job.mode.as_str(),
-            job.command,
-            job.job_id
-        );
+        println!("{}", job_line(job));
         if job.state == "awaiting_approval" {
             println!(
                 "  needs approval: another user in the approve list runs `govsql approve {}`",
@@ -118,13 +112,7 @@ pub(super) async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::R
     let reply = call(config_path, &req).await?;
     match reply.job.as_ref().filter(|_| reply.ok) {
         Some(job) => {
-            println!(
-                "{}  {} {}  (job {})",
-                job.state,
-                job.mode.as_str(),
-                job.command,
-                job.job_id
-            );
+            println!("{}", job_line(job));
             Ok(0)
         }
         None => Ok(print_reply_error(&reply)),
@@ -212,4 +200,15 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
         );
     }
     Ok(if h.workers_alive { 0 } else { 4 })
+}
+
+/// `STATE  MODE COMMAND  (job ID)`: the one-line form of a job.
+fn job_line(job: &JobView) -> String {
+    format!(
+        "{}  {} {}  (job {})",
+        job.state,
+        job.mode.as_str(),
+        job.command,
+        job.job_id
+    )
 }
