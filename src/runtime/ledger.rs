@@ -181,7 +181,7 @@ impl Runtime {
                 } else {
                     RunStatus::Failed
                 };
-                self.record(ctx, status, Some(&state), &[], &msg).await
+                self.record(ctx, status, Some(sql_class(&state)), &[], &msg).await
             }
             None => self.unreachable(ctx, unfinished(&out.exit)),
         }

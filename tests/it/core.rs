@@ -9,14 +9,6 @@ use govsql::transport::{BoxFuture, Executor, ScriptOutput, ScriptRequest, Transp
 
 use crate::harness::*;
 
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn json_of(o: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
-}
-
 #[tokio::test]
 async fn seed_durable_proof_p1_to_p4_through_the_cli() {
     let db = test_db().await;
@@ -54,18 +46,7 @@ async fn seed_durable_proof_p1_to_p4_through_the_cli() {
         ])
     );
 
-    let registry = db.sql(
-        "SELECT command_name, total_runs, applied_runs, refused_runs, failed_runs, last_status FROM v_dot_iu_command_registry WHERE total_runs > 0 ORDER BY command_name",
-    );
-    assert_eq!(
-        registry,
-        "dot_iu_add_piece|1|0|1|0|refused\ndot_iu_healthcheck|3|1|0|0|verified"
-    );
-    let health = db.sql("SELECT total_runs, apply_runs, applied_runs, refused_runs, failed_runs, distinct_commands, catalog_size FROM v_dot_iu_command_run_health");
-    assert_eq!(
-        health,
-        format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
-    );
+    assert_seed_figures(&db);
 }
 
 #[tokio::test]

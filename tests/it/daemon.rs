@@ -196,8 +196,7 @@ async fn seed_proof_through_the_daemon_over_ssh() {
     let d = DaemonProc::start(&db);
     let run = |args: &[&str]| {
         let out = d.cli(None, args);
-        let j: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        let j: Value = json_of(&out);
         (out.status.code(), j)
     };
     let (code, p1) = run(&["plan", "dot_iu_healthcheck", "--wait", "--json"]);
@@ -225,28 +224,21 @@ async fn seed_proof_through_the_daemon_over_ssh() {
         "--json",
     ]);
     assert_eq!((code, p4["status"].as_str()), (Some(3), Some("refused")));
-    assert_eq!(
-        db.sql("SELECT command_name, total_runs, applied_runs, refused_runs, failed_runs, last_status FROM v_dot_iu_command_registry WHERE total_runs > 0 ORDER BY command_name"),
-        "dot_iu_add_piece|1|0|1|0|refused\ndot_iu_healthcheck|3|1|0|0|verified"
-    );
-    assert_eq!(
-        db.sql("SELECT total_runs, apply_runs, applied_runs, refused_runs, failed_runs, distinct_commands, catalog_size FROM v_dot_iu_command_run_health"),
-        format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
-    );
+    assert_seed_figures(&db);
     // Without --wait: queued, exit 0, then status shows the outcome
     // without its result (results are erased from the queue).
     let out = d.cli(None, &["verify", "--json"]);
     assert_eq!(out.status.code(), Some(0));
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = json_of(&out);
     let id = j["job_id"].as_str().unwrap().to_string();
     let done = wait_terminal(&d, &id);
     assert_eq!(done["state"], "verified");
     let st = d.cli(None, &["status", &id, "--json"]);
-    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    let st = json_of(&st);
     assert_eq!(st["status"], "verified");
     assert!(st["result"].is_null());
     let h = d.cli(None, &["health", "--json"]);
-    let h: Value = serde_json::from_slice(&h.stdout).unwrap();
+    let h = json_of(&h);
     assert_eq!(h["workers_alive"], true);
     assert!(h["targets"][0].as_str().unwrap().contains("ssh"));
 }
@@ -341,8 +333,7 @@ async fn peer_credentials_decide_and_name_the_actor() {
     let d = DaemonProc::start(&db);
     // The other user may verify: the ledger names that user.
     let out = d.cli(Some(OTHER), &["verify", "--wait", "--json"]);
-    let j: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let j: Value = json_of(&out);
     assert_eq!(j["status"], "verified", "{j}");
     let run_id = j["run_id"].as_i64().unwrap();
     assert_eq!(
@@ -364,7 +355,7 @@ async fn peer_credentials_decide_and_name_the_actor() {
         ],
     );
     assert_eq!(out.status.code(), Some(3));
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = json_of(&out);
     assert_eq!(j["error_class"], "peer_not_allowed");
     assert!(j["message"].as_str().unwrap().contains("apply list"), "{j}");
     assert_eq!(
@@ -381,10 +372,10 @@ async fn peer_credentials_decide_and_name_the_actor() {
         Some(OTHER),
         &["plan", "dot_iu_healthcheck", "--wait", "--json"],
     );
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = json_of(&out);
     assert_eq!(j["status"], "planned", "{j}");
     let out = d.cli(None, &["plan", "dot_iu_healthcheck", "--wait", "--json"]);
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = json_of(&out);
     assert_eq!(j["error_class"], "peer_not_allowed", "{j}");
     // Root may apply; the ledger says root.
     let out = d.cli(
@@ -398,7 +389,7 @@ async fn peer_credentials_decide_and_name_the_actor() {
             "--json",
         ],
     );
-    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j: Value = json_of(&out);
     assert_eq!(j["status"], "applied", "{j}");
     assert_eq!(
         db.sql(&format!(

@@ -346,3 +346,31 @@ pub fn result_json(o: &Outcome) -> serde_json::Value {
     assert_eq!(rows.len(), 1, "one row expected: {o:?}");
     serde_json::from_str(rows[0][0].as_deref().expect("not null")).unwrap()
 }
+
+/// A process's stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A process's stdout parsed as one JSON object (panics with both streams).
+pub fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {} / {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+/// The registry and health figures the seed's P1-P4 proof must leave.
+pub fn assert_seed_figures(db: &TestDb) {
+    assert_eq!(
+        db.sql("SELECT command_name, total_runs, applied_runs, refused_runs, failed_runs, last_status FROM v_dot_iu_command_registry WHERE total_runs > 0 ORDER BY command_name"),
+        "dot_iu_add_piece|1|0|1|0|refused\ndot_iu_healthcheck|3|1|0|0|verified"
+    );
+    assert_eq!(
+        db.sql("SELECT total_runs, apply_runs, applied_runs, refused_runs, failed_runs, distinct_commands, catalog_size FROM v_dot_iu_command_run_health"),
+        format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
+    );
+}

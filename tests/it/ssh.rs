@@ -19,16 +19,6 @@ async fn bash_db() -> TestDb {
     db_as(USER, &keys().ed25519, 10).await
 }
 
-fn json_of(o: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {} / {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
-
 #[tokio::test]
 async fn seed_durable_proof_over_ssh() {
     let db = bash_db().await;
@@ -76,14 +66,7 @@ async fn seed_durable_proof_over_ssh() {
         "refused",
         3,
     );
-    assert_eq!(
-        db.sql("SELECT command_name, total_runs, applied_runs, refused_runs, failed_runs, last_status FROM v_dot_iu_command_registry WHERE total_runs > 0 ORDER BY command_name"),
-        "dot_iu_add_piece|1|0|1|0|refused\ndot_iu_healthcheck|3|1|0|0|verified"
-    );
-    assert_eq!(
-        db.sql("SELECT total_runs, apply_runs, applied_runs, refused_runs, failed_runs, distinct_commands, catalog_size FROM v_dot_iu_command_run_health"),
-        format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
-    );
+    assert_seed_figures(&db);
     // The ledger's evidence carries the fingerprint used.
     assert_eq!(
         db.sql("SELECT DISTINCT evidence->>'host_key' FROM dot_iu_command_run"),
