@@ -187,13 +187,18 @@ impl Daemon {
         self.shutdown_tx.subscribe()
     }
 
+    /// Whether every target's worker loop went round in the last 10 s
+    /// (each loop wakes at least once a second).
+    fn workers_alive(&self, now: u64) -> bool {
+        self.targets
+            .values()
+            .all(|t| now.saturating_sub(t.alive_at.load(Ordering::SeqCst)) < 10)
+    }
+
     /// The health op's answer.
     pub async fn health(&self) -> protocol::Health {
         let now = unix_now();
-        let alive = self
-            .targets
-            .values()
-            .all(|t| now.saturating_sub(t.alive_at.load(Ordering::SeqCst)) < 10);
+        let alive = self.workers_alive(now);
         protocol::Health {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -404,11 +409,7 @@ async fn heartbeat(daemon: Arc<Daemon>) {
     let every = notify::watchdog_interval().unwrap_or(Duration::from_secs(5));
     loop {
         let now = unix_now();
-        let alive = daemon
-            .targets
-            .values()
-            .all(|t| now.saturating_sub(t.alive_at.load(Ordering::SeqCst)) < 10);
-        if alive {
+        if daemon.workers_alive(now) {
             notify::notify("WATCHDOG=1");
             daemon.heartbeat_at.store(now, Ordering::SeqCst);
         } else {
