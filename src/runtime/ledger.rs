@@ -181,7 +181,8 @@ impl Runtime {
                 } else {
                     RunStatus::Failed
                 };
-                self.record(ctx, status, Some(sql_class(&state)), &[], &msg).await
+                self.record(ctx, status, Some(sql_class(&state)), &[], &msg)
+                    .await
             }
             None => self.unreachable(ctx, unfinished(&out.exit)),
         }
