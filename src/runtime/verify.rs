@@ -12,6 +12,8 @@ impl Runtime {
         let mut s = self.script(ctx);
         s.section();
         s.sql("BEGIN READ ONLY");
+        // When the checks began, for the duration in the ledger row.
+        s.meta("SELECT now() AS govsql_t0 \\gset");
         let mut checks = Vec::new();
         for (i, (sql, kind)) in statements.iter().enumerate() {
             match kind {
@@ -41,7 +43,7 @@ impl Runtime {
         };
         let evidence = self.evidence(ctx, None, &[], Some(checks.len()));
         let ev_sql = format!(
-            "{} || CASE WHEN {all_ok} THEN '{{}}'::jsonb ELSE '{{\"error_class\": \"verification_failed\"}}'::jsonb END || jsonb_build_object('duration_ms', {} + round(extract(epoch FROM clock_timestamp() - (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())) * 1000)::bigint)",
+            "{} || CASE WHEN {all_ok} THEN '{{}}'::jsonb ELSE '{{\"error_class\": \"verification_failed\"}}'::jsonb END || jsonb_build_object('duration_ms', {} + round(extract(epoch FROM clock_timestamp() - :'govsql_t0'::timestamptz) * 1000)::bigint)",
             jsonb_lit(&evidence),
             ctx.started.elapsed().as_millis()
         );

@@ -47,6 +47,11 @@ async fn seed_durable_proof_p1_to_p4_through_the_cli() {
     );
 
     assert_seed_figures(&db);
+    // Every row says how long its run took.
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE (evidence->>'duration_ms')::bigint >= 0"),
+        4
+    );
 }
 
 #[tokio::test]
