@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use govsql::client::Client;
-use govsql::daemon::protocol::{Request, PROTOCOL_VERSION};
+use govsql::job::{Job, JobState, Params};
+use govsql::protocol::{Request, PROTOCOL_VERSION};
 use govsql::runtime::Mode;
 
 #[derive(Parser, Debug, Clone)]
@@ -185,7 +186,10 @@ fn local_runtime(a: &Args) -> govsql::runtime::Runtime {
     let catalog = govsql::catalog::Catalog::load(&a.catalog).expect("catalog");
     govsql::runtime::Runtime::new(
         Arc::new(catalog),
-        Arc::new(govsql::transport::local::LocalExecutor::new(&target)),
+        Arc::new(govsql::transport::local::LocalExecutor::new(
+            &target,
+            govsql::psql::DbRole::Runtime,
+        )),
         "bench-local",
         govsql::switch::ApplySwitch::new(&a.work),
         Duration::from_secs(60),
@@ -193,15 +197,15 @@ fn local_runtime(a: &Args) -> govsql::runtime::Runtime {
 }
 
 async fn runtime_job(rt: &govsql::runtime::Runtime) -> bool {
-    let job = govsql::runtime::JobSpec {
-        job_id: govsql::cli::new_job_id(),
-        command: "dot_iu_healthcheck".into(),
-        mode: Mode::Verify,
-        params: vec![],
-        idempotency_key: None,
-        actor: "bench".into(),
-        approved_by: None,
-    };
+    let job = Job::new(
+        "dot_iu_healthcheck".into(),
+        Mode::Verify,
+        "bench-local".into(),
+        Params::default(),
+        None,
+        "bench".into(),
+        0,
+    );
     rt.run(&job).await.status == govsql::runtime::RunStatus::Verified
 }
 
@@ -211,7 +215,7 @@ fn healthcheck(wait: bool) -> Request {
         v: PROTOCOL_VERSION,
         command: "dot_iu_healthcheck".into(),
         mode: Mode::Verify,
-        params: vec![],
+        params: Params::default(),
         target: None,
         idempotency_key: None,
         wait,
@@ -221,7 +225,10 @@ fn healthcheck(wait: bool) -> Request {
 
 async fn daemon_job(client: &mut Client) -> bool {
     match client.call(&healthcheck(true)).await {
-        Ok(r) => r.job.map(|j| j.state == "verified").unwrap_or(false),
+        Ok(r) => r
+            .job
+            .map(|j| j.state == JobState::Verified)
+            .unwrap_or(false),
         Err(_) => false,
     }
 }
@@ -387,7 +394,7 @@ async fn main() {
         .and_then(|r| r.health);
     let queued = h
         .as_ref()
-        .and_then(|h| h.jobs.get("queued").copied())
+        .and_then(|h| h.jobs.get(&JobState::Queued).copied())
         .unwrap_or(0);
     let hwm = rss_kb(a.daemon_pid, "VmHWM:");
     let rss = rss_kb(a.daemon_pid, "VmRSS:");

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::guard::{self, StatementKind};
 use crate::params::{self, ParamSpec};
+use crate::psql::{quote_trusted, text_array};
 
 /// The runtime gate every apply needs, whatever its targets.
 pub const RUNTIME_GATE: &str = "iu_core.operator_runtime_enabled";
@@ -212,26 +213,31 @@ impl Catalog {
             let _ = writeln!(
                 s,
                 "INSERT INTO public.dot_config (key, value) VALUES ({}, 'false') ON CONFLICT (key) DO NOTHING;",
-                lit(&gate)
+                quote_trusted(&gate)
             );
         }
         for c in &self.file.command {
             let _ = writeln!(
                 s,
                 "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, false);",
-                lit(&c.name),
-                lit(&c.category),
-                lit(&c.description),
+                quote_trusted(&c.name),
+                quote_trusted(&c.category),
+                quote_trusted(&c.description),
                 c.mutating,
                 c.reversible,
-                c.inverse.as_deref().map(lit).unwrap_or_else(|| "NULL".into()),
-                lit(&c.rollback_note),
+                c.inverse.as_deref().map(quote_trusted).unwrap_or_else(|| "NULL".into()),
+                quote_trusted(&c.rollback_note),
                 c.requires_approval,
-                array(&c.targets),
-                array(&c.apply_gates()),
+                text_array(&c.targets),
+                text_array(&c.apply_gates()),
             );
         }
-        let names: Vec<String> = self.file.command.iter().map(|c| lit(&c.name)).collect();
+        let names: Vec<String> = self
+            .file
+            .command
+            .iter()
+            .map(|c| quote_trusted(&c.name))
+            .collect();
         let _ = writeln!(
             s,
             "UPDATE public.dot_iu_command_catalog SET retired = true, updated_at = now()\n  WHERE NOT retired AND command_name NOT IN ({});",
@@ -240,7 +246,7 @@ impl Catalog {
         let _ = writeln!(
             s,
             "INSERT INTO public.dot_iu_catalog_state AS s (singleton, digest) VALUES (true, {})\n  ON CONFLICT (singleton) DO UPDATE SET digest = EXCLUDED.digest, seeded_at = now() WHERE s.digest IS DISTINCT FROM EXCLUDED.digest;",
-            lit(&self.digest)
+            quote_trusted(&self.digest)
         );
         s.push_str("COMMIT;\n");
         s
@@ -351,17 +357,6 @@ fn check_command(
         )));
     }
     Ok(())
-}
-
-/// A SQL string literal for catalog text (trusted config, NUL refused at
-/// load); the seed sets standard_conforming_strings first.
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-fn array(items: &[String]) -> String {
-    let inner: Vec<String> = items.iter().map(|s| lit(s)).collect();
-    format!("ARRAY[{}]::text[]", inner.join(", "))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::daemon::protocol::{Reply, Request, MAX_LINE};
+use crate::protocol::{Reply, Request, MAX_LINE};
 
 /// The socket when the config does not say.
 pub const DEFAULT_SOCKET: &str = "/run/govsql/govsql.sock";

@@ -238,9 +238,17 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.message().to_string(),
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: match line {
+                    Some(n) => format!("line {n}: {}", e.message()),
+                    None => e.message().to_string(),
+                },
+            }
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_relative(base);
@@ -276,6 +284,7 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.daemon.check()?;
         if self.targets.is_empty() {
             return Err("no [targets.NAME] table: define at least one target".into());
         }
@@ -318,13 +327,48 @@ impl Config {
     }
 }
 
+impl DaemonConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.approval_ttl_s == 0 {
+            return Err("[daemon] approval_ttl_s must be at least 1".into());
+        }
+        self.socket_mode()?;
+        Ok(())
+    }
+
+    /// The socket file's mode: `socket_mode` as octal (`"0660"`, `"0o660"`),
+    /// default 0660.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        let Some(text) = self.socket_mode.as_deref() else {
+            return Ok(0o660);
+        };
+        u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                format!("[daemon] socket_mode {text:?} is not an octal file mode such as \"0660\"")
+            })
+    }
+}
+
+/// The most channels (concurrent jobs) one target may have.
+pub const MAX_CHANNELS: usize = 64;
+
 impl TargetConfig {
     fn check(&self) -> Result<(), String> {
-        if self.max_channels == 0 {
-            return Err("max_channels must be at least 1".into());
+        if !(1..=MAX_CHANNELS).contains(&self.max_channels) {
+            return Err(format!(
+                "max_channels must be between 1 and {MAX_CHANNELS} (and at most the server's MaxSessions - 3)"
+            ));
         }
-        if self.job_timeout_s == 0 {
-            return Err("job_timeout_s must be at least 1".into());
+        for (key, value) in [
+            ("job_timeout_s", self.job_timeout_s),
+            ("keepalive_interval_s", self.keepalive_interval_s),
+            ("keepalive_max", self.keepalive_max as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
         }
         match self.transport {
             TransportKind::Local => {
@@ -407,9 +451,32 @@ db_user = "govsql_runtime"
     }
 
     #[test]
-    fn unknown_key_is_an_error() {
+    fn unknown_key_is_an_error_named_with_its_line() {
         let err = parse(&format!("{LOCAL}\nfrobnicate = 1\n")).unwrap_err();
-        assert!(err.to_string().contains("frobnicate"), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("frobnicate") && msg.contains("line 9"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused_when_the_config_loads() {
+        for (extra, key) in [
+            ("max_channels = 4611686018427387904", "max_channels"),
+            ("max_channels = 0", "max_channels"),
+            ("max_channels = 65", "max_channels"),
+            ("job_timeout_s = 0", "job_timeout_s"),
+            ("keepalive_max = 0", "keepalive_max"),
+        ] {
+            let err = parse(&format!("{LOCAL}{extra}\n")).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let text = LOCAL.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0999\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("socket_mode"), "{err}");
+        let ok = LOCAL.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0o640\"\n");
+        assert_eq!(parse(&ok).unwrap().daemon.socket_mode(), Ok(0o640));
     }
 
     #[test]

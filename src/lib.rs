@@ -1,21 +1,25 @@
 //! govsql: a governed remote psql executor.
 //!
-//! The data path of one job, module by module: [`catalog`] (the vocabulary)
-//! → [`params`] (typed values, digest, literals) → [`guard`] (the parser
-//! check) → [`runtime`] (plan / apply / verify, gates, ledger rows) →
-//! [`psql`] (command line, script framing, output parser) → [`transport`]
+//! The data path of one job, module by module: [`protocol`] (the socket's
+//! wire types) → [`daemon`] (socket, queue, workers) → [`job`] (the job's
+//! vocabulary as types) → [`catalog`] (the commands) → [`params`] (typed
+//! values, digest, literals) → [`guard`] (the parser check) → [`runtime`]
+//! (plan / apply / verify, gates, ledger rows) → [`psql`] (command line,
+//! script framing, the one reading of psql's answer) → [`transport`]
 //! (local psql or SSH). [`migrate`] installs the SQL substrate; [`switch`]
-//! is the local apply switch; [`config`] and [`cli`] are the edges.
+//! is the local apply switch; [`config`], [`client`] and [`cli`] are the
+//! edges. Nothing imports [`cli`].
 
-pub mod batch;
 pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod guard;
+pub mod job;
 pub mod migrate;
 pub mod params;
+pub mod protocol;
 pub mod psql;
 pub mod runtime;
 pub mod switch;

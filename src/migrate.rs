@@ -7,8 +7,8 @@
 use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
-use crate::psql::{self, control_rows, DbRole, FinishedScript, Script, Sections};
-use crate::transport::{run_with_deadline, Executor, Exit, ScriptRequest};
+use crate::psql::{self, control_rows, FinishedScript, PsqlResult, Script, Sections};
+use crate::transport::{run_with_deadline, Executor, ScriptRequest};
 
 /// One embedded migration and its rollback.
 #[derive(Debug, Clone, Copy)]
@@ -62,15 +62,13 @@ pub enum MigrateError {
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
     /// psql stopped on an error.
-    #[error("migration stopped with SQLSTATE {state} (nothing of the failing step was kept); psql said: {detail}")]
+    #[error("migration stopped with SQLSTATE {state} (nothing of the failing step was kept)")]
     Sql {
         /// The SQLSTATE.
         state: String,
-        /// psql's stderr (admin-side, no param values exist here).
-        detail: String,
     },
     /// psql failed otherwise.
-    #[error("psql ended with {0}")]
+    #[error("{0}")]
     Psql(String),
 }
 
@@ -199,24 +197,12 @@ pub async fn rollback(exec: &dyn Executor) -> Result<(), MigrateError> {
 async fn run_admin(exec: &dyn Executor, script: &FinishedScript) -> Result<Sections, MigrateError> {
     let req = ScriptRequest {
         text: script.text.clone(),
-        role: DbRole::Admin,
         tag: "govsql:migrate".into(),
     };
-    let out = run_with_deadline(exec, req, std::time::Duration::from_secs(600)).await?;
-    if let Some(state) = psql::sqlstate(&out.stderr) {
-        return Err(MigrateError::Sql {
-            state,
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    let run = run_with_deadline(exec, req, std::time::Duration::from_secs(600)).await;
+    match PsqlResult::read(run, script) {
+        PsqlResult::Complete(secs) => Ok(secs),
+        PsqlResult::SqlError { state, .. } => Err(MigrateError::Sql { state }),
+        other => Err(MigrateError::Psql(other.to_string())),
     }
-    let secs = Sections::split(&out.stdout, &script.nonce)
-        .map_err(|e| MigrateError::Psql(e.to_string()))?;
-    if out.exit != Exit::Code(0) || !secs.complete {
-        return Err(MigrateError::Psql(format!(
-            "{:?}: {}",
-            out.exit,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(secs)
 }

@@ -14,6 +14,9 @@ use std::borrow::Cow;
 use rand::Rng;
 
 use crate::config::TargetConfig;
+pub use crate::job::Row;
+use crate::job::{is_sqlstate, ErrorClass};
+use crate::transport::{Exit, ScriptOutput, TransportError};
 
 /// psql's field separator for control rows.
 pub const FIELD_SEP: &str = "~|~";
@@ -167,6 +170,23 @@ pub fn quote_plain(s: &str) -> String {
     format!("'{s}'")
 }
 
+/// A string literal for trusted catalog text (NUL refused at catalog
+/// load); every script sets standard_conforming_strings first.
+pub fn quote_trusted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A `text[]` literal of trusted catalog text.
+pub fn text_array(items: &[String]) -> String {
+    let inner: Vec<String> = items.iter().map(|s| quote_trusted(s)).collect();
+    format!("ARRAY[{}]::text[]", inner.join(", "))
+}
+
+/// A jsonb literal, dollar-quoted with a tag that does not occur in it.
+pub fn jsonb_literal(v: &serde_json::Value) -> String {
+    crate::params::render_literal(crate::params::ParamType::Jsonb, &v.to_string())
+}
+
 /// Output that does not have the shape the script promised.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OutputError {
@@ -286,9 +306,6 @@ pub fn control_rows(
         .collect()
 }
 
-/// One result row: fields as text, NULL as `None`.
-pub type Row = Vec<Option<String>>;
-
 /// COPY text-format rows: one per line, tab-separated, `\N` is NULL,
 /// backslash escapes decoded exactly.
 pub fn copy_rows(section: usize, bytes: &[u8]) -> Result<Vec<Row>, OutputError> {
@@ -370,15 +387,140 @@ pub fn sqlstate(stderr: &[u8]) -> Option<String> {
             continue;
         };
         let code = line[idx + 8..].trim();
-        if code.len() == 5
-            && code
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-        {
+        if is_sqlstate(code) {
             found = Some(code.to_string());
         }
     }
     found
+}
+
+/// What one run of a script came to: the ONE reading of psql's answer
+/// (exit, stdout framing, stderr SQLSTATE, transport failure) that plan,
+/// apply, verify, migrate and the catalog check all match on.
+#[derive(Debug)]
+pub enum PsqlResult {
+    /// The script ran to its end marker and psql exited 0.
+    Complete(Sections),
+    /// An SQL error stopped the script (ON_ERROR_STOP): its SQLSTATE, and
+    /// how many sections had begun.
+    SqlError {
+        /// The SQLSTATE psql printed.
+        state: String,
+        /// Sections begun before the error.
+        reached: usize,
+    },
+    /// Nothing reached the database: the target or psql's connection
+    /// failed before the script's first marker.
+    NotStarted {
+        /// target_unreachable, host_key, ssh_auth or db_unavailable.
+        class: ErrorClass,
+        /// What happened, in words an operator can act on (psql's own
+        /// connection error included: it never carries a param value).
+        message: String,
+    },
+    /// The run started and ended without an answer: outcome unknown.
+    CutOff {
+        /// timeout or target_unreachable.
+        class: ErrorClass,
+        /// What happened.
+        message: String,
+    },
+    /// Output that does not have the script's shape.
+    Malformed(String),
+}
+
+impl PsqlResult {
+    /// Reads a run's result against the script it ran.
+    pub fn read(run: Result<ScriptOutput, TransportError>, script: &FinishedScript) -> PsqlResult {
+        let out = match run {
+            Ok(out) => out,
+            Err(e) => {
+                let class = e.class();
+                let message = e.to_string();
+                return if e.nothing_ran() {
+                    PsqlResult::NotStarted { class, message }
+                } else {
+                    PsqlResult::CutOff { class, message }
+                };
+            }
+        };
+        let secs = match Sections::split(&out.stdout, &script.nonce) {
+            Ok(secs) => secs,
+            Err(e) => return PsqlResult::Malformed(e.to_string()),
+        };
+        if let (Exit::Code(3), Some(state)) = (&out.exit, sqlstate(&out.stderr)) {
+            return PsqlResult::SqlError {
+                state,
+                reached: secs.parts.len(),
+            };
+        }
+        if out.exit == Exit::Code(0) && secs.complete {
+            return if secs.parts.len() == script.sections {
+                PsqlResult::Complete(secs)
+            } else {
+                PsqlResult::Malformed(format!(
+                    "expected {} sections, found {}",
+                    script.sections,
+                    secs.parts.len()
+                ))
+            };
+        }
+        if secs.parts.is_empty() && matches!(out.exit, Exit::Code(_)) {
+            return PsqlResult::NotStarted {
+                class: ErrorClass::DbUnavailable,
+                message: not_started(&out),
+            };
+        }
+        PsqlResult::CutOff {
+            class: ErrorClass::TargetUnreachable,
+            message: match &out.exit {
+                Exit::Code(c) => format!("psql stopped before the end of its script (exit {c})"),
+                Exit::Signal(sig) => format!("the remote psql was killed ({sig})"),
+                Exit::Unknown => "the channel closed without an exit status".to_string(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for PsqlResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PsqlResult::Complete(_) => f.write_str("completed"),
+            PsqlResult::SqlError { state, .. } => write!(f, "SQLSTATE {state}"),
+            PsqlResult::NotStarted { message, .. } | PsqlResult::CutOff { message, .. } => {
+                f.write_str(message)
+            }
+            PsqlResult::Malformed(m) => write!(f, "unexpected psql output: {m}"),
+        }
+    }
+}
+
+/// Why psql ended before its first marker, with its own last stderr line
+/// (a connection error: no script was read yet, so no value is in it).
+fn not_started(out: &ScriptOutput) -> String {
+    let text = String::from_utf8_lossy(&out.stderr);
+    let last = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .map(|l| {
+            l.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(300)
+                .collect::<String>()
+        });
+    let code = match out.exit {
+        Exit::Code(c) => c,
+        _ => -1,
+    };
+    let hint = match code {
+        127 | 126 => "psql not found or not executable at the configured `psql` path",
+        _ => "psql could not reach the database; check db_host, db_port, db_name, db_user and pg_hba.conf",
+    };
+    match last {
+        Some(line) => format!("{hint} (exit {code}): {line}"),
+        None => format!("{hint} (exit {code})"),
+    }
 }
 
 #[cfg(test)]

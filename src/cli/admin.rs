@@ -1,28 +1,28 @@
 //! Administration that talks to a target or the local state directly:
 //! reversal, catalog list / seed-sql / check, migrate, the apply switch,
-//! self-test.
+//! config check, self-test.
 
 use super::*;
 
-pub(super) fn reversal(config_path: &Path, command: &str) -> anyhow::Result<i32> {
+pub(super) fn reversal(config_path: &Path, command: &str) -> anyhow::Result<ExitCode> {
     let (_, catalog) = load(config_path)?;
     let cmd = match catalog.get(command) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("govsql: {e}");
-            return Ok(EXIT_USAGE);
+            return Ok(ExitCode::Refused);
         }
     };
-    println!("command:       {}", cmd.name);
-    println!(
+    out!("command:       {}", cmd.name);
+    out!(
         "reversible:    {}",
         if cmd.reversible { "yes" } else { "no" }
     );
-    println!(
+    out!(
         "inverse:       {}",
         cmd.inverse.as_deref().unwrap_or("(none)")
     );
-    println!(
+    out!(
         "rollback note: {}",
         if cmd.rollback_note.is_empty() {
             "(none)"
@@ -30,20 +30,74 @@ pub(super) fn reversal(config_path: &Path, command: &str) -> anyhow::Result<i32>
             &cmd.rollback_note
         }
     );
-    println!("(nothing was run)");
-    Ok(0)
+    out!("(nothing was run)");
+    Ok(ExitCode::Ok)
 }
 
-pub(super) async fn catalog_cmd(config_path: &Path, action: CatalogAction) -> anyhow::Result<i32> {
+/// `govsql config check`: the config and its catalog, offline.
+pub(super) fn config_cmd(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("govsql: {e}");
+            return Ok(ExitCode::Error);
+        }
+    };
+    out!("config {}: valid", config_path.display());
+    out!("  socket    {}", config.daemon.socket.display());
+    out!("  state_dir {}", config.daemon.state_dir.display());
+    for (name, t) in &config.targets {
+        let place = match t.transport {
+            crate::config::TransportKind::Ssh => format!(
+                "ssh {}@{}:{}",
+                t.ssh_user.as_deref().unwrap_or(""),
+                t.ssh_host.as_deref().unwrap_or(""),
+                t.ssh_port
+            ),
+            crate::config::TransportKind::Local => "local".to_string(),
+        };
+        out!(
+            "  target {name}: {place}, database {} as {}, {} channel(s), job timeout {} s",
+            t.db_name,
+            t.db_user,
+            t.max_channels,
+            t.job_timeout_s
+        );
+    }
+    match Catalog::load(&config.daemon.catalog) {
+        Ok(c) => {
+            out!(
+                "catalog {}: valid, {} commands, digest {}",
+                config.daemon.catalog.display(),
+                c.commands().len(),
+                c.digest()
+            );
+            Ok(ExitCode::Ok)
+        }
+        Err(e) => {
+            eprintln!("govsql: {e}");
+            Ok(ExitCode::Error)
+        }
+    }
+}
+
+pub(super) async fn catalog_cmd(
+    config_path: &Path,
+    action: CatalogAction,
+) -> anyhow::Result<ExitCode> {
     let (config, catalog) = load(config_path)?;
     match action {
         CatalogAction::List => {
-            println!(
+            out!(
                 "{:<34} {:<13} {:<8} {:<10} {:<8} GATES",
-                "COMMAND", "CATEGORY", "MUTATES", "REVERSIBLE", "APPROVAL"
+                "COMMAND",
+                "CATEGORY",
+                "MUTATES",
+                "REVERSIBLE",
+                "APPROVAL"
             );
             for c in catalog.commands() {
-                println!(
+                out!(
                     "{:<34} {:<13} {:<8} {:<10} {:<8} {}",
                     c.name,
                     c.category,
@@ -53,20 +107,20 @@ pub(super) async fn catalog_cmd(config_path: &Path, action: CatalogAction) -> an
                     c.apply_gates().join(",")
                 );
             }
-            println!(
+            out!(
                 "{} commands, digest {}",
                 catalog.commands().len(),
                 catalog.digest()
             );
-            Ok(0)
+            Ok(ExitCode::Ok)
         }
         CatalogAction::SeedSql => {
-            print!("{}", catalog.seed_sql());
-            Ok(0)
+            out_raw!("{}", catalog.seed_sql());
+            Ok(ExitCode::Ok)
         }
         CatalogAction::Check { target } => {
             let (_, t) = config.target(target.as_deref())?;
-            let exec = executor_for(t, false)?;
+            let exec = for_target(t, DbRole::Runtime)?;
             catalog_check(exec.as_ref(), &catalog).await
         }
     }
@@ -82,7 +136,7 @@ pub(super) fn yes_no(b: bool) -> &'static str {
 
 /// `catalog check`: every target resolves in pg_proc and is executable by
 /// the runtime role; the database holds the same catalog digest.
-pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Result<i32> {
+pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Result<ExitCode> {
     let mut s = Script::new("govsql:catalog-check", 30_000);
     s.section();
     let targets: Vec<String> = catalog
@@ -99,17 +153,16 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
     let script = s.finish();
     let req = ScriptRequest {
         text: script.text.clone(),
-        role: DbRole::Runtime,
         tag: "govsql:catalog-check".into(),
     };
-    let out = run_with_deadline(exec, req, std::time::Duration::from_secs(60)).await?;
-    if out.exit != Exit::Code(0) {
-        anyhow::bail!(
-            "catalog check could not run (SQLSTATE {}); has `govsql migrate` been run on this target?",
-            psql::sqlstate(&out.stderr).unwrap_or_else(|| "none".into())
-        );
-    }
-    let secs = Sections::split(&out.stdout, &script.nonce)?;
+    let run = run_with_deadline(exec, req, std::time::Duration::from_secs(60)).await;
+    let secs = match PsqlResult::read(run, &script) {
+        PsqlResult::Complete(secs) => secs,
+        PsqlResult::SqlError { state, .. } => anyhow::bail!(
+            "catalog check failed with SQLSTATE {state}; has `govsql migrate` been run on this target?"
+        ),
+        other => anyhow::bail!("catalog check could not run: {other}"),
+    };
     let rows = control_rows(0, secs.get(0).unwrap_or_default(), 2)?;
     let digest = control_rows(1, secs.get(1).unwrap_or_default(), 1)?;
     let db_digest = digest.first().map(|r| r[0].as_str()).unwrap_or("");
@@ -118,16 +171,16 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
         .filter(|r| r[1] != "t")
         .map(|r| r[0].as_str())
         .collect();
-    println!(
+    out!(
         "targets: {} of {} resolve and are executable",
         rows.len() - missing.len(),
         rows.len()
     );
     for m in &missing {
-        println!("  missing or not executable by the runtime role: public.{m}");
+        out!("  missing or not executable by the runtime role: public.{m}");
     }
     let same = db_digest == catalog.digest();
-    println!(
+    out!(
         "catalog digest: {}",
         if same {
             "matches the database"
@@ -135,7 +188,11 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
             "DIFFERS from the database (run `govsql migrate`)"
         }
     );
-    Ok(if missing.is_empty() && same { 0 } else { 4 })
+    Ok(if missing.is_empty() && same {
+        ExitCode::Ok
+    } else {
+        ExitCode::Failed
+    })
 }
 
 pub(super) async fn migrate_cmd(
@@ -143,17 +200,17 @@ pub(super) async fn migrate_cmd(
     target: Option<&str>,
     demo: bool,
     rollback: bool,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitCode> {
     let (config, catalog) = load(config_path)?;
     let (name, t) = config.target(target)?;
-    let exec = executor_for(t, true)?;
+    let exec = for_target(t, DbRole::Admin)?;
     if rollback {
         crate::migrate::rollback(exec.as_ref()).await?;
-        println!("rolled back every govsql object on target {name}");
-        return Ok(0);
+        out!("rolled back every govsql object on target {name}");
+        return Ok(ExitCode::Ok);
     }
     let report = crate::migrate::migrate(exec.as_ref(), &catalog, &t.db_user, demo).await?;
-    println!(
+    out!(
         "migrated target {name}: applied [{}], already present [{}]; catalog of {} commands seeded ({})",
         report.applied.join(", "),
         report.present.join(", "),
@@ -166,10 +223,10 @@ pub(super) async fn migrate_cmd(
             report.changed.join(", ")
         );
     }
-    Ok(0)
+    Ok(ExitCode::Ok)
 }
 
-pub(super) fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<i32> {
+pub(super) fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let switch = ApplySwitch::new(&config.daemon.state_dir);
     match state {
@@ -177,17 +234,17 @@ pub(super) fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<i32>
         "off" => switch.set(false)?,
         _ => {}
     }
-    println!(
+    out!(
         "apply switch: {}",
         if switch.is_on() { "on" } else { "off" }
     );
-    Ok(0)
+    Ok(ExitCode::Ok)
 }
 
-pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
+pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
     let mut check = |ok: bool, what: &str, detail: String| {
-        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+        out!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
         if !ok {
             failed += 1;
         }
@@ -199,7 +256,7 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
         }
         Err(e) => {
             check(false, "config", e.to_string());
-            return Ok(4);
+            return Ok(ExitCode::Failed);
         }
     };
     let catalog = match Catalog::load(&config.daemon.catalog) {
@@ -213,7 +270,7 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
         }
         Err(e) => {
             check(false, "catalog", e.to_string());
-            return Ok(4);
+            return Ok(ExitCode::Failed);
         }
     };
     let probe = config.daemon.state_dir.join(".self-test");
@@ -239,7 +296,7 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
         },
     );
     for (name, t) in &config.targets {
-        let exec = match executor_for(t, false) {
+        let exec = match for_target(t, DbRole::Runtime) {
             Ok(e) => e,
             Err(e) => {
                 check(false, &format!("target {name}"), e.to_string());
@@ -260,7 +317,7 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
             }
         }
         match catalog_check(exec.as_ref(), &catalog).await {
-            Ok(0) => check(
+            Ok(ExitCode::Ok) => check(
                 true,
                 &format!("target {name} catalog"),
                 "targets resolve, digest matches".into(),
@@ -286,13 +343,21 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<i32> {
                 "daemon",
                 format!("answers on {}", socket.display()),
             ),
-            Ok(r) => check(false, "daemon", format!("{:?}", r.error)),
+            Ok(r) => check(
+                false,
+                "daemon",
+                r.error.map(|e| e.message).unwrap_or_default(),
+            ),
             Err(e) => check(false, "daemon", e.to_string()),
         },
-        Err(_) => println!(
+        Err(_) => out!(
             "--   daemon: not running at {} (fine for --direct use)",
             socket.display()
         ),
     }
-    Ok(if failed == 0 { 0 } else { 4 })
+    Ok(if failed == 0 {
+        ExitCode::Ok
+    } else {
+        ExitCode::Failed
+    })
 }

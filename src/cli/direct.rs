@@ -1,16 +1,8 @@
 //! plan / apply / verify with `--direct`: the job runs in this process
-//! under the same governance, and the helpers every job needs (executor,
-//! actor, job id, printing an outcome).
+//! under the same governance, and the helpers every job needs (actor,
+//! printing an outcome).
 
 use super::*;
-
-/// Builds the executor of a target (`admin`: migrate's SSH identity).
-pub fn executor_for(target: &TargetConfig, admin: bool) -> anyhow::Result<Arc<dyn Executor>> {
-    Ok(match target.transport {
-        TransportKind::Local => Arc::new(LocalExecutor::new(target)),
-        TransportKind::Ssh => Arc::new(SshExecutor::new(target, admin)?),
-    })
-}
 
 /// The effective user's name (the actor of `--direct` jobs).
 pub fn effective_user() -> String {
@@ -22,30 +14,19 @@ pub fn effective_user() -> String {
         .unwrap_or_else(|| format!("uid{uid}"))
 }
 
-/// A fresh job id.
-pub fn new_job_id() -> String {
-    use rand::Rng;
-    let mut rng = rand::thread_rng();
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{ts:x}-{:08x}", rng.gen::<u32>())
-}
-
 pub(super) async fn job(
     config_path: &Path,
     mode: Mode,
     command: Option<String>,
     a: CommonJobArgs,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitCode> {
     let mut pairs = Vec::with_capacity(a.params.len());
     for p in &a.params {
         match params::parse_assignment(p) {
             Ok(kv) => pairs.push(kv),
             Err(e) => {
                 eprintln!("govsql: {e}");
-                return Ok(EXIT_USAGE);
+                return Ok(ExitCode::Usage);
             }
         }
     }
@@ -60,32 +41,38 @@ pub(super) async fn job(
         return submit_to_daemon(config_path, mode, command, pairs, a).await;
     }
     let (config, catalog) = load(config_path)?;
-    let (target_name, target) = config.target(a.target.as_deref())?;
+    let (target_name, target) = match config.target(a.target.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("govsql: {e}");
+            return Ok(ExitCode::Usage);
+        }
+    };
     let runtime = Runtime::new(
         Arc::new(catalog),
-        executor_for(target, false)?,
+        for_target(target, DbRole::Runtime)?,
         target_name,
         ApplySwitch::new(&config.daemon.state_dir),
         target.job_timeout(),
     );
-    let spec = JobSpec {
-        job_id: new_job_id(),
+    let job = Job::new(
         command,
         mode,
-        params: pairs,
-        idempotency_key: a.idempotency_key,
-        actor: effective_user(),
-        approved_by: None,
-    };
-    let outcome = runtime.run(&spec).await;
+        target_name.to_string(),
+        Params(pairs),
+        a.idempotency_key,
+        effective_user(),
+        nix::unistd::Uid::effective().as_raw(),
+    );
+    let outcome = runtime.run(&job).await;
     print_outcome(&outcome, a.json);
-    Ok(outcome.status.exit_code())
+    Ok(outcome.exit_code())
 }
 
 /// Prints an outcome as one JSON object or as lines for a person.
 pub fn print_outcome(o: &Outcome, json: bool) {
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string(o).unwrap_or_else(|_| "{}".into())
         );
@@ -95,22 +82,22 @@ pub fn print_outcome(o: &Outcome, json: bool) {
         .run_id
         .map(|r| format!("run {r}"))
         .unwrap_or_else(|| "no ledger row".into());
-    println!(
+    out!(
         "{}  {} {}  ({run}, job {})",
-        o.status.as_str(),
-        o.mode.as_str(),
+        o.status,
+        o.mode,
         o.command,
         o.job_id
     );
-    println!("  {}", o.message);
+    out!("  {}", o.message);
     if let Some(class) = &o.error_class {
-        println!("  error class: {class}");
+        out!("  error class: {class}");
     }
     if !o.closed_gates.is_empty() {
-        println!("  closed gates: {}", o.closed_gates.join(", "));
+        out!("  closed gates: {}", o.closed_gates.join(", "));
     }
     for row in o.result.iter().flatten() {
         let cells: Vec<&str> = row.iter().map(|c| c.as_deref().unwrap_or("NULL")).collect();
-        println!("  result: {}", cells.join(" | "));
+        out!("  result: {}", cells.join(" | "));
     }
 }

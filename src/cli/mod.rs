@@ -1,6 +1,7 @@
 //! The command line: argument parsing (clap) and the subcommands that run
-//! in this process. Exit codes, in one place: 0 planned/applied/verified,
-//! 1 error, 2 usage, 3 refused, 4 failed.
+//! in this process. Exit codes come from [`ExitCode`], decided in one
+//! place: 0 planned/applied/verified, 1 error, 2 usage, 3 refused,
+//! 4 failed, 5 still pending.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,31 +10,56 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::catalog::Catalog;
 use crate::client::{self, Client};
-use crate::config::{Config, TargetConfig, TransportKind};
-use crate::daemon::protocol::{JobView, Reply, Request, PROTOCOL_VERSION};
+use crate::config::Config;
+use crate::job::{ExitCode, Job, JobState, Mode, Outcome, Params};
 use crate::params;
-use crate::psql::{self, control_rows, DbRole, Script, Sections};
-use crate::runtime::{JobSpec, Mode, Outcome, Runtime};
+use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
+use crate::psql::{self, control_rows, DbRole, PsqlResult, Script};
+use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
-use crate::transport::local::LocalExecutor;
-use crate::transport::ssh::SshExecutor;
-use crate::transport::{run_with_deadline, Executor, Exit, ScriptRequest};
+use crate::transport::{for_target, run_with_deadline, Executor, ScriptRequest};
+
+/// Prints one line to stdout; a reader that went away (`govsql jobs |
+/// head -1`) ends the process quietly with status 0 instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::emit(format_args!($($arg)*), true) };
+}
+/// [`out!`] without the newline.
+macro_rules! out_raw {
+    ($($arg:tt)*) => { $crate::cli::emit(format_args!($($arg)*), false) };
+}
 
 mod admin;
+mod batch;
 mod direct;
 mod remote;
 
 pub use admin::catalog_check;
-pub use direct::{effective_user, executor_for, new_job_id, print_outcome};
+pub use direct::{effective_user, print_outcome};
 
-use admin::{catalog_cmd, migrate_cmd, reversal, self_test, switch_cmd};
+use admin::{catalog_cmd, config_cmd, migrate_cmd, reversal, self_test, switch_cmd};
 use direct::job;
 use remote::{health_cmd, jobs_cmd, simple_job_op, status_cmd, submit_to_daemon};
 
-/// Exit code for errors (config, daemon unreachable, internal).
-pub const EXIT_ERROR: i32 = 1;
-/// Exit code for usage errors.
-pub const EXIT_USAGE: i32 = 2;
+/// Writes to stdout for [`out!`]; see there.
+pub fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(args).and_then(|_| {
+        if newline {
+            stdout.write_all(b"\n")
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(ExitCode::Ok.code());
+        }
+        eprintln!("govsql: cannot write to stdout: {e}");
+        std::process::exit(ExitCode::Error.code());
+    }
+}
 
 /// govsql: a governed remote psql executor.
 #[derive(Debug, Parser)]
@@ -88,6 +114,12 @@ pub enum Cmd {
     },
     /// Run the daemon (socket, durable queue, workers).
     Daemon,
+    /// Check a config file and its catalog offline.
+    Config {
+        /// What to do.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Check this installation: config, catalog, state directory, every
     /// target (host key, login, runtime role, catalog digest), the daemon.
     SelfTest,
@@ -129,6 +161,13 @@ pub enum Cmd {
         /// One job per line: {"command": …, "mode": …, "params": {…}, "target"?, "idempotency_key"?}.
         file: PathBuf,
     },
+}
+
+/// `govsql config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the config (and its catalog) and print what it found.
+    Check,
 }
 
 /// `govsql catalog …`
@@ -195,19 +234,19 @@ pub fn main_with(cli: Cli) -> i32 {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("govsql: cannot start the async runtime: {e}");
-            return EXIT_ERROR;
+            return ExitCode::Error.code();
         }
     };
     match rt.block_on(dispatch(cli)) {
-        Ok(code) => code,
+        Ok(code) => code.code(),
         Err(e) => {
-            eprintln!("govsql: {e}");
-            EXIT_ERROR
+            eprintln!("govsql: {e:#}");
+            ExitCode::Error.code()
         }
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let config_path = Config::resolve_path(cli.config.as_deref());
     match cli.command {
         Cmd::Plan(a) => job(&config_path, Mode::Plan, Some(a.command), a.common).await,
@@ -224,35 +263,36 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Daemon => {
             let config = Config::load(&config_path)?;
             crate::daemon::run(config).await?;
-            Ok(0)
+            Ok(ExitCode::Ok)
         }
+        Cmd::Config {
+            action: ConfigAction::Check,
+        } => config_cmd(&config_path),
         Cmd::SelfTest => self_test(&config_path).await,
         Cmd::Status { job_id, json } => status_cmd(&config_path, &job_id, json).await,
         Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,
-        Cmd::Approve { job_id } => {
-            simple_job_op(
-                &config_path,
-                Request::Approve {
+        Cmd::Approve { job_id } => match remote::job_id_arg(&job_id) {
+            Ok(job_id) => {
+                let req = Request::Approve {
                     v: PROTOCOL_VERSION,
                     job_id,
-                },
-            )
-            .await
-        }
-        Cmd::Cancel { job_id } => {
-            simple_job_op(
-                &config_path,
-                Request::Cancel {
+                };
+                simple_job_op(&config_path, req).await
+            }
+            Err(code) => Ok(code),
+        },
+        Cmd::Cancel { job_id } => match remote::job_id_arg(&job_id) {
+            Ok(job_id) => {
+                let req = Request::Cancel {
                     v: PROTOCOL_VERSION,
                     job_id,
-                },
-            )
-            .await
-        }
+                };
+                simple_job_op(&config_path, req).await
+            }
+            Err(code) => Ok(code),
+        },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
-        Cmd::Batch { file } => {
-            crate::batch::run(&client::socket_from_config(&config_path), &file).await
-        }
+        Cmd::Batch { file } => batch::run(&client::socket_from_config(&config_path), &file).await,
     }
 }
 

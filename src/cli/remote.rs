@@ -3,20 +3,18 @@
 
 use super::*;
 
-/// Exit code of a daemon reply that is an error.
-pub(super) fn reply_error_code(reply: &Reply) -> i32 {
-    match reply.error.as_ref().map(|e| e.kind.as_str()) {
-        Some("bad_request") | Some("version") | Some("too_long") => EXIT_USAGE,
-        Some("denied") | Some("expired") => 3,
-        _ => EXIT_ERROR,
+/// Prints a daemon's error reply; its exit code.
+pub(super) fn print_reply_error(reply: &Reply) -> ExitCode {
+    match &reply.error {
+        Some(e) => {
+            eprintln!("govsql: {}", e.message);
+            e.kind.exit_code()
+        }
+        None => {
+            eprintln!("govsql: the daemon's reply carried nothing; is the client up to date?");
+            ExitCode::Error
+        }
     }
-}
-
-pub(super) fn print_reply_error(reply: &Reply) -> i32 {
-    if let Some(e) = &reply.error {
-        eprintln!("govsql: {} ({})", e.message, e.kind);
-    }
-    reply_error_code(reply)
 }
 
 pub(super) async fn call(config_path: &Path, req: &Request) -> anyhow::Result<Reply> {
@@ -31,12 +29,12 @@ pub(super) async fn submit_to_daemon(
     command: String,
     params: Vec<(String, String)>,
     a: CommonJobArgs,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitCode> {
     let req = Request::Submit {
         v: PROTOCOL_VERSION,
         command,
         mode,
-        params,
+        params: Params(params),
         target: a.target,
         idempotency_key: a.idempotency_key,
         wait: a.wait,
@@ -49,25 +47,22 @@ pub(super) async fn submit_to_daemon(
     Ok(print_job(job, a.json))
 }
 
-/// Prints a job; returns the exit code its state implies.
-pub(super) fn print_job(job: &JobView, json: bool) -> i32 {
+/// Prints a job; returns the exit code its state implies (a job not yet
+/// ended that was only submitted is a success).
+pub(super) fn print_job(job: &Job, json: bool) -> ExitCode {
     if let Some(o) = &job.outcome {
         if json {
             print_outcome(o, true);
         } else {
             print_outcome(o, false);
             if let Some(by) = &job.approved_by {
-                println!("  approved by: {by}");
+                out!("  approved by: {by}");
             }
         }
-        return if job.state == "cancelled" {
-            3
-        } else {
-            o.status.exit_code()
-        };
+        return o.exit_code();
     }
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({
                 "job_id": job.job_id, "command": job.command, "mode": job.mode, "status": job.state,
@@ -76,29 +71,41 @@ pub(super) fn print_job(job: &JobView, json: bool) -> i32 {
             })
         );
     } else {
-        println!("{}", job_line(job));
-        if job.state == "awaiting_approval" {
-            println!(
+        out!("{}", job_line(job));
+        if job.state == JobState::AwaitingApproval {
+            out!(
                 "  needs approval: another user in the approve list runs `govsql approve {}`",
                 job.job_id
             );
         } else {
-            println!("  `govsql status {}` shows its outcome", job.job_id);
+            out!("  `govsql status {}` shows its outcome", job.job_id);
         }
     }
-    0
+    ExitCode::Ok
+}
+
+/// A job id from the command line, or a usage error.
+pub(super) fn job_id_arg(s: &str) -> Result<crate::job::JobId, ExitCode> {
+    crate::job::JobId::parse(s).ok_or_else(|| {
+        eprintln!("govsql: {s:?} is not a job id (`govsql jobs` lists them)");
+        ExitCode::Usage
+    })
 }
 
 pub(super) async fn status_cmd(
     config_path: &Path,
     job_id: &str,
     json: bool,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitCode> {
+    let job_id = match job_id_arg(job_id) {
+        Ok(id) => id,
+        Err(code) => return Ok(code),
+    };
     let reply = call(
         config_path,
         &Request::Status {
             v: PROTOCOL_VERSION,
-            job_id: job_id.to_string(),
+            job_id,
         },
     )
     .await?;
@@ -108,18 +115,22 @@ pub(super) async fn status_cmd(
     }
 }
 
-pub(super) async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::Result<i32> {
+pub(super) async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::Result<ExitCode> {
     let reply = call(config_path, &req).await?;
     match reply.job.as_ref().filter(|_| reply.ok) {
         Some(job) => {
-            println!("{}", job_line(job));
-            Ok(0)
+            out!("{}", job_line(job));
+            Ok(ExitCode::Ok)
         }
         None => Ok(print_reply_error(&reply)),
     }
 }
 
-pub(super) async fn jobs_cmd(config_path: &Path, limit: u32, json: bool) -> anyhow::Result<i32> {
+pub(super) async fn jobs_cmd(
+    config_path: &Path,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let reply = call(
         config_path,
         &Request::List {
@@ -132,12 +143,16 @@ pub(super) async fn jobs_cmd(config_path: &Path, limit: u32, json: bool) -> anyh
         return Ok(print_reply_error(&reply));
     };
     if json {
-        println!("{}", serde_json::to_string(jobs)?);
-        return Ok(0);
+        out!("{}", serde_json::to_string(jobs)?);
+        return Ok(ExitCode::Ok);
     }
-    println!(
+    out!(
         "{:<20} {:<18} {:<7} {:<32} {:<12} RUN",
-        "JOB", "STATE", "MODE", "COMMAND", "ACTOR"
+        "JOB",
+        "STATE",
+        "MODE",
+        "COMMAND",
+        "ACTOR"
     );
     for j in jobs {
         let run = j
@@ -146,19 +161,19 @@ pub(super) async fn jobs_cmd(config_path: &Path, limit: u32, json: bool) -> anyh
             .and_then(|o| o.run_id)
             .map(|r| r.to_string())
             .unwrap_or_default();
-        println!(
+        out!(
             "{:<20} {:<18} {:<7} {:<32} {:<12} {run}",
-            j.job_id,
-            j.state,
+            j.job_id.as_str(),
+            j.state.as_str(),
             j.mode.as_str(),
             j.command,
             j.actor
         );
     }
-    Ok(0)
+    Ok(ExitCode::Ok)
 }
 
-pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result<i32> {
+pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let reply = call(
         config_path,
         &Request::Health {
@@ -170,9 +185,9 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
         return Ok(print_reply_error(&reply));
     };
     if json {
-        println!("{}", serde_json::to_string(h)?);
+        out!("{}", serde_json::to_string(h)?);
     } else {
-        println!(
+        out!(
             "daemon pid {} up {} s, workers {}",
             h.pid,
             h.uptime_s,
@@ -182,15 +197,15 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
                 "NOT ANSWERING"
             }
         );
-        println!(
+        out!(
             "last watchdog heartbeat {} s ago; apply switch {}",
             h.last_heartbeat_s,
             if h.apply_switch { "on" } else { "off" }
         );
-        println!("catalog {}", h.catalog_digest);
-        println!("targets: {}", h.targets.join(", "));
+        out!("catalog {}", h.catalog_digest);
+        out!("targets: {}", h.targets.join(", "));
         let jobs: Vec<String> = h.jobs.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!(
+        out!(
             "jobs: {}",
             if jobs.is_empty() {
                 "none".to_string()
@@ -199,16 +214,17 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
             }
         );
     }
-    Ok(if h.workers_alive { 0 } else { 4 })
+    Ok(if h.workers_alive {
+        ExitCode::Ok
+    } else {
+        ExitCode::Failed
+    })
 }
 
 /// `STATE  MODE COMMAND  (job ID)`: the one-line form of a job.
-fn job_line(job: &JobView) -> String {
+fn job_line(job: &Job) -> String {
     format!(
         "{}  {} {}  (job {})",
-        job.state,
-        job.mode.as_str(),
-        job.command,
-        job.job_id
+        job.state, job.mode, job.command, job.job_id
     )
 }

@@ -5,12 +5,12 @@
 //! Lifecycle: one daemon per state directory (lock file), crash recovery
 //! at start (running jobs are re-run through the same path; the ledger
 //! settles them), sd_notify READY and WATCHDOG, SIGHUP reloads the catalog
-//! (keeping the old one if the new one is invalid), SIGTERM stops
-//! accepting, lets running jobs finish (bounded) and exits 0.
+//! (keeping the old one if the new one is invalid). Every task is tracked
+//! (mini-redis' shape): SIGTERM cancels one token, the listener stops,
+//! in-flight jobs drain (bounded), then the daemon exits 0.
 
 pub mod notify;
 pub mod peer;
-pub mod protocol;
 pub mod queue;
 pub mod server;
 pub mod worker;
@@ -19,16 +19,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::runtime::{Outcome, Runtime};
+use crate::job::{unix_now, JobId, Outcome};
+use crate::protocol;
+use crate::psql::DbRole;
+use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
 use crate::transport::Executor;
 
@@ -66,15 +71,10 @@ pub enum DaemonError {
     Queue(#[from] queue::QueueError),
     /// A target's executor could not be built.
     #[error("target {0}: {1}")]
-    Target(String, String),
-}
-
-/// What a waiter receives when its job ends.
-pub struct Finished {
-    /// The job's terminal state (a run status, or cancelled).
-    pub state: String,
-    /// The outcome, result included.
-    pub outcome: Outcome,
+    Target(String, crate::transport::TransportError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
 /// One target: its executor (kept across catalog reloads), its runtime,
@@ -83,9 +83,17 @@ pub struct TargetSlot {
     executor: Arc<dyn Executor>,
     runtime: RwLock<Arc<Runtime>>,
     permits: Arc<Semaphore>,
-    max: usize,
     wake: Notify,
     alive_at: AtomicU64,
+}
+
+impl TargetSlot {
+    fn runtime(&self) -> Arc<Runtime> {
+        self.runtime
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// The daemon's shared state.
@@ -94,26 +102,19 @@ pub struct Daemon {
     queue: queue::Queue,
     catalog: RwLock<Arc<Catalog>>,
     targets: BTreeMap<String, TargetSlot>,
-    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Finished>>>>,
+    waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<Outcome>>>>,
     started: Instant,
     heartbeat_at: AtomicU64,
-    shutting_down: AtomicBool,
-    shutdown_tx: watch::Sender<bool>,
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    /// Cancelled once, at SIGTERM; every task watches it.
+    shutdown: CancellationToken,
+    /// Every connection and job task, so shutdown can wait for them.
+    tasks: TaskTracker,
 }
 
 impl Daemon {
     /// The runtime of a target.
     pub fn runtime(&self, target: &str) -> Option<Arc<Runtime>> {
-        self.targets
-            .get(target)
-            .map(|t| t.runtime.read().unwrap_or_else(|p| p.into_inner()).clone())
+        self.targets.get(target).map(TargetSlot::runtime)
     }
 
     /// The catalog in use.
@@ -142,49 +143,50 @@ impl Daemon {
     }
 
     /// Registers a waiter for a job's outcome.
-    pub fn add_waiter(&self, job_id: &str) -> oneshot::Receiver<Finished> {
+    pub fn add_waiter(&self, job_id: &JobId) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(job_id.to_string())
+            .entry(job_id.clone())
             .or_default()
             .push(tx);
         rx
     }
 
     /// Drops the waiters of a job (a wait that ended another way).
-    pub fn forget_waiters(&self, job_id: &str) {
+    pub fn forget_waiters(&self, job_id: &JobId) {
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(job_id);
     }
 
-    /// Hands a finished job's terminal state and outcome (result included)
-    /// to its waiters.
-    pub fn deliver(&self, state: &str, outcome: &Outcome) {
+    /// Hands a finished job's outcome (result included) to its waiters.
+    pub fn deliver(&self, outcome: &Outcome) {
         let waiters = self
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&outcome.job_id);
         for w in waiters.into_iter().flatten() {
-            let _ = w.send(Finished {
-                state: state.to_string(),
-                outcome: outcome.clone(),
-            });
+            let _ = w.send(outcome.clone());
         }
     }
 
     /// Whether shutdown began.
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
+        self.shutdown.is_cancelled()
     }
 
-    /// A receiver that turns true at shutdown.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown_tx.subscribe()
+    /// The token every task watches for shutdown.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// The tracker every connection and job task is spawned on.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// Whether every target's worker loop went round in the last 10 s
@@ -195,28 +197,43 @@ impl Daemon {
             .all(|t| now.saturating_sub(t.alive_at.load(Ordering::SeqCst)) < 10)
     }
 
-    /// The health op's answer.
-    pub async fn health(&self) -> protocol::Health {
-        let now = unix_now();
+    /// The health op's answer; a queue that cannot be read is an error,
+    /// never "zero jobs".
+    pub async fn health(&self) -> Result<protocol::Health, queue::QueueError> {
+        let now = unix_now() as u64;
         let alive = self.workers_alive(now);
-        protocol::Health {
+        let jobs = self.queue.counts().await?;
+        let switch = ApplySwitch::new(&self.config.daemon.state_dir);
+        let apply_switch = tokio::task::spawn_blocking(move || switch.is_on())
+            .await
+            .unwrap_or(false);
+        Ok(protocol::Health {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
-            jobs: self.queue.counts().await.unwrap_or_default(),
+            jobs,
             workers_alive: alive,
             last_heartbeat_s: now.saturating_sub(self.heartbeat_at.load(Ordering::SeqCst)),
-            apply_switch: ApplySwitch::new(&self.config.daemon.state_dir).is_on(),
+            apply_switch,
             catalog_digest: self.catalog().digest().to_string(),
             targets: self
                 .targets
                 .iter()
                 .map(|(n, t)| format!("{n} ({})", t.executor.kind()))
                 .collect(),
-        }
+        })
     }
 
-    fn reload_catalog(&self) {
-        match Catalog::load(&self.config.daemon.catalog) {
+    async fn reload_catalog(&self) {
+        let path = self.config.daemon.catalog.clone();
+        let loaded = tokio::task::spawn_blocking(move || Catalog::load(&path)).await;
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(cause = %e, "catalog reload failed");
+                return;
+            }
+        };
+        match loaded {
             Ok(new) => {
                 let new = Arc::new(new);
                 for (name, t) in &self.targets {
@@ -293,6 +310,9 @@ fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>, DaemonError> {
 
 /// Runs the daemon until SIGTERM (or SIGINT). Returns once drained.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Installed first: a daemon that could not be stopped cleanly must not
+    // start at all.
+    let signals = Signals::install().map_err(DaemonError::Signals)?;
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
     let catalog = Arc::new(Catalog::load(&config.daemon.catalog)?);
     let queue = queue::Queue::open(&config.daemon.state_dir.join("queue.db"))?;
@@ -305,8 +325,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let mut targets = BTreeMap::new();
     for (name, t) in &config.targets {
-        let executor = crate::cli::executor_for(t, false)
-            .map_err(|e| DaemonError::Target(name.clone(), e.to_string()))?;
+        let executor = crate::transport::for_target(t, DbRole::Runtime)
+            .map_err(|e| DaemonError::Target(name.clone(), e))?;
         let runtime = Runtime::new(
             catalog.clone(),
             executor.clone(),
@@ -320,14 +340,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 executor,
                 runtime: RwLock::new(Arc::new(runtime)),
                 permits: Arc::new(Semaphore::new(t.max_channels)),
-                max: t.max_channels,
                 wake: Notify::new(),
-                alive_at: AtomicU64::new(unix_now()),
+                alive_at: AtomicU64::new(unix_now() as u64),
             },
         );
     }
     let listener = server::bind(&config.daemon)?;
-    let (shutdown_tx, _) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         config,
         queue,
@@ -335,20 +353,18 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         targets,
         waiters: Mutex::new(HashMap::new()),
         started: Instant::now(),
-        heartbeat_at: AtomicU64::new(unix_now()),
-        shutting_down: AtomicBool::new(false),
-        shutdown_tx,
+        heartbeat_at: AtomicU64::new(unix_now() as u64),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
     });
-    let mut tasks = Vec::new();
+    // The loops run until shutdown; they are not drained, only stopped.
+    let mut loops = tokio::task::JoinSet::new();
     for name in daemon.targets.keys() {
-        tasks.push(tokio::spawn(worker::run_target(
-            daemon.clone(),
-            name.clone(),
-        )));
+        loops.spawn(worker::run_target(daemon.clone(), name.clone()));
     }
-    tasks.push(tokio::spawn(worker::sweep_approvals(daemon.clone())));
-    tasks.push(tokio::spawn(heartbeat(daemon.clone())));
-    let server = tokio::spawn(server::serve(listener, daemon.clone()));
+    loops.spawn(worker::sweep_approvals(daemon.clone()));
+    loops.spawn(heartbeat(daemon.clone()));
+    loops.spawn(server::serve(listener, daemon.clone()));
     notify::notify("READY=1");
     tracing::info!(
         socket = %daemon.config.daemon.socket.display(),
@@ -356,50 +372,64 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         catalog = daemon.catalog().digest(),
         "govsql daemon ready"
     );
-    signals(&daemon).await;
+    signals.wait(&daemon).await;
 
-    // Shutdown: stop accepting, let running jobs finish (bounded).
+    // Shutdown: one token reaches every task; the listener stops, running
+    // jobs drain (bounded), connections get their last replies.
     notify::notify("STOPPING=1");
-    daemon.shutting_down.store(true, Ordering::SeqCst);
-    let _ = daemon.shutdown_tx.send(true);
-    let _ = server.await;
+    daemon.shutdown.cancel();
     let _ = std::fs::remove_file(&daemon.config.daemon.socket);
-    let drain = async {
-        for t in daemon.targets.values() {
-            let _ = t.permits.acquire_many(t.max as u32).await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(60), drain)
+    daemon.tasks.close();
+    if tokio::time::timeout(DRAIN_LIMIT, daemon.tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            "jobs still running after 60 s; exiting (they are settled at the next start)"
+            running = daemon.tasks.len(),
+            "tasks still running after the drain limit; exiting (their jobs are settled at the next start)"
         );
     }
-    for t in tasks {
-        t.abort();
+    loops.shutdown().await;
+    for t in daemon.targets.values() {
+        t.executor.close().await;
     }
     tracing::info!("govsql daemon stopped");
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; reloads the catalog on SIGHUP.
-async fn signals(daemon: &Daemon) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: draining"); return; }
-            _ = int.recv() => { tracing::info!("SIGINT: draining"); return; }
-            _ = hup.recv() => daemon.reload_catalog(),
+/// How long SIGTERM waits for in-flight jobs.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// The signals the daemon acts on, installed before anything starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        if std::env::var_os("GOVSQL_TEST_FAIL_SIGNALS").is_some() {
+            return Err(std::io::Error::other(
+                "refused by GOVSQL_TEST_FAIL_SIGNALS (a test of this very path)",
+            ));
+        }
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; reloads the catalog on SIGHUP.
+    async fn wait(mut self, daemon: &Daemon) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); return; }
+                _ = self.int.recv() => { tracing::info!("SIGINT: draining"); return; }
+                _ = self.hup.recv() => daemon.reload_catalog().await,
+            }
         }
     }
 }
@@ -408,13 +438,16 @@ async fn signals(daemon: &Daemon) {
 async fn heartbeat(daemon: Arc<Daemon>) {
     let every = notify::watchdog_interval().unwrap_or(Duration::from_secs(5));
     loop {
-        let now = unix_now();
+        let now = unix_now() as u64;
         if daemon.workers_alive(now) {
             notify::notify("WATCHDOG=1");
             daemon.heartbeat_at.store(now, Ordering::SeqCst);
         } else {
             tracing::error!("a worker stopped answering; withholding the watchdog heartbeat");
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = daemon.shutdown.cancelled() => return,
+        }
     }
 }

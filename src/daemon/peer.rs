@@ -10,7 +10,7 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
 
 use crate::config::AccessConfig;
-use crate::runtime::Mode;
+use crate::job::Mode;
 
 /// The peer of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,10 +24,15 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Reads the peer of a connected unix socket.
-    pub fn of(sock: &impl AsFd) -> std::io::Result<Peer> {
+    /// Reads the peer of a connected unix socket. The user and group
+    /// look-ups (NSS: files, LDAP, sssd…) may block, so they run off the
+    /// async runtime.
+    pub async fn of(sock: &impl AsFd) -> std::io::Result<Peer> {
         let cred = getsockopt(sock, PeerCredentials).map_err(std::io::Error::from)?;
-        Ok(Peer::from_ids(cred.uid(), cred.gid()))
+        let (uid, gid) = (cred.uid(), cred.gid());
+        tokio::task::spawn_blocking(move || Peer::from_ids(uid, gid))
+            .await
+            .map_err(std::io::Error::other)
     }
 
     /// The peer with this uid and primary gid.

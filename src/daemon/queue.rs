@@ -15,8 +15,7 @@ use std::sync::mpsc;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use crate::daemon::protocol::JobView;
-use crate::runtime::{Mode, Outcome};
+use crate::job::{unix_now as now, ErrorClass, Job, JobId, JobState, Mode, Outcome, Refusal};
 
 /// A queue failure.
 #[derive(Debug, thiserror::Error)]
@@ -45,131 +44,22 @@ pub enum QueueError {
     State(String),
 }
 
-/// A job to insert.
-#[derive(Clone)]
-pub struct NewJob {
-    /// The job id.
-    pub job_id: String,
-    /// The command.
-    pub command: String,
-    /// The mode.
-    pub mode: Mode,
-    /// The target.
-    pub target: String,
-    /// Raw params (kept only until the job ends).
-    pub params: Vec<(String, String)>,
-    /// md5 params digest.
-    pub params_digest: String,
-    /// The idempotency key.
-    pub idempotency_key: String,
-    /// The submitter's unix name.
-    pub actor: String,
-    /// The submitter's uid.
-    pub actor_uid: u32,
-    /// `queued` or `awaiting_approval`.
-    pub state: &'static str,
-    /// A refusal decided at submit (class, message): the worker audits it.
-    pub preset_refusal: Option<(String, String)>,
-}
-
-/// A job as stored.
-#[derive(Clone)]
-pub struct JobRow {
-    /// Submission order.
-    pub seq: i64,
-    /// The job id.
-    pub job_id: String,
-    /// The command.
-    pub command: String,
-    /// The mode.
-    pub mode: Mode,
-    /// The target.
-    pub target: String,
-    /// Raw params; None once terminal.
-    pub params: Option<Vec<(String, String)>>,
-    /// md5 params digest.
-    pub params_digest: String,
-    /// The idempotency key.
-    pub idempotency_key: String,
-    /// The submitter.
-    pub actor: String,
-    /// The submitter's uid.
-    pub actor_uid: u32,
-    /// Current state.
-    pub state: String,
-    /// A refusal decided at submit.
-    pub preset_refusal: Option<(String, String)>,
-    /// Approver.
-    pub approved_by: Option<String>,
-    /// Approval time (unix seconds).
-    pub approved_at: Option<i64>,
-    /// Submission time.
-    pub submitted_at: i64,
-    /// End time.
-    pub finished_at: Option<i64>,
-    /// The outcome without its result.
-    pub outcome: Option<Outcome>,
-}
-
-impl std::fmt::Debug for JobRow {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobRow")
-            .field("job_id", &self.job_id)
-            .field("command", &self.command)
-            .field("state", &self.state)
-            .finish_non_exhaustive()
-    }
-}
-
-impl JobRow {
-    /// The client's view (never the raw params).
-    pub fn view(&self) -> JobView {
-        JobView {
-            job_id: self.job_id.clone(),
-            command: self.command.clone(),
-            mode: self.mode,
-            target: self.target.clone(),
-            state: self.state.clone(),
-            actor: self.actor.clone(),
-            params_digest: self.params_digest.clone(),
-            idempotency_key: self.idempotency_key.clone(),
-            submitted_at: self.submitted_at,
-            finished_at: self.finished_at,
-            approved_by: self.approved_by.clone(),
-            outcome: self.outcome.clone(),
-        }
-    }
-
-    /// Whether the job has ended.
-    pub fn is_terminal(&self) -> bool {
-        is_terminal(&self.state)
-    }
-}
-
-/// Whether a state is terminal.
-pub fn is_terminal(state: &str) -> bool {
-    matches!(
-        state,
-        "planned" | "applied" | "verified" | "refused" | "failed" | "cancelled"
-    )
-}
-
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 
 /// The deferred reply of one op, sent once the batch's commit is known.
 type Deferred = Box<dyn FnOnce(Option<&rusqlite::Error>)>;
 
 enum Op {
-    Submit(Box<NewJob>, Reply<JobRow>),
-    Get(String, Reply<Option<JobRow>>),
-    List(u32, Reply<Vec<JobRow>>),
-    ClaimNext(String, Reply<Option<JobRow>>),
-    Finish(String, String, Box<Outcome>, Reply<()>),
-    Approve(String, String, Reply<JobRow>),
-    Preset(String, String, String, Reply<usize>),
+    Submit(Box<Job>, Reply<Job>),
+    Get(JobId, Reply<Option<Job>>),
+    List(u32, Reply<Vec<Job>>),
+    ClaimNext(String, Reply<Option<Job>>),
+    Finish(JobId, JobState, Box<Outcome>, Reply<()>),
+    Approve(JobId, String, Reply<Job>),
+    Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
-    Counts(Reply<BTreeMap<String, i64>>),
-    Expired(i64, Reply<Vec<String>>),
+    Counts(Reply<BTreeMap<JobState, i64>>),
+    Expired(i64, Reply<Vec<JobId>>),
 }
 
 /// A handle to the queue's writer thread.
@@ -202,13 +92,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (target, state, seq);
 ";
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 impl Queue {
     /// Opens (creating with mode 0600) the queue at `path` and starts its
@@ -254,41 +137,37 @@ impl Queue {
     }
 
     /// Inserts a job.
-    pub async fn submit(&self, job: NewJob) -> Result<JobRow, QueueError> {
+    pub async fn submit(&self, job: Job) -> Result<Job, QueueError> {
         self.call(|r| Op::Submit(Box::new(job), r)).await
     }
 
     /// One job.
-    pub async fn get(&self, job_id: &str) -> Result<Option<JobRow>, QueueError> {
-        self.call(|r| Op::Get(job_id.to_string(), r)).await
+    pub async fn get(&self, job_id: &JobId) -> Result<Option<Job>, QueueError> {
+        self.call(|r| Op::Get(job_id.clone(), r)).await
     }
 
     /// The newest jobs.
-    pub async fn list(&self, limit: u32) -> Result<Vec<JobRow>, QueueError> {
+    pub async fn list(&self, limit: u32) -> Result<Vec<Job>, QueueError> {
         self.call(|r| Op::List(limit, r)).await
     }
 
     /// Moves the oldest queued job of `target` to running and returns it.
-    pub async fn claim_next(&self, target: &str) -> Result<Option<JobRow>, QueueError> {
+    pub async fn claim_next(&self, target: &str) -> Result<Option<Job>, QueueError> {
         self.call(|r| Op::ClaimNext(target.to_string(), r)).await
     }
 
-    /// Records a terminal state; erases the params.
-    pub async fn finish(
-        &self,
-        job_id: &str,
-        state: &str,
-        outcome: &Outcome,
-    ) -> Result<(), QueueError> {
+    /// Records a job's terminal state (from its outcome); erases the params.
+    pub async fn finish(&self, outcome: &Outcome) -> Result<(), QueueError> {
         let mut stored = outcome.clone();
         stored.result = None;
-        self.call(|r| Op::Finish(job_id.to_string(), state.to_string(), Box::new(stored), r))
+        let id = outcome.job_id.clone();
+        self.call(|r| Op::Finish(id, outcome.state(), Box::new(stored), r))
             .await
     }
 
     /// awaiting_approval → queued, approved by `by`.
-    pub async fn approve(&self, job_id: &str, by: &str) -> Result<JobRow, QueueError> {
-        self.call(|r| Op::Approve(job_id.to_string(), by.to_string(), r))
+    pub async fn approve(&self, job_id: &JobId, by: &str) -> Result<Job, QueueError> {
+        self.call(|r| Op::Approve(job_id.clone(), by.to_string(), r))
             .await
     }
 
@@ -296,19 +175,15 @@ impl Queue {
     /// 0 when the job was no longer queued or waiting.
     pub async fn preset_refusal(
         &self,
-        job_id: &str,
-        class: &str,
+        job_id: &JobId,
+        class: ErrorClass,
         message: &str,
     ) -> Result<usize, QueueError> {
-        self.call(|r| {
-            Op::Preset(
-                job_id.to_string(),
-                class.to_string(),
-                message.to_string(),
-                r,
-            )
-        })
-        .await
+        let refusal = Refusal {
+            class,
+            message: message.to_string(),
+        };
+        self.call(|r| Op::Preset(job_id.clone(), refusal, r)).await
     }
 
     /// After a crash: every running job goes back to queued, in order, to
@@ -318,37 +193,58 @@ impl Queue {
     }
 
     /// Jobs per state.
-    pub async fn counts(&self) -> Result<BTreeMap<String, i64>, QueueError> {
+    pub async fn counts(&self) -> Result<BTreeMap<JobState, i64>, QueueError> {
         self.call(Op::Counts).await
     }
 
     /// awaiting_approval jobs submitted before `before` (unix seconds).
-    pub async fn expired_approvals(&self, before: i64) -> Result<Vec<String>, QueueError> {
+    pub async fn expired_approvals(&self, before: i64) -> Result<Vec<JobId>, QueueError> {
         self.call(|r| Op::Expired(before, r)).await
     }
 }
 
 const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome";
 
-fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    let mode: String = r.get(3)?;
+/// A column whose stored word this build does not know: an error, never
+/// a silent default.
+fn bad_word(col: usize, what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        format!("unknown {what} in the queue (written by a newer govsql?)").into(),
+    )
+}
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    let word = |col: usize, what: &str| -> rusqlite::Result<String> {
+        r.get::<_, String>(col).map_err(|_| bad_word(col, what))
+    };
+    let job_id = JobId::parse(&word(1, "job id")?).ok_or_else(|| bad_word(1, "job id"))?;
+    let mode = Mode::parse(&word(3, "mode")?).ok_or_else(|| bad_word(3, "mode"))?;
+    let state = JobState::parse(&word(10, "state")?).ok_or_else(|| bad_word(10, "state"))?;
     let params: Option<String> = r.get(5)?;
     let outcome: Option<String> = r.get(17)?;
     let class: Option<String> = r.get(11)?;
     let message: Option<String> = r.get(12)?;
-    Ok(JobRow {
-        seq: r.get(0)?,
-        job_id: r.get(1)?,
+    let preset = match class {
+        Some(c) => Some(Refusal {
+            class: ErrorClass::parse(&c).ok_or_else(|| bad_word(11, "error class"))?,
+            message: message.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    Ok(Job {
+        job_id,
         command: r.get(2)?,
-        mode: serde_json::from_value(serde_json::Value::String(mode)).unwrap_or(Mode::Plan),
+        mode,
         target: r.get(4)?,
         params: params.and_then(|p| serde_json::from_str(&p).ok()),
         params_digest: r.get(6)?,
         idempotency_key: r.get(7)?,
         actor: r.get(8)?,
         actor_uid: r.get(9)?,
-        state: r.get(10)?,
-        preset_refusal: class.map(|c| (c, message.unwrap_or_default())),
+        state,
+        preset,
         approved_by: r.get(13)?,
         approved_at: r.get(14)?,
         submitted_at: r.get(15)?,
@@ -357,10 +253,10 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
-fn get_job(conn: &Connection, job_id: &str) -> rusqlite::Result<Option<JobRow>> {
+fn get_job(conn: &Connection, job_id: &JobId) -> rusqlite::Result<Option<Job>> {
     conn.query_row(
         &format!("SELECT {COLUMNS} FROM jobs WHERE job_id = ?1"),
-        [job_id],
+        [job_id.as_str()],
         row_to_job,
     )
     .optional()
@@ -471,13 +367,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
     match op {
         Op::Submit(job, reply) => {
             let params = serde_json::to_string(&job.params).unwrap_or_else(|_| "[]".into());
-            let (class, message) = job.preset_refusal.clone().unzip();
+            let (class, message) = job
+                .preset
+                .as_ref()
+                .map(|p| (p.class.as_str().to_string(), p.message.clone()))
+                .unzip();
             let r = tx
                 .execute(
                     "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     params![
-                        job.job_id,
+                        job.job_id.as_str(),
                         job.command,
                         job.mode.as_str(),
                         job.target,
@@ -486,10 +386,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
                         job.idempotency_key,
                         job.actor,
                         job.actor_uid,
-                        job.state,
+                        job.state.as_str(),
                         class,
                         message,
-                        now()
+                        job.submitted_at
                     ],
                 )
                 .and_then(|_| get_job(tx, &job.job_id))
@@ -521,9 +421,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
                 if let Some(mut j) = job {
                     tx.execute(
                         "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
-                        params![j.job_id, now()],
+                        params![j.job_id.as_str(), now()],
                     )?;
-                    j.state = "running".into();
+                    j.state = JobState::Running;
                     return Ok(Some(j));
                 }
                 Ok(None)
@@ -535,17 +435,17 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             let r = tx
                 .execute(
                     "UPDATE jobs SET state = ?2, params = NULL, preset_message = NULL, outcome = ?3, finished_at = ?4 WHERE job_id = ?1",
-                    params![id, state, json, now()],
+                    params![id.as_str(), state.as_str(), json, now()],
                 )
                 .map(|_| ());
             respond(reply, r, path)
         }
         Op::Approve(id, by, reply) => match get_job(tx, &id) {
-            Ok(Some(j)) if j.state == "awaiting_approval" => {
+            Ok(Some(j)) if j.state == JobState::AwaitingApproval => {
                 let r = tx
                     .execute(
                         "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3 WHERE job_id = ?1",
-                        params![id, by, now()],
+                        params![id.as_str(), by, now()],
                     )
                     .and_then(|_| get_job(tx, &id))
                     .and_then(|j| j.ok_or(rusqlite::Error::QueryReturnedNoRows));
@@ -558,11 +458,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             Ok(None) => state_err(reply, format!("no job {id}")),
             Err(e) => respond(reply, Err(e), path),
         },
-        Op::Preset(id, class, message, reply) => {
+        Op::Preset(id, refusal, reply) => {
             let r = tx
                 .execute(
                     "UPDATE jobs SET state = 'queued', preset_class = ?2, preset_message = ?3 WHERE job_id = ?1 AND state IN ('queued', 'awaiting_approval')",
-                    params![id, class, message],
+                    params![id.as_str(), refusal.class.as_str(), refusal.message],
                 );
             respond(reply, r, path)
         }
@@ -577,7 +477,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             let r = (|| {
                 let mut st = tx.prepare("SELECT state, count(*) FROM jobs GROUP BY state")?;
                 let rows = st
-                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                    .query_map([], |r| {
+                        let state = r.get::<_, String>(0)?;
+                        let state = JobState::parse(&state).ok_or_else(|| bad_word(0, "state"))?;
+                        Ok((state, r.get::<_, i64>(1)?))
+                    })?
                     .collect::<rusqlite::Result<BTreeMap<_, _>>>();
                 rows
             })();
@@ -587,7 +491,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             let r = (|| {
                 let mut st = tx.prepare("SELECT job_id FROM jobs WHERE state = 'awaiting_approval' AND submitted_at < ?1")?;
                 let rows = st
-                    .query_map([before], |r| r.get::<_, String>(0))?
+                    .query_map([before], |r| {
+                        let id = r.get::<_, String>(0)?;
+                        JobId::parse(&id).ok_or_else(|| bad_word(0, "job id"))
+                    })?
                     .collect::<rusqlite::Result<Vec<_>>>();
                 rows
             })();
@@ -600,20 +507,22 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
 mod tests {
     use super::*;
 
-    fn job(id: &str) -> NewJob {
-        NewJob {
-            job_id: id.into(),
-            command: "dot_iu_add_piece".into(),
-            mode: Mode::Apply,
-            target: "main".into(),
-            params: vec![("body".into(), "CANARY-q1".into())],
-            params_digest: "d".repeat(32),
-            idempotency_key: format!("job:{id}"),
-            actor: "alice".into(),
-            actor_uid: 1000,
-            state: "queued",
-            preset_refusal: None,
-        }
+    fn job(id: &str) -> Job {
+        let mut j = Job::new(
+            "dot_iu_add_piece".into(),
+            Mode::Apply,
+            "main".into(),
+            crate::job::Params(vec![("body".into(), "CANARY-q1".into())]),
+            None,
+            "alice".into(),
+            1000,
+        );
+        j.job_id = JobId::parse(id).unwrap();
+        j
+    }
+
+    fn id(s: &str) -> JobId {
+        JobId::parse(s).unwrap()
     }
 
     #[tokio::test]
@@ -630,23 +539,24 @@ mod tests {
             q.submit(job(id)).await.unwrap();
         }
         let first = q.claim_next("main").await.unwrap().unwrap();
-        assert_eq!(first.job_id, "a");
-        assert_eq!(first.params.as_ref().unwrap()[0].1, "CANARY-q1");
-        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, "b");
+        assert_eq!(first.job_id, id("a"));
+        assert_eq!(first.param_pairs()[0].1, "CANARY-q1");
+        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, id("b"));
         assert!(q.claim_next("other").await.unwrap().is_none());
         // A crash: running jobs go back to the queue, in order.
         assert_eq!(q.recover().await.unwrap(), 2);
         let again = q.claim_next("main").await.unwrap().unwrap();
-        assert_eq!(again.job_id, "a");
+        assert_eq!(again.job_id, id("a"));
         let outcome: Outcome = serde_json::from_value(serde_json::json!({
             "job_id": "a", "command": "dot_iu_add_piece", "mode": "apply", "status": "applied",
             "run_id": 1, "params_digest": "d", "closed_gates": [], "error_class": null,
             "evidence": {}, "result": [["CANARY-result"]], "message": "m"
         }))
         .unwrap();
-        q.finish("a", "applied", &outcome).await.unwrap();
-        let done = q.get("a").await.unwrap().unwrap();
+        q.finish(&outcome).await.unwrap();
+        let done = q.get(&id("a")).await.unwrap().unwrap();
         assert!(done.params.is_none());
+        assert_eq!(done.state, JobState::Applied);
         assert!(done.outcome.as_ref().unwrap().result.is_none());
         drop(q);
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -669,12 +579,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(&dir.path().join("queue.db")).unwrap();
         let mut j = job("w");
-        j.state = "awaiting_approval";
+        j.state = JobState::AwaitingApproval;
         q.submit(j).await.unwrap();
         assert!(q.claim_next("main").await.unwrap().is_none());
-        let approved = q.approve("w", "bob").await.unwrap();
+        let approved = q.approve(&id("w"), "bob").await.unwrap();
         assert_eq!(approved.approved_by.as_deref(), Some("bob"));
-        assert!(q.approve("w", "bob").await.is_err());
-        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, "w");
+        assert!(q.approve(&id("w"), "bob").await.is_err());
+        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, id("w"));
     }
 }

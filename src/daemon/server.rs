@@ -11,12 +11,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
 use super::peer::{denial, Peer};
-use super::protocol::{parse_request, Reply, Request, MAX_LINE};
-use super::queue::{JobRow, NewJob};
-use super::{unix_now, Daemon, DaemonError, Finished};
+use super::{Daemon, DaemonError};
 use crate::config::DaemonConfig;
-use crate::params;
-use crate::runtime::Mode;
+use crate::job::{unix_now, ErrorClass, Job, JobId, JobState, Mode, Outcome, Params, Refusal};
+use crate::protocol::{parse_request, Reply, ReplyKind, Request, MAX_LINE};
 
 /// How long a connection may stay silent before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,17 +39,8 @@ pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
     }
     let listener = UnixListener::bind(&cfg.socket).map_err(|e| io("cannot listen on", e))?;
     let mode = cfg
-        .socket_mode
-        .as_deref()
-        .map(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8))
-        .transpose()
-        .map_err(|_| {
-            io(
-                "socket_mode is not octal for",
-                std::io::Error::other("bad mode"),
-            )
-        })?
-        .unwrap_or(0o660);
+        .socket_mode()
+        .map_err(|m| io("invalid socket_mode for", std::io::Error::other(m)))?;
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io("cannot chmod", e))?;
     if let Some(group) = &cfg.socket_group {
@@ -71,25 +60,25 @@ pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Accepts connections until shutdown.
+/// Accepts connections until shutdown; each runs as a tracked task.
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut shutdown = daemon.shutdown_signal();
+    let shutdown = daemon.shutdown_token().clone();
     let mut backoff = Duration::from_millis(10);
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         };
         match accepted {
             Ok((stream, _)) => {
                 backoff = Duration::from_millis(10);
                 let d = daemon.clone();
-                tokio::spawn(async move {
+                daemon.tasks().spawn(async move {
                     connection(d, stream).await;
                     drop(permit);
                 });
@@ -142,7 +131,7 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(
 }
 
 async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
-    let peer = match Peer::of(&stream) {
+    let peer = match Peer::of(&stream).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(cause = %e, "cannot read the peer's credentials; closing");
@@ -151,24 +140,28 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
     };
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
+    let shutdown = daemon.shutdown_token().clone();
     loop {
-        let line =
-            match tokio::time::timeout(IDLE_TIMEOUT, read_line_limited(&mut rd, MAX_LINE)).await {
-                Err(_) => {
-                    tracing::debug!(user = %peer.user, "client silent; closing");
-                    return;
-                }
-                Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
-                Ok(Ok(Line::TooLong)) => {
-                    let reply = Reply::error(
-                        "too_long",
-                        format!("request line over {MAX_LINE} bytes; closing"),
-                    );
-                    let _ = write_reply(&mut wr, &reply).await;
-                    return;
-                }
-                Ok(Ok(Line::Data(bytes))) => bytes,
-            };
+        let read = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, read_line_limited(&mut rd, MAX_LINE)) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let line = match read {
+            Err(_) => {
+                tracing::debug!(user = %peer.user, "client silent; closing");
+                return;
+            }
+            Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
+            Ok(Ok(Line::TooLong)) => {
+                let reply = Reply::error(
+                    ReplyKind::TooLong,
+                    format!("request line over {MAX_LINE} bytes; closing"),
+                );
+                let _ = write_reply(&mut wr, &reply).await;
+                return;
+            }
+            Ok(Ok(Line::Data(bytes))) => bytes,
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -204,37 +197,30 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             timeout_s,
             ..
         } => {
-            let job_id = crate::cli::new_job_id();
+            let job = match new_job(daemon, peer, command, mode, params, target, idempotency_key) {
+                Ok(job) => job,
+                Err(reply) => return *reply,
+            };
             // Registered before the job can run, so its result cannot slip by.
-            let rx = wait.then(|| daemon.add_waiter(&job_id));
-            let reply = submit(
-                daemon,
-                peer,
-                job_id.clone(),
-                command,
-                mode,
-                params,
-                target,
-                idempotency_key,
-            )
-            .await;
-            match (rx, reply) {
-                (Some(rx), Ok(row)) if !row.is_terminal() => {
-                    await_outcome(peer, row, rx, timeout_s).await
+            let rx = wait.then(|| daemon.add_waiter(&job.job_id));
+            let job_id = job.job_id.clone();
+            match (rx, submit(daemon, peer, job).await) {
+                (Some(rx), Ok(job)) if !job.state.is_terminal() => {
+                    await_outcome(peer, job, rx, timeout_s).await
                 }
                 (rx, reply) => {
                     if rx.is_some() {
                         daemon.forget_waiters(&job_id);
                     }
                     match reply {
-                        Ok(row) => Reply::job(row.view()),
+                        Ok(job) => Reply::job(job),
                         Err(reply) => *reply,
                     }
                 }
             }
         }
         Request::Status { job_id, .. } => match daemon.queue().get(&job_id).await {
-            Ok(Some(j)) => Reply::job(j.view()),
+            Ok(Some(j)) => Reply::job(j),
             Ok(None) => not_found(&job_id),
             Err(e) => internal(e),
         },
@@ -243,8 +229,8 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
         } => wait(daemon, peer, &job_id, timeout_s).await,
         Request::List { limit, .. } => {
             match daemon.queue().list(limit.unwrap_or(100).min(10_000)).await {
-                Ok(rows) => Reply {
-                    jobs: Some(rows.iter().map(|r| r.view()).collect()),
+                Ok(jobs) => Reply {
+                    jobs: Some(jobs),
                     ..Reply::ok()
                 },
                 Err(e) => internal(e),
@@ -252,142 +238,159 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
         }
         Request::Approve { job_id, .. } => approve(daemon, peer, &job_id).await,
         Request::Cancel { job_id, .. } => cancel(daemon, peer, &job_id).await,
-        Request::Health { .. } => Reply {
-            health: Some(daemon.health().await),
-            ..Reply::ok()
+        Request::Health { .. } => match daemon.health().await {
+            Ok(h) => Reply {
+                health: Some(h),
+                ..Reply::ok()
+            },
+            Err(e) => internal(e),
         },
     }
 }
 
-fn not_found(job_id: &str) -> Reply {
+fn not_found(job_id: &JobId) -> Reply {
     Reply::error(
-        "not_found",
-        format!("no job {job_id:?}; `govsql jobs` lists recent jobs"),
+        ReplyKind::NotFound,
+        format!("no job {job_id}; `govsql jobs` lists recent jobs"),
     )
 }
 
 fn internal(e: impl std::fmt::Display) -> Reply {
     tracing::error!(cause = %e, "request failed");
-    Reply::error("internal", format!("the daemon could not do that: {e}"))
+    Reply::error(
+        ReplyKind::Internal,
+        format!("the daemon could not do that: {e}"),
+    )
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn submit(
+/// The job a submit asks for: its target resolved, and a refusal preset
+/// when the command is unknown or the peer may not run this mode (the
+/// worker records it in the ledger).
+fn new_job(
     daemon: &Daemon,
     peer: &Peer,
-    job_id: String,
     command: String,
     mode: Mode,
-    params: Vec<(String, String)>,
+    params: Params,
     target: Option<String>,
     idempotency_key: Option<String>,
-) -> Result<JobRow, Box<Reply>> {
+) -> Result<Job, Box<Reply>> {
     if daemon.is_shutting_down() {
         return Err(Box::new(Reply::error(
-            "unavailable",
+            ReplyKind::Unavailable,
             "the daemon is shutting down; submit again once it is back",
         )));
     }
     let target = match daemon.config().target(target.as_deref()) {
         Ok((name, _)) => name.to_string(),
-        Err(e) => return Err(Box::new(Reply::error("bad_request", e.to_string()))),
+        Err(e) => {
+            return Err(Box::new(Reply::error(
+                ReplyKind::UnknownTarget,
+                e.to_string(),
+            )))
+        }
     };
-    let catalog = daemon.catalog();
-    let mut state = "queued";
-    let mut preset = None;
-    match catalog.get(&command) {
-        Err(e) => preset = Some(("unknown_command".to_string(), e.to_string())),
+    let mut job = Job::new(
+        command,
+        mode,
+        target,
+        params,
+        idempotency_key,
+        peer.user.clone(),
+        peer.uid,
+    );
+    match daemon.catalog().get(&job.command) {
+        Err(e) => {
+            job.preset = Some(Refusal {
+                class: ErrorClass::UnknownCommand,
+                message: e.to_string(),
+            })
+        }
         Ok(cmd) => {
             if let Some(why) = denial(&daemon.config().access, peer, mode) {
-                preset = Some(("peer_not_allowed".to_string(), why));
+                job.preset = Some(Refusal {
+                    class: ErrorClass::NotAllowed,
+                    message: why,
+                });
             } else if cmd.requires_approval && mode == Mode::Apply {
-                state = "awaiting_approval";
+                job.state = JobState::AwaitingApproval;
             }
         }
     }
-    let job = NewJob {
-        params_digest: params::digest(&command, &params),
-        idempotency_key: idempotency_key.unwrap_or_else(|| format!("job:{job_id}")),
-        job_id,
-        command,
-        mode,
-        target: target.clone(),
-        params,
-        actor: peer.user.clone(),
-        actor_uid: peer.uid,
-        state,
-        preset_refusal: preset,
-    };
+    Ok(job)
+}
+
+async fn submit(daemon: &Daemon, peer: &Peer, job: Job) -> Result<Job, Box<Reply>> {
     match daemon.queue().submit(job).await {
-        Ok(row) => {
-            tracing::info!(job_id = %row.job_id, command = %row.command, mode = row.mode.as_str(), user = %peer.user, state = %row.state, "job submitted");
-            daemon.wake(&target);
-            Ok(row)
+        Ok(job) => {
+            tracing::info!(job_id = %job.job_id, command = %job.command, mode = job.mode.as_str(), user = %peer.user, state = %job.state, "job submitted");
+            daemon.wake(&job.target);
+            Ok(job)
         }
         Err(e) => Err(Box::new(internal(e))),
     }
 }
 
-async fn wait(daemon: &Daemon, peer: &Peer, job_id: &str, timeout_s: Option<u64>) -> Reply {
+async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u64>) -> Reply {
     // Register first, then look: a job finishing in between still reaches us.
     let rx = daemon.add_waiter(job_id);
-    let row = match daemon.queue().get(job_id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return not_found(job_id),
-        Err(e) => return internal(e),
+    let job = match daemon.queue().get(job_id).await {
+        Ok(Some(j)) if !j.state.is_terminal() => j,
+        other => {
+            daemon.forget_waiters(job_id);
+            return match other {
+                Ok(Some(j)) => Reply::job(j),
+                Ok(None) => not_found(job_id),
+                Err(e) => internal(e),
+            };
+        }
     };
-    if row.is_terminal() {
-        daemon.forget_waiters(job_id);
-        return Reply::job(row.view());
-    }
-    await_outcome(peer, row, rx, timeout_s).await
+    await_outcome(peer, job, rx, timeout_s).await
 }
 
 /// Waits for a registered job's outcome; the result goes to its submitter
 /// only.
 async fn await_outcome(
     peer: &Peer,
-    row: JobRow,
-    rx: tokio::sync::oneshot::Receiver<Finished>,
+    mut job: Job,
+    rx: tokio::sync::oneshot::Receiver<Outcome>,
     timeout_s: Option<u64>,
 ) -> Reply {
-    let job_id = row.job_id.as_str();
     let limit = Duration::from_secs(timeout_s.unwrap_or(3600).min(86_400));
     match tokio::time::timeout(limit, rx).await {
-        Ok(Ok(Finished { state, mut outcome })) => {
+        Ok(Ok(mut outcome)) => {
             // Results go to the submitter only.
-            if peer.uid != row.actor_uid {
+            if peer.uid != job.actor_uid {
                 outcome.result = None;
             }
-            let mut view = row.view();
-            view.state = state;
-            view.finished_at = Some(unix_now() as i64);
+            job.state = outcome.state();
+            job.finished_at = Some(unix_now());
             // An approval given while this wait was open is in the evidence.
             if let Some(by) = outcome.evidence["approved_by"].as_str() {
-                view.approved_by = Some(by.to_string());
+                job.approved_by = Some(by.to_string());
             }
-            view.outcome = Some(outcome);
-            Reply::job(view)
+            job.outcome = Some(outcome);
+            Reply::job(job)
         }
         Ok(Err(_)) => Reply::error(
-            "internal",
+            ReplyKind::Internal,
             "the job's worker went away; ask `govsql status` later",
         ),
         Err(_) => Reply::error(
-            "timeout",
+            ReplyKind::Timeout,
             format!(
-                "job {job_id} is still {}; wait again or check `govsql status`",
-                row.state
+                "job {} is still {}; wait again or check `govsql status`",
+                job.job_id, job.state
             ),
         ),
     }
 }
 
-async fn approve(daemon: &Daemon, peer: &Peer, job_id: &str) -> Reply {
+async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
     let cfg = daemon.config();
     if !peer.admitted_by(&cfg.access.approve) {
         return Reply::error(
-            "denied",
+            ReplyKind::Denied,
             format!(
                 "user {} is not in the [access] approve list of the daemon's config",
                 peer.user
@@ -399,38 +402,38 @@ async fn approve(daemon: &Daemon, peer: &Peer, job_id: &str) -> Reply {
         Ok(None) => return not_found(job_id),
         Err(e) => return internal(e),
     };
-    if row.state != "awaiting_approval" {
+    if row.state != JobState::AwaitingApproval {
         return Reply::error(
-            "conflict",
+            ReplyKind::Conflict,
             format!("job {job_id} is {}, not awaiting approval", row.state),
         );
     }
     if row.actor_uid == peer.uid {
         return Reply::error(
-            "denied",
+            ReplyKind::Denied,
             "a job must be approved by a different user than the one who submitted it",
         );
     }
-    if unix_now() as i64 - row.submitted_at > cfg.daemon.approval_ttl_s as i64 {
+    if unix_now() - row.submitted_at > cfg.daemon.approval_ttl_s as i64 {
         let msg = "the approval came after approval_ttl_s; submit the job again";
         let _ = daemon
             .queue()
-            .preset_refusal(job_id, "approval_expired", msg)
+            .preset_refusal(job_id, ErrorClass::ApprovalExpired, msg)
             .await;
         daemon.wake(&row.target);
-        return Reply::error("expired", msg);
+        return Reply::error(ReplyKind::Expired, msg);
     }
     match daemon.queue().approve(job_id, &peer.user).await {
         Ok(row) => {
             tracing::info!(job_id = %job_id, approver = %peer.user, "job approved");
             daemon.wake(&row.target);
-            Reply::job(row.view())
+            Reply::job(row)
         }
-        Err(e) => Reply::error("conflict", e.to_string()),
+        Err(e) => Reply::error(ReplyKind::Conflict, e.to_string()),
     }
 }
 
-async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &str) -> Reply {
+async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
     let row = match daemon.queue().get(job_id).await {
         Ok(Some(r)) => r,
         Ok(None) => return not_found(job_id),
@@ -439,18 +442,18 @@ async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &str) -> Reply {
     let cfg = daemon.config();
     if row.actor_uid != peer.uid && peer.uid != 0 && !peer.admitted_by(&cfg.access.approve) {
         return Reply::error(
-            "denied",
+            ReplyKind::Denied,
             "only the submitter, an approver or root may cancel a job",
         );
     }
     let msg = format!("cancelled by {}", peer.user);
     match daemon
         .queue()
-        .preset_refusal(job_id, "cancelled", &msg)
+        .preset_refusal(job_id, ErrorClass::Cancelled, &msg)
         .await
     {
         Ok(0) => Reply::error(
-            "conflict",
+            ReplyKind::Conflict,
             format!(
                 "job {job_id} is {}; only queued or waiting jobs can be cancelled",
                 row.state
@@ -460,7 +463,7 @@ async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &str) -> Reply {
             daemon.wake(&row.target);
             tracing::info!(job_id = %job_id, user = %peer.user, "job cancelled");
             match daemon.queue().get(job_id).await {
-                Ok(Some(r)) => Reply::job(r.view()),
+                Ok(Some(r)) => Reply::job(r),
                 _ => Reply::ok(),
             }
         }

@@ -1,36 +1,40 @@
 //! Workers: per target, claim queued jobs in submission order (up to the
-//! target's concurrency), run each through the governed runtime, record
-//! the terminal state (erasing the params) and hand the outcome to the
-//! waiters. Also: the sweeper that expires stale approvals.
+//! target's concurrency), run each through the governed runtime as a
+//! tracked task, record the terminal state (erasing the params) and hand
+//! the outcome to the waiters. A job task that panics is caught and its
+//! job settled, never left `running`. Also: the sweeper that expires stale
+//! approvals.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::queue::JobRow;
-use super::{unix_now, Daemon};
-use crate::runtime::{JobSpec, Outcome};
+use serde_json::json;
+
+use super::Daemon;
+use crate::job::{unix_now, ErrorClass, Job, Mode, Outcome, Refusal, RunStatus};
 
 /// The worker loop of one target.
 pub async fn run_target(daemon: Arc<Daemon>, target: String) {
     let Some(slot) = daemon.targets.get(&target) else {
         return;
     };
-    let mut shutdown = daemon.shutdown_signal();
+    let shutdown = daemon.shutdown_token().clone();
     loop {
-        slot.alive_at.store(unix_now(), Ordering::SeqCst);
-        if daemon.is_shutting_down() {
+        slot.alive_at.store(unix_now() as u64, Ordering::SeqCst);
+        if shutdown.is_cancelled() {
             return;
         }
         let permit = tokio::select! {
             p = slot.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         };
         match daemon.queue.claim_next(&target).await {
             Ok(Some(job)) => {
                 let d = daemon.clone();
-                tokio::spawn(async move {
+                daemon.tasks().spawn(async move {
                     run_job(&d, job).await;
                     drop(permit);
                 });
@@ -40,7 +44,7 @@ pub async fn run_target(daemon: Arc<Daemon>, target: String) {
                 tokio::select! {
                     _ = slot.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.cancelled() => return,
                 }
             }
             Err(e) => {
@@ -53,64 +57,82 @@ pub async fn run_target(daemon: Arc<Daemon>, target: String) {
 }
 
 /// Runs one claimed job to its terminal state.
-pub async fn run_job(daemon: &Daemon, job: JobRow) {
+pub async fn run_job(daemon: &Daemon, mut job: Job) {
     let Some(rt) = daemon.runtime(&job.target) else {
         tracing::error!(job_id = %job.job_id, target = %job.target, "job names a target that no longer exists");
         return;
     };
-    let spec = JobSpec {
-        job_id: job.job_id.clone(),
-        command: job.command.clone(),
-        mode: job.mode,
-        params: job.params.clone().unwrap_or_default(),
-        idempotency_key: Some(job.idempotency_key.clone()),
-        actor: job.actor.clone(),
-        approved_by: job.approved_by.clone(),
-    };
     let ttl = daemon.config.daemon.approval_ttl_s as i64;
-    let expired = job
-        .approved_at
-        .is_some_and(|at| unix_now() as i64 - at > ttl);
-    let (outcome, state): (Outcome, String) = match &job.preset_refusal {
-        Some((class, message)) => {
-            let o = rt.refuse(&spec, class, message).await;
-            let state = if class == "cancelled" {
-                "cancelled".to_string()
-            } else {
-                o.status.as_str().to_string()
-            };
-            (o, state)
-        }
-        None if expired => {
-            let o = rt
-                .refuse(
-                    &spec,
-                    "approval_expired",
-                    "the approval is older than approval_ttl_s; approve it again",
-                )
-                .await;
-            let s = o.status.as_str().to_string();
-            (o, s)
-        }
-        None => {
-            let o = rt.run(&spec).await;
-            let s = o.status.as_str().to_string();
-            (o, s)
-        }
+    if job.preset.is_none() && job.approved_at.is_some_and(|at| unix_now() - at > ttl) {
+        job.preset = Some(Refusal {
+            class: ErrorClass::ApprovalExpired,
+            message: "the approval is older than approval_ttl_s; approve it again".into(),
+        });
+    }
+    let task = {
+        let job = job.clone();
+        supervise(async move { rt.run(&job).await })
     };
-    if let Err(e) = daemon.queue.finish(&job.job_id, &state, &outcome).await {
+    let outcome = task.await.unwrap_or_else(|panic| panicked(&job, &panic));
+    if let Err(e) = daemon.queue.finish(&outcome).await {
         // The job stays `running` in the queue and is settled at the next
         // start; the waiters still get the outcome.
         tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue");
     }
-    daemon.deliver(&state, &outcome);
+    daemon.deliver(&outcome);
+}
+
+/// Runs a job's future as its own task so that a panic in it (a bug) is
+/// caught and reported instead of leaving the job `running`.
+pub async fn supervise<F>(job: F) -> Result<Outcome, String>
+where
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    tokio::spawn(job).await.map_err(|e| {
+        if e.is_panic() {
+            let p = e.into_panic();
+            p.downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into())
+        } else {
+            "the job task was cancelled".into()
+        }
+    })
+}
+
+/// The outcome of a job whose task panicked: failed with class
+/// `internal`; an apply is said to need settling by its key.
+fn panicked(job: &Job, panic: &str) -> Outcome {
+    tracing::error!(job_id = %job.job_id, cause = %panic, "a job task panicked");
+    let settle = if job.mode == Mode::Apply {
+        format!(
+            "; if it may have run, re-submit with --idempotency-key {} to settle it (it never runs twice)",
+            job.idempotency_key
+        )
+    } else {
+        String::new()
+    };
+    Outcome {
+        job_id: job.job_id.clone(),
+        command: job.command.clone(),
+        mode: job.mode,
+        status: RunStatus::Failed,
+        run_id: None,
+        params_digest: job.params_digest.clone(),
+        closed_gates: Vec::new(),
+        error_class: Some(ErrorClass::Internal),
+        evidence: json!({ "mode": job.mode.as_str(), "error_class": "internal" }),
+        result: None,
+        message: format!("a bug stopped this job (panic in its task){settle}; please report it"),
+    }
 }
 
 /// Refuses (and audits) jobs whose approval never came within the TTL.
 pub async fn sweep_approvals(daemon: Arc<Daemon>) {
     loop {
         let ttl = daemon.config.daemon.approval_ttl_s as i64;
-        let before = unix_now() as i64 - ttl;
+        let before = unix_now() - ttl;
         match daemon.queue.expired_approvals(before).await {
             Ok(ids) => {
                 for id in ids {
@@ -118,7 +140,7 @@ pub async fn sweep_approvals(daemon: Arc<Daemon>) {
                     if let Ok(Some(job)) = daemon.queue.get(&id).await {
                         if daemon
                             .queue
-                            .preset_refusal(&id, "approval_expired", msg)
+                            .preset_refusal(&id, ErrorClass::ApprovalExpired, msg)
                             .await
                             .is_ok()
                         {
@@ -129,6 +151,51 @@ pub async fn sweep_approvals(daemon: Arc<Daemon>) {
             }
             Err(e) => tracing::error!(cause = %e, "approval sweep failed"),
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = daemon.shutdown_token().cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobState, Params};
+
+    fn job(mode: Mode) -> Job {
+        Job::new(
+            "dot_iu_add_piece".into(),
+            mode,
+            "main".into(),
+            Params(vec![("body".into(), "CANARY-panic".into())]),
+            Some("key-1".into()),
+            "alice".into(),
+            1000,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_job_task_settles_the_job_as_failed_internal() {
+        let j = job(Mode::Apply);
+        let err = supervise(async { panic!("boom in the runtime") })
+            .await
+            .unwrap_err();
+        assert!(err.contains("boom"), "{err}");
+        let o = panicked(&j, &err);
+        assert_eq!(o.status, RunStatus::Failed);
+        assert_eq!(o.error_class, Some(ErrorClass::Internal));
+        assert_eq!(o.state(), JobState::Failed);
+        assert!(
+            o.message.contains("--idempotency-key key-1"),
+            "{}",
+            o.message
+        );
+        assert!(!o.message.contains("CANARY"));
+        // A job that does not panic passes through untouched.
+        let fine = panicked(&job(Mode::Verify), "x");
+        let passed = supervise(async move { fine }).await.unwrap();
+        assert_eq!(passed.mode, Mode::Verify);
+        assert!(!passed.message.contains("idempotency"));
     }
 }

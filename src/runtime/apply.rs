@@ -3,28 +3,25 @@
 //! an unknown outcome is settled from the ledger by idempotency key.
 
 use super::*;
+use crate::psql::{copy_rows, jsonb_literal, quote_plain, text_array, Sections};
+use ledger::{closed_in_snapshot, parse_log_row};
 
 impl Runtime {
-    pub(super) async fn apply(
-        &self,
-        ctx: &Ctx<'_>,
-        statements: &[(String, StatementKind)],
-    ) -> Outcome {
+    pub(super) async fn apply(&self, ctx: &Ctx<'_>, statements: &[Statement]) -> Verdict {
         if ctx.cmd.requires_approval && ctx.job.approved_by.is_none() {
             let msg = format!(
                 "{} requires approval by a second person; submit it to the daemon and have an approver run `govsql approve JOB`",
                 ctx.cmd.name
             );
-            return self
-                .record(ctx, RunStatus::Refused, Some("approval_missing"), &[], &msg)
-                .await;
+            return Verdict::record(ErrorClass::ApprovalMissing, msg);
         }
-        if !self.switch.is_on() {
-            let msg =
-                "the local apply switch is off; an operator turns it on with `govsql switch on`";
-            return self
-                .record(ctx, RunStatus::Refused, Some("kill_switch"), &[], msg)
-                .await;
+        let switch = self.switch.clone();
+        let on = tokio::task::spawn_blocking(move || switch.is_on())
+            .await
+            .unwrap_or(false);
+        if !on {
+            let msg = "the local apply switch is off; root or the daemon's service user turns it on with `govsql switch on`";
+            return Verdict::record(ErrorClass::KillSwitch, msg);
         }
         let gates = ctx.cmd.apply_gates();
         // Live gate snapshot and catalog digest, read at this job.
@@ -32,65 +29,57 @@ impl Runtime {
             Ok((snapshot, db_digest)) => {
                 let closed = closed_in_snapshot(&gates, &snapshot);
                 if !closed.is_empty() {
-                    let msg = format!("refused: closed gates: {}", closed.join(", "));
-                    return self
-                        .record(ctx, RunStatus::Refused, Some("gate_closed"), &closed, &msg)
-                        .await;
+                    return Verdict::Record {
+                        class: ErrorClass::GateClosed,
+                        message: format!("refused: closed gates: {}", closed.join(", ")),
+                        closed,
+                    };
                 }
                 if db_digest != self.catalog.digest() {
-                    let msg = "the database holds another catalog than this govsql (drift); run `govsql migrate` or fix the configured catalog";
-                    return self
-                        .record(ctx, RunStatus::Refused, Some("catalog_drift"), &[], msg)
-                        .await;
+                    return Verdict::record(ErrorClass::CatalogDrift, DRIFT);
                 }
             }
-            Err(LedgerFault::Transport(e)) => return self.unreachable(ctx, e),
+            Err(PsqlResult::NotStarted { class, message }) => {
+                return Verdict::NotStarted { class, message }
+            }
             Err(other) => {
-                let msg = format!("preflight failed: {}", other.describe());
                 let class = match &other {
-                    LedgerFault::Sql(state) => state.clone(),
-                    _ => "output".to_string(),
+                    PsqlResult::SqlError { state, .. } => ErrorClass::from_sqlstate(state),
+                    PsqlResult::CutOff { class, .. } => class.clone(),
+                    _ => ErrorClass::Internal,
                 };
-                return self
-                    .record(ctx, RunStatus::Failed, Some(&class), &[], &msg)
-                    .await;
+                return Verdict::record(class, format!("preflight failed: {other}"));
             }
         }
         let script = self.apply_script(ctx, statements, &gates);
-        let result = self.exec(ctx, &script, DbRole::Runtime).await;
-        match classify(result, &script, statements.len() + 2) {
-            Ok((secs, rows)) => match parse_log_row(&secs, statements.len() + 1) {
-                Ok((run_id, status, _)) => {
-                    let ev = self.evidence(ctx, None, &[], Some(rows.len()));
-                    let msg = format!("applied {} in one transaction", ctx.cmd.name);
-                    self.outcome(
-                        ctx,
-                        status,
-                        Some(run_id),
-                        Vec::new(),
-                        None,
-                        ev,
-                        Some(rows),
-                        msg,
-                    )
-                }
-                Err(m) => self.settle_unknown(ctx, TransportError::Broken(m)).await,
+        match self.exec(ctx, &script).await {
+            PsqlResult::Complete(secs) => match applied(&secs, statements.len()) {
+                Ok((row, rows)) => Verdict::Written {
+                    row,
+                    class: None,
+                    closed: Vec::new(),
+                    rows: Some(rows),
+                    message: format!("applied {} in one transaction", ctx.cmd.name),
+                },
+                Err(m) => Verdict::Unknown {
+                    class: ErrorClass::Internal,
+                    message: format!("unexpected psql output: {m}"),
+                },
             },
-            Err(RunFault::Sql(state)) => self.apply_sql_error(ctx, &gates, &state).await,
-            Err(RunFault::Unknown(e)) => self.settle_unknown(ctx, e).await,
-            Err(RunFault::NotStarted(e)) => {
-                let msg = format!("{e}; nothing ran");
-                self.record(ctx, RunStatus::Failed, Some(e.class()), &[], &msg)
-                    .await
-            }
-            Err(RunFault::Output(m)) => self.settle_unknown(ctx, TransportError::Broken(m)).await,
+            PsqlResult::SqlError { state, .. } => self.apply_sql_error(ctx, &gates, &state).await,
+            PsqlResult::NotStarted { class, message } => Verdict::NotStarted { class, message },
+            PsqlResult::CutOff { class, message } => Verdict::Unknown { class, message },
+            PsqlResult::Malformed(m) => Verdict::Unknown {
+                class: ErrorClass::Internal,
+                message: format!("unexpected psql output: {m}"),
+            },
         }
     }
 
-    pub(super) fn apply_script(
+    fn apply_script(
         &self,
         ctx: &Ctx<'_>,
-        statements: &[(String, StatementKind)],
+        statements: &[Statement],
         gates: &[String],
     ) -> FinishedScript {
         let mut s = self.script(ctx);
@@ -98,10 +87,10 @@ impl Runtime {
         s.sql("BEGIN");
         s.sql(&format!(
             "SELECT public.fn_dot_iu_apply_begin({}, {}, {}, {})",
-            psql::quote_plain(&ctx.key),
-            psql::quote_plain(&ctx.digest),
+            quote_plain(ctx.key()),
+            quote_plain(&ctx.job.params_digest),
             text_array(gates),
-            text_lit(self.catalog.digest())
+            quote_plain(self.catalog.digest())
         ));
         for (sql, kind) in statements {
             s.section();
@@ -114,7 +103,7 @@ impl Runtime {
         let evidence = self.evidence(ctx, None, &[], None);
         let ev_sql = format!(
             "{} || jsonb_build_object('duration_ms', {} + round(extract(epoch FROM clock_timestamp() - now()) * 1000)::bigint)",
-            jsonb_lit(&evidence),
+            jsonb_literal(&evidence),
             ctx.started.elapsed().as_millis()
         );
         s.sql(&self.log_call(ctx, "'applied'", &ev_sql));
@@ -122,108 +111,114 @@ impl Runtime {
         s.finish()
     }
 
-    pub(super) async fn apply_sql_error(
-        &self,
-        ctx: &Ctx<'_>,
-        gates: &[String],
-        state: &str,
-    ) -> Outcome {
+    async fn apply_sql_error(&self, ctx: &Ctx<'_>, gates: &[String], state: &str) -> Verdict {
         match state {
             "GV001" => {
                 let closed = match self.preflight(ctx).await {
                     Ok((snapshot, _)) => closed_in_snapshot(gates, &snapshot),
                     Err(_) => Vec::new(),
                 };
-                let msg = format!(
-                    "refused inside the apply transaction: a gate was shut ({})",
-                    closed.join(", ")
-                );
-                self.record(ctx, RunStatus::Refused, Some("gate_closed"), &closed, &msg)
-                    .await
+                Verdict::Record {
+                    class: ErrorClass::GateClosed,
+                    message: format!(
+                        "refused inside the apply transaction: a gate was shut ({})",
+                        closed.join(", ")
+                    ),
+                    closed,
+                }
             }
             "GV002" => self.replay_applied(ctx).await,
-            "GV003" => self.refuse_conflict(ctx).await,
-            "GV004" => {
-                let msg = "catalog drift found inside the apply transaction; run `govsql migrate`";
-                self.record(ctx, RunStatus::Refused, Some("catalog_drift"), &[], msg)
-                    .await
-            }
-            other => {
-                let msg = format!(
-                    "the command's SQL failed with SQLSTATE {other}; nothing was committed"
-                );
-                self.record(ctx, RunStatus::Failed, Some(sql_class(other)), &[], &msg)
-                    .await
-            }
+            "GV003" => Verdict::record(
+                ErrorClass::IdempotencyConflict,
+                format!(
+                    "idempotency key {} was already used with other params",
+                    ctx.key()
+                ),
+            ),
+            "GV004" => Verdict::record(ErrorClass::CatalogDrift, DRIFT),
+            other => Verdict::record(
+                ErrorClass::from_sqlstate(other),
+                format!("the command's SQL failed with SQLSTATE {other}; nothing was committed"),
+            ),
         }
     }
 
-    /// The key was applied before: report the original run.
-    pub(super) async fn replay_applied(&self, ctx: &Ctx<'_>) -> Outcome {
+    /// The key was applied before: the original run (the log function
+    /// returns it and inserts nothing).
+    async fn replay_applied(&self, ctx: &Ctx<'_>) -> Verdict {
         let ev = self.evidence(ctx, None, &[], None);
-        match self.write_log(ctx, "applied", &ev).await {
-            Ok((run_id, status, _)) => {
-                let msg = format!(
+        match self.write_log(ctx, RunStatus::Applied, &ev).await {
+            Ok(row) => Verdict::Written {
+                row,
+                class: None,
+                closed: Vec::new(),
+                rows: None,
+                message: format!(
                     "already applied under idempotency key {}; not run again",
-                    ctx.key
-                );
-                self.outcome(ctx, status, Some(run_id), Vec::new(), None, ev, None, msg)
-            }
-            Err(f) => self.unsettled(ctx, f.describe()),
+                    ctx.key()
+                ),
+            },
+            Err(fault) => Verdict::Unknown {
+                class: ErrorClass::TargetUnreachable,
+                message: fault.to_string(),
+            },
         }
     }
 
     /// An apply whose outcome is unknown: stop any orphan of it, then ask
     /// the ledger (under the key's advisory lock) whether it committed.
-    pub(super) async fn settle_unknown(&self, ctx: &Ctx<'_>, cause: TransportError) -> Outcome {
-        let class = cause.class();
-        tracing::warn!(job_id = %ctx.job.job_id, class, "apply outcome unknown; settling by idempotency key");
-        if !matches!(cause, TransportError::Timeout(_)) {
-            let tag = self.tag(ctx);
-            let _ = crate::transport::cancel_tagged(self.executor.as_ref(), &tag, DbRole::Runtime)
-                .await;
+    /// The answer is a verdict that never is [`Verdict::Unknown`].
+    pub(super) async fn settle(&self, ctx: &Ctx<'_>, class: &ErrorClass, cause: &str) -> Verdict {
+        tracing::warn!(job_id = %ctx.job.job_id, class = %class, "apply outcome unknown; settling by idempotency key");
+        if *class != ErrorClass::Timeout {
+            let _ = crate::transport::cancel_tagged(self.executor.as_ref(), &self.tag(ctx)).await;
         }
         let mut s = self.script(ctx);
         s.section();
         s.sql("BEGIN");
         s.sql(&format!(
             "SELECT public.fn_dot_iu_apply_begin({}, {}, ARRAY[]::text[], '')",
-            psql::quote_plain(&ctx.key),
-            psql::quote_plain(&ctx.digest)
+            quote_plain(ctx.key()),
+            quote_plain(&ctx.job.params_digest)
         ));
         s.sql("ROLLBACK");
-        let script = s.finish();
-        match self.exec(ctx, &script, DbRole::Runtime).await {
-            Ok(out) if psql::sqlstate(&out.stderr).as_deref() == Some("GV002") => {
-                self.replay_applied(ctx).await
+        match self.exec(ctx, &s.finish()).await {
+            PsqlResult::SqlError { state, .. } if state == "GV002" => {
+                match self.replay_applied(ctx).await {
+                    Verdict::Unknown { message, .. } => unsettled(ctx, class, &message),
+                    written => written,
+                }
             }
-            Ok(out) if matches!(out.exit, Exit::Code(0 | 3)) => {
-                let msg =
-                    format!("{cause}; the ledger shows it was not applied, nothing was committed");
-                self.record(ctx, RunStatus::Failed, Some(class), &[], &msg)
-                    .await
-            }
-            Ok(_) => self.unsettled(ctx, cause.to_string()),
-            Err(e) => self.unsettled(ctx, format!("{cause}; then {e}")),
+            // Any other answer of the begin call means no applied row exists
+            // while we hold the key's lock: nothing was committed.
+            PsqlResult::SqlError { .. } | PsqlResult::Complete(_) => Verdict::record(
+                class.clone(),
+                format!("{cause}; the ledger shows it was not applied, nothing was committed"),
+            ),
+            other => unsettled(ctx, class, &format!("{cause}; then {other}")),
         }
     }
+}
 
-    /// The outcome could not be settled: say so, and how to settle it.
-    pub(super) fn unsettled(&self, ctx: &Ctx<'_>, why: String) -> Outcome {
-        let msg = format!(
+const DRIFT: &str = "the database holds another catalog than this govsql (drift); run `govsql migrate` or fix the configured catalog";
+
+/// The applied row and the COPY rows of a complete apply script: sections
+/// 1..=n hold the statements' rows, n+1 the log row.
+fn applied(secs: &Sections, statements: usize) -> Result<(LogRow, Vec<Row>), String> {
+    let mut rows = Vec::new();
+    for n in 1..=statements {
+        rows.extend(copy_rows(n, secs.get(n).unwrap_or_default()).map_err(|e| e.to_string())?);
+    }
+    Ok((parse_log_row(secs, statements + 1)?, rows))
+}
+
+/// The outcome could not be settled now: say so, and how to settle it.
+fn unsettled(ctx: &Ctx<'_>, class: &ErrorClass, why: &str) -> Verdict {
+    Verdict::Unsettled {
+        class: class.clone(),
+        message: format!(
             "{why}; the outcome is unknown: re-submit with --idempotency-key {} to settle it (it never runs twice)",
-            ctx.key
-        );
-        let ev = self.evidence(ctx, Some("transport"), &[], None);
-        self.outcome(
-            ctx,
-            RunStatus::Failed,
-            None,
-            Vec::new(),
-            Some("transport".into()),
-            ev,
-            None,
-            msg,
-        )
+            ctx.key()
+        ),
     }
 }

@@ -2,13 +2,11 @@
 //! written right after in the same psql call.
 
 use super::*;
+use crate::psql::{copy_rows, jsonb_literal};
+use ledger::parse_log_row;
 
 impl Runtime {
-    pub(super) async fn verify(
-        &self,
-        ctx: &Ctx<'_>,
-        statements: &[(String, StatementKind)],
-    ) -> Outcome {
+    pub(super) async fn verify(&self, ctx: &Ctx<'_>, statements: &[Statement]) -> Verdict {
         let mut s = self.script(ctx);
         s.section();
         s.sql("BEGIN READ ONLY");
@@ -44,58 +42,38 @@ impl Runtime {
         let evidence = self.evidence(ctx, None, &[], Some(checks.len()));
         let ev_sql = format!(
             "{} || CASE WHEN {all_ok} THEN '{{}}'::jsonb ELSE '{{\"error_class\": \"verification_failed\"}}'::jsonb END || jsonb_build_object('duration_ms', {} + round(extract(epoch FROM clock_timestamp() - :'govsql_t0'::timestamptz) * 1000)::bigint)",
-            jsonb_lit(&evidence),
+            jsonb_literal(&evidence),
             ctx.started.elapsed().as_millis()
         );
         let status_sql = format!("CASE WHEN {all_ok} THEN 'verified' ELSE 'failed' END");
         s.sql(&self.log_call(ctx, &status_sql, &ev_sql));
-        let script = s.finish();
-        let result = self.exec(ctx, &script, DbRole::Runtime).await;
-        match classify(result, &script, 3) {
-            Ok((secs, rows)) => match parse_log_row(&secs, 2) {
-                Ok((run_id, status, _)) => {
-                    let failed = status == RunStatus::Failed;
-                    let class = failed.then(|| "verification_failed".to_string());
-                    let mut ev = evidence;
-                    if failed {
-                        ev["error_class"] = json!("verification_failed");
-                    }
-                    let msg = if failed {
-                        "verification failed: a check's status is not ok".to_string()
-                    } else {
-                        format!("verified: {} check(s) ok", checks.len())
-                    };
-                    self.outcome(
-                        ctx,
-                        status,
-                        Some(run_id),
-                        Vec::new(),
-                        class,
-                        ev,
-                        Some(rows),
-                        msg,
-                    )
-                }
-                Err(m) => self.record_failed(ctx, "output", &m).await,
+        let secs = match self.exec(ctx, &s.finish()).await {
+            PsqlResult::Complete(secs) => secs,
+            other => return super::plan::after_error(other),
+        };
+        let read = copy_rows(1, secs.get(1).unwrap_or_default())
+            .map_err(|e| e.to_string())
+            .and_then(|rows| Ok((rows, parse_log_row(&secs, 2)?)));
+        let (rows, row) = match read {
+            Ok(x) => x,
+            Err(m) => {
+                return Verdict::record(
+                    ErrorClass::Internal,
+                    format!("unexpected psql output: {m}"),
+                )
+            }
+        };
+        let failed = row.status == RunStatus::Failed;
+        Verdict::Written {
+            row,
+            class: failed.then_some(ErrorClass::VerificationFailed),
+            closed: Vec::new(),
+            rows: Some(rows),
+            message: if failed {
+                "verification failed: a check's status is not ok".to_string()
+            } else {
+                format!("verified: {} check(s) ok", checks.len())
             },
-            Err(RunFault::Sql(state)) if state == "GV003" => self.refuse_conflict(ctx).await,
-            Err(RunFault::Sql(state)) => {
-                let msg = format!("the check failed with SQLSTATE {state}");
-                self.record(ctx, RunStatus::Failed, Some(sql_class(&state)), &[], &msg)
-                    .await
-            }
-            Err(RunFault::Unknown(e) | RunFault::NotStarted(e)) => {
-                let msg = e.to_string();
-                self.record(ctx, RunStatus::Failed, Some(e.class()), &[], &msg)
-                    .await
-            }
-            Err(RunFault::Output(m)) => self.record_failed(ctx, "output", &m).await,
         }
-    }
-
-    pub(super) async fn record_failed(&self, ctx: &Ctx<'_>, class: &str, why: &str) -> Outcome {
-        let msg = format!("unexpected psql output: {why}");
-        self.record(ctx, RunStatus::Failed, Some(class), &[], &msg)
-            .await
     }
 }

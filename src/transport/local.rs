@@ -13,24 +13,19 @@ use crate::psql::{command_words, DbRole};
 /// Runs psql locally for a `transport = "local"` target.
 #[derive(Debug, Clone)]
 pub struct LocalExecutor {
-    runtime_words: Vec<String>,
-    admin_words: Vec<String>,
+    words: Vec<String>,
 }
 
 impl LocalExecutor {
-    /// An executor for one target.
-    pub fn new(target: &TargetConfig) -> LocalExecutor {
+    /// An executor for one target, running its scripts as `role`.
+    pub fn new(target: &TargetConfig, role: DbRole) -> LocalExecutor {
         LocalExecutor {
-            runtime_words: command_words(target, DbRole::Runtime),
-            admin_words: command_words(target, DbRole::Admin),
+            words: command_words(target, role),
         }
     }
 
     async fn run_psql(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
-        let words = match req.role {
-            DbRole::Runtime => &self.runtime_words,
-            DbRole::Admin => &self.admin_words,
-        };
+        let words = &self.words;
         let mut child = Command::new(&words[0])
             .args(&words[1..])
             .stdin(Stdio::piped())
@@ -38,11 +33,11 @@ impl LocalExecutor {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| TransportError::Broken(format!("cannot start {}: {e}", words[0])))?;
+            .map_err(|e| TransportError::Unreachable(format!("cannot start {}: {e}", words[0])))?;
         let mut stdin = child
             .stdin
             .take()
-            .ok_or_else(|| TransportError::Broken("psql stdin unavailable".into()))?;
+            .ok_or_else(|| TransportError::Unreachable("psql stdin unavailable".into()))?;
         let text = req.text.into_bytes();
         // Write stdin while stdout and stderr are drained, so a large
         // script or result cannot deadlock on a full pipe.
@@ -53,7 +48,7 @@ impl LocalExecutor {
         };
         let (written, output) = tokio::join!(writer, child.wait_with_output());
         let output =
-            output.map_err(|e| TransportError::Broken(format!("psql did not finish: {e}")))?;
+            output.map_err(|e| TransportError::Lost(format!("psql did not finish: {e}")))?;
         if let Err(e) = written {
             // psql may exit before reading all of stdin (ON_ERROR_STOP); that
             // is a normal end, reported through its exit status.

@@ -12,8 +12,11 @@ pub mod ssh;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::{TargetConfig, TransportKind};
+use crate::job::ErrorClass;
 use crate::psql::{quote_plain, DbRole, Script};
 
 /// A boxed, sendable future (the trait is used as `dyn Executor`).
@@ -24,8 +27,6 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct ScriptRequest {
     /// The script for psql's stdin.
     pub text: String,
-    /// Which role runs it.
-    pub role: DbRole,
     /// The `application_name` the script sets (for cancellation).
     pub tag: String,
 }
@@ -41,6 +42,16 @@ pub enum Exit {
     Unknown,
 }
 
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit {c}"),
+            Exit::Signal(s) => write!(f, "signal {s}"),
+            Exit::Unknown => f.write_str("no exit status"),
+        }
+    }
+}
+
 /// What psql wrote and how it ended.
 #[derive(Debug, Clone)]
 pub struct ScriptOutput {
@@ -52,15 +63,19 @@ pub struct ScriptOutput {
     pub exit: Exit,
 }
 
-/// A transport failure: the script's outcome is unknown.
+/// A transport failure: either nothing was sent (the target could not be
+/// reached) or the run's outcome is unknown.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {
     /// The deadline passed; the backend was terminated.
-    #[error("job deadline of {0:?} passed; its backend was cancelled")]
+    #[error("job deadline of {} s passed; its backend was cancelled", .0.as_secs_f64())]
     Timeout(Duration),
-    /// The target could not be reached or the connection broke.
-    #[error("transport failed: {0}")]
-    Broken(String),
+    /// The target could not be reached; nothing was sent.
+    #[error("target unreachable: {0}")]
+    Unreachable(String),
+    /// The connection broke while the script ran: outcome unknown.
+    #[error("connection lost while the job ran: {0}")]
+    Lost(String),
     /// The server's host key is unknown or changed.
     #[error("host key refused: {0}")]
     HostKey(String),
@@ -71,13 +86,37 @@ pub enum TransportError {
 
 impl TransportError {
     /// The error class recorded in evidence and the job's state.
-    pub fn class(&self) -> &'static str {
+    pub fn class(&self) -> ErrorClass {
         match self {
-            TransportError::Timeout(_) => "timeout",
-            TransportError::Broken(_) | TransportError::Auth(_) => "transport",
-            TransportError::HostKey(_) => "host_key",
+            TransportError::Timeout(_) => ErrorClass::Timeout,
+            TransportError::Unreachable(_) | TransportError::Lost(_) => {
+                ErrorClass::TargetUnreachable
+            }
+            TransportError::HostKey(_) => ErrorClass::HostKey,
+            TransportError::Auth(_) => ErrorClass::SshAuth,
         }
     }
+
+    /// Whether the script certainly never reached the database.
+    pub fn nothing_ran(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Unreachable(_) | TransportError::HostKey(_) | TransportError::Auth(_)
+        )
+    }
+}
+
+/// The executor of a target, bound to the database role its scripts run
+/// as (SSH targets also pick that role's SSH identity). The identity key
+/// is read and decrypted here, once.
+pub fn for_target(
+    target: &TargetConfig,
+    role: DbRole,
+) -> Result<Arc<dyn Executor>, TransportError> {
+    Ok(match target.transport {
+        TransportKind::Local => Arc::new(local::LocalExecutor::new(target, role)),
+        TransportKind::Ssh => Arc::new(ssh::SshExecutor::new(target, role)?),
+    })
 }
 
 /// Runs psql scripts on one target.
@@ -95,6 +134,10 @@ pub trait Executor: Send + Sync {
     fn host_key_fingerprint(&self) -> Option<String> {
         None
     }
+    /// Ends the executor's sessions cleanly (SSH: disconnect) at shutdown.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Runs a script under a deadline. Past it, the run is dropped and the
@@ -105,12 +148,11 @@ pub async fn run_with_deadline(
     deadline: Duration,
 ) -> Result<ScriptOutput, TransportError> {
     let tag = req.tag.clone();
-    let role = req.role;
     match tokio::time::timeout(deadline, exec.run(req)).await {
         Ok(result) => result,
         Err(_) => {
             tracing::warn!(tag = %tag, deadline_s = deadline.as_secs_f64(), "job deadline passed; cancelling its backend");
-            if let Err(e) = cancel_tagged(exec, &tag, role).await {
+            if let Err(e) = cancel_tagged(exec, &tag).await {
                 tracing::error!(tag = %tag, cause = %e, "could not cancel the backend of a timed-out job");
             }
             Err(TransportError::Timeout(deadline))
@@ -120,11 +162,7 @@ pub async fn run_with_deadline(
 
 /// Terminates every backend whose application_name is `tag`, and waits
 /// (briefly) until none is left.
-pub async fn cancel_tagged(
-    exec: &dyn Executor,
-    tag: &str,
-    role: DbRole,
-) -> Result<(), TransportError> {
+pub async fn cancel_tagged(exec: &dyn Executor, tag: &str) -> Result<(), TransportError> {
     let mut script = Script::new(&format!("{tag}:cancel"), 10_000);
     let t = quote_plain(tag);
     script.sql(&format!(
@@ -132,16 +170,15 @@ pub async fn cancel_tagged(
     ));
     let req = ScriptRequest {
         text: script.finish().text,
-        role,
         tag: format!("{tag}:cancel"),
     };
     let out = tokio::time::timeout(Duration::from_secs(15), exec.run(req))
         .await
-        .map_err(|_| TransportError::Broken("cancel script timed out".into()))??;
+        .map_err(|_| TransportError::Lost("the cancel script timed out".into()))??;
     match out.exit {
         Exit::Code(0) => Ok(()),
-        other => Err(TransportError::Broken(format!(
-            "cancel script ended with {other:?}"
+        other => Err(TransportError::Lost(format!(
+            "the cancel script ended with {other}"
         ))),
     }
 }

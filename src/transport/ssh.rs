@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use russh::client::{self, Handle};
-use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::ChannelMsg;
 use tokio::sync::{oneshot, Mutex, Semaphore};
 
@@ -35,17 +35,26 @@ pub enum HostKeyPolicy {
 }
 
 /// How the client authenticates.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Identity {
-    /// A private key file, with its passphrase read from a file if any.
-    KeyFile {
-        /// The key file.
+    /// A private key, read and decrypted once when the executor is built.
+    Key {
+        /// The key file it came from (for messages).
         path: PathBuf,
-        /// The file holding its passphrase.
-        passphrase_file: Option<PathBuf>,
+        /// The decrypted key.
+        key: Arc<PrivateKey>,
     },
     /// ssh-agent through SSH_AUTH_SOCK.
     Agent,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Identity::Key { path, .. } => write!(f, "Key({})", path.display()),
+            Identity::Agent => f.write_str("Agent"),
+        }
+    }
 }
 
 /// Everything needed to open a session.
@@ -68,10 +77,13 @@ pub struct SshSettings {
 }
 
 impl SshSettings {
-    /// Settings of a target; `admin` picks migrate's own user and identity.
-    pub fn from_target(t: &TargetConfig, admin: bool) -> Result<SshSettings, TransportError> {
+    /// Settings of a target for a database role (the admin role uses
+    /// migrate's own user and identity when they are set); a key file is
+    /// read and decrypted here.
+    pub fn from_target(t: &TargetConfig, role: DbRole) -> Result<SshSettings, TransportError> {
+        let admin = role == DbRole::Admin;
         let missing =
-            |k: &str| TransportError::Broken(format!("{k} is not set for this SSH target"));
+            |k: &str| TransportError::Unreachable(format!("{k} is not set for this SSH target"));
         let user = if admin {
             t.admin_ssh_user.clone().or_else(|| t.ssh_user.clone())
         } else {
@@ -84,11 +96,23 @@ impl SshSettings {
         } else {
             t.identity_file.clone()
         };
+        let user = user.ok_or_else(|| missing("ssh_user"))?;
+        let host = t.ssh_host.clone().ok_or_else(|| missing("ssh_host"))?;
         let identity = match key {
-            Some(path) => Identity::KeyFile {
-                path,
-                passphrase_file: t.identity_passphrase_file.clone(),
-            },
+            Some(path) => {
+                let passphrase = read_passphrase(t.identity_passphrase_file.as_deref())?;
+                let key = russh::keys::load_secret_key(&path, passphrase.as_deref()).map_err(|e| {
+                    TransportError::Auth(format!(
+                        "SSH authentication as {user} on {host}:{} cannot start: cannot load the key {}: {e} (is identity_passphrase_file or GOVSQL_SSH_PASSPHRASE right?)",
+                        t.ssh_port,
+                        path.display()
+                    ))
+                })?;
+                Identity::Key {
+                    path,
+                    key: Arc::new(key),
+                }
+            }
             None => Identity::Agent,
         };
         let host_key = match (&t.host_key, &t.known_hosts) {
@@ -97,9 +121,9 @@ impl SshSettings {
             (None, None) => return Err(missing("known_hosts or host_key")),
         };
         Ok(SshSettings {
-            host: t.ssh_host.clone().ok_or_else(|| missing("ssh_host"))?,
+            host,
             port: t.ssh_port,
-            user: user.ok_or_else(|| missing("ssh_user"))?,
+            user,
             identity,
             host_key,
             keepalive_interval: Duration::from_secs(t.keepalive_interval_s.max(1)),
@@ -190,8 +214,7 @@ struct SessionSlot {
 pub struct SshExecutor {
     settings: Arc<SshSettings>,
     config: Arc<client::Config>,
-    runtime_cmd: String,
-    admin_cmd: String,
+    cmd: String,
     slot: Mutex<SessionSlot>,
     channels: Arc<Semaphore>,
     seen: Arc<StdMutex<HostKeySeen>>,
@@ -200,9 +223,9 @@ pub struct SshExecutor {
 const MAX_ATTEMPTS: u32 = 6;
 
 impl SshExecutor {
-    /// An executor for `target` (`admin`: migrate's own SSH identity).
-    pub fn new(target: &TargetConfig, admin: bool) -> Result<SshExecutor, TransportError> {
-        let settings = Arc::new(SshSettings::from_target(target, admin)?);
+    /// An executor for `target` whose scripts run as `role`.
+    pub fn new(target: &TargetConfig, role: DbRole) -> Result<SshExecutor, TransportError> {
+        let settings = Arc::new(SshSettings::from_target(target, role)?);
         let config = client::Config {
             nodelay: true,
             inactivity_timeout: None,
@@ -213,8 +236,7 @@ impl SshExecutor {
         Ok(SshExecutor {
             settings,
             config: Arc::new(config),
-            runtime_cmd: command_line(&command_words(target, DbRole::Runtime)),
-            admin_cmd: command_line(&command_words(target, DbRole::Admin)),
+            cmd: command_line(&command_words(target, role)),
             slot: Mutex::new(SessionSlot::default()),
             channels: Arc::new(Semaphore::new(target.max_channels)),
             seen: Arc::new(StdMutex::new(HostKeySeen::default())),
@@ -275,7 +297,7 @@ impl SshExecutor {
                     .take();
                 return Err(match refusal {
                     Some(why) => TransportError::HostKey(why),
-                    None => TransportError::Broken(format!(
+                    None => TransportError::Unreachable(format!(
                         "cannot connect to {}:{}: {e}",
                         s.host, s.port
                     )),
@@ -296,17 +318,7 @@ impl SshExecutor {
             ))
         };
         match &s.identity {
-            Identity::KeyFile {
-                path,
-                passphrase_file,
-            } => {
-                let passphrase = read_passphrase(passphrase_file.as_deref())?;
-                let key = russh::keys::load_secret_key(path, passphrase.as_deref()).map_err(|e| {
-                    fail(
-                        &format!("publickey ({})", path.display()),
-                        format!("cannot load the key: {e} (is identity_passphrase_file or GOVSQL_SSH_PASSPHRASE right?)"),
-                    )
-                })?;
+            Identity::Key { path, key } => {
                 let hash = if key.algorithm().is_rsa() {
                     handle
                         .best_supported_rsa_hash()
@@ -320,13 +332,10 @@ impl SshExecutor {
                 };
                 let algo = key.algorithm().to_string();
                 let res = handle
-                    .authenticate_publickey(
-                        &s.user,
-                        PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-                    )
+                    .authenticate_publickey(&s.user, PrivateKeyWithHashAlg::new(key.clone(), hash))
                     .await
                     .map_err(|e| {
-                        TransportError::Broken(format!("SSH authentication broke: {e}"))
+                        TransportError::Unreachable(format!("SSH authentication broke: {e}"))
                     })?;
                 if res.success() {
                     Ok(())
@@ -388,7 +397,7 @@ impl SshExecutor {
                 Err(e) => {
                     attempt += 1;
                     if attempt >= MAX_ATTEMPTS {
-                        return Err(TransportError::Broken(format!(
+                        return Err(TransportError::Unreachable(format!(
                             "cannot open an SSH channel: {e}"
                         )));
                     }
@@ -415,12 +424,9 @@ impl SshExecutor {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| TransportError::Broken("executor closed".into()))?;
+            .map_err(|_| TransportError::Unreachable("executor closed".into()))?;
         let channel = self.open_channel().await?;
-        let cmd = match req.role {
-            DbRole::Runtime => self.runtime_cmd.clone(),
-            DbRole::Admin => self.admin_cmd.clone(),
-        };
+        let cmd = self.cmd.clone();
         // The channel lives in its own task, drained to its close even if
         // this job is abandoned at its deadline; `abandon` tells it to
         // close the channel early.
@@ -434,7 +440,7 @@ impl SshExecutor {
         ));
         let _guard = AbandonOnDrop(Some(abandon_tx));
         task.await
-            .map_err(|e| TransportError::Broken(format!("channel task failed: {e}")))?
+            .map_err(|e| TransportError::Lost(format!("channel task failed: {e}")))?
     }
 }
 
@@ -457,12 +463,12 @@ async fn drive_channel(
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<ScriptOutput, TransportError> {
     let broken = |what: &str, e: russh::Error| {
-        TransportError::Broken(format!("SSH channel {what} failed: {e}"))
+        TransportError::Lost(format!("SSH channel {what} failed: {e}"))
     };
     channel
         .exec(true, cmd.into_bytes())
         .await
-        .map_err(|e| broken("exec", e))?;
+        .map_err(|e| TransportError::Unreachable(format!("SSH channel exec failed: {e}")))?;
     let (mut rd, wr) = channel.split();
     let writer = async {
         wr.data(stdin.as_slice())
@@ -502,7 +508,7 @@ async fn drive_channel(
     };
     let (written, ()) = tokio::join!(writer, reader);
     if refused && exit.is_none() {
-        return Err(TransportError::Broken(
+        return Err(TransportError::Unreachable(
             "the server refused to run the command".into(),
         ));
     }
@@ -551,6 +557,18 @@ impl Executor for SshExecutor {
 
     fn kind(&self) -> &'static str {
         "ssh"
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            let live = self.slot.lock().await.live.take();
+            if let Some(live) = live {
+                let _ = live
+                    .handle
+                    .disconnect(russh::Disconnect::ByApplication, "govsql stopping", "en")
+                    .await;
+            }
+        })
     }
 
     fn host_key_fingerprint(&self) -> Option<String> {

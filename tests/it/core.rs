@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use govsql::psql::DbRole;
 use govsql::runtime::{Mode, RunStatus};
 use govsql::transport::{BoxFuture, Executor, ScriptOutput, ScriptRequest, TransportError};
 
@@ -134,11 +133,7 @@ async fn every_shut_gate_refuses_before_any_command_sql() {
         db.sql("UPDATE dot_config SET value = 'true'");
         db.gate("iu_core.operator_runtime_enabled", false);
         let o = run(&rt, cmd, Mode::Apply, params).await;
-        assert_eq!(
-            o.error_class.as_deref(),
-            Some("gate_closed"),
-            "{cmd}: {o:?}"
-        );
+        assert_eq!(o.class(), Some("gate_closed"), "{cmd}: {o:?}");
     }
     assert_eq!(db.count("iu_collection"), 0);
     assert_eq!(db.count("iu_diag_probe"), 0);
@@ -156,7 +151,7 @@ async fn every_shut_gate_refuses_before_any_command_sql() {
         &[("title", "x")],
     )
     .await;
-    assert_eq!(o.error_class.as_deref(), Some("kill_switch"));
+    assert_eq!(o.class(), Some("kill_switch"));
     assert!(o.run_id.is_some());
     assert_eq!(db.count("iu_collection"), 0);
 }
@@ -171,13 +166,11 @@ struct Intercept {
 
 impl Executor for Intercept {
     fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>> {
-        let is_apply = req.role == DbRole::Runtime
-            && req.text.contains("COMMIT;")
-            && req.text.contains("fn_dot_iu_apply_begin");
+        let is_apply = req.text.contains("COMMIT;") && req.text.contains("fn_dot_iu_apply_begin");
         if is_apply {
             (self.before_apply)();
             if self.break_apply {
-                return Box::pin(async { Err(TransportError::Broken("injected fault".into())) });
+                return Box::pin(async { Err(TransportError::Lost("injected fault".into())) });
             }
         }
         self.inner.run(req)
@@ -211,7 +204,7 @@ async fn gate_shut_between_snapshot_and_apply_is_refused_inside_the_transaction(
     )
     .await;
     assert_eq!(o.status, RunStatus::Refused, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("gate_closed"));
+    assert_eq!(o.class(), Some("gate_closed"));
     assert_eq!(o.closed_gates, vec!["iu_core.composer_enabled".to_string()]);
     assert_eq!(db.count("iu_collection"), 0);
 }
@@ -234,7 +227,7 @@ async fn executor_fault_fails_the_job_after_settling_from_the_ledger() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("transport"));
+    assert_eq!(o.class(), Some("target_unreachable"));
     assert!(o.run_id.is_some(), "the failed run is audited");
     assert_eq!(db.count("iu_collection"), 0);
     assert_eq!(
@@ -284,11 +277,11 @@ async fn idempotent_rerun_inserts_no_row_and_returns_the_same_run_id() {
         Mode::Apply,
         &[("title", "once")],
     );
-    j.idempotency_key = Some("op-42".into());
+    j.idempotency_key = "op-42".into();
     let first = rt.run(&j).await;
     assert_eq!(first.status, RunStatus::Applied, "{first:?}");
     let rows_before = db.count("dot_iu_command_run");
-    j.job_id = govsql::cli::new_job_id();
+    j.job_id = govsql::job::JobId::new();
     let second = rt.run(&j).await;
     assert_eq!(second.status, RunStatus::Applied);
     assert_eq!(second.run_id, first.run_id);
@@ -301,14 +294,14 @@ async fn idempotent_rerun_inserts_no_row_and_returns_the_same_run_id() {
         Mode::Apply,
         &[("title", "other")],
     );
-    other.idempotency_key = Some("op-42".into());
+    other.idempotency_key = "op-42".into();
     let o = rt.run(&other).await;
     assert_eq!(o.status, RunStatus::Refused);
-    assert_eq!(o.error_class.as_deref(), Some("idempotency_conflict"));
+    assert_eq!(o.class(), Some("idempotency_conflict"));
     assert_eq!(db.count("iu_collection"), 1);
     // The same holds for plan rows.
     let mut p = job("dot_iu_healthcheck", Mode::Plan, &[]);
-    p.idempotency_key = Some("plan-1".into());
+    p.idempotency_key = "plan-1".into();
     let a = rt.run(&p).await;
     let b = rt.run(&p).await;
     assert_eq!(a.run_id, b.run_id);
@@ -325,7 +318,7 @@ async fn a_function_that_writes_then_raises_commits_nothing_and_is_failed() {
     let rt = db.runtime();
     let o = run(&rt, "dot_iu_diag_write_then_fail", Mode::Apply, &[]).await;
     assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("IU500"));
+    assert_eq!(o.class(), Some("IU500"));
     assert_eq!(db.count("iu_diag_probe"), 0);
     assert_eq!(
         db.sql("SELECT run_status, evidence->>'error_class' FROM dot_iu_command_run"),
@@ -388,7 +381,7 @@ async fn verify_runs_read_only_and_reports_failed_checks() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("25006"));
+    assert_eq!(o.class(), Some("25006"));
     assert_eq!(db.count("iu_collection"), 0);
     // A check whose status is not ok: failed, verification_failed.
     let o = run(
@@ -399,7 +392,7 @@ async fn verify_runs_read_only_and_reports_failed_checks() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Failed);
-    assert_eq!(o.error_class.as_deref(), Some("verification_failed"));
+    assert_eq!(o.class(), Some("verification_failed"));
     assert_eq!(result_json(&o)["status"], "not_found");
     assert_eq!(
         db.sql("SELECT evidence->>'error_class' FROM dot_iu_command_run WHERE run_mode = 'verify' AND run_status = 'failed' AND evidence->>'error_class' = 'verification_failed'"),
@@ -417,7 +410,7 @@ async fn verify_runs_read_only_and_reports_failed_checks() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Refused);
-    assert_eq!(o.error_class.as_deref(), Some("unsafe_plan"));
+    assert_eq!(o.class(), Some("unsafe_plan"));
 }
 
 #[tokio::test]
@@ -433,7 +426,7 @@ async fn catalog_drift_refuses_apply() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Refused);
-    assert_eq!(o.error_class.as_deref(), Some("catalog_drift"));
+    assert_eq!(o.class(), Some("catalog_drift"));
     assert_eq!(db.count("iu_collection"), 0);
 }
 
@@ -449,7 +442,7 @@ async fn approval_required_command_is_refused_in_direct_mode() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Refused);
-    assert_eq!(o.error_class.as_deref(), Some("approval_missing"));
+    assert_eq!(o.class(), Some("approval_missing"));
     assert!(o.run_id.is_some());
 }
 
@@ -558,7 +551,7 @@ fn result_json_value(j: &serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn migrate_is_idempotent_and_rollback_is_clean() {
     let db = test_db().await;
-    let exec = db.executor();
+    let exec = db.admin_executor();
     let again = govsql::migrate::migrate(&exec, &db.catalog, RUNTIME_ROLE, true)
         .await
         .unwrap();
@@ -611,7 +604,7 @@ async fn retired_commands_are_kept_not_deleted() {
     let end = start + text[start..].find("\n\n").unwrap();
     let smaller = format!("{}{}", &text[..start], &text[end + 2..]);
     let cat = govsql::catalog::Catalog::from_toml(&smaller).unwrap();
-    govsql::migrate::migrate(&db.executor(), &cat, RUNTIME_ROLE, true)
+    govsql::migrate::migrate(&db.admin_executor(), &cat, RUNTIME_ROLE, true)
         .await
         .unwrap();
     assert_eq!(db.sql("SELECT retired FROM dot_iu_command_catalog WHERE command_name = 'dot_iu_healthcheck_block'"), "t");
@@ -646,7 +639,7 @@ async fn a_database_that_went_away_fails_clearly_and_nothing_runs() {
         assert_eq!(out.status.code(), Some(4), "{args:?}");
         let j = json_of(&out);
         assert_eq!(j["status"], "failed");
-        assert_eq!(j["error_class"], "transport");
+        assert_eq!(j["error_class"], "db_unavailable");
         assert!(j["run_id"].is_null());
         let msg = j["message"].as_str().unwrap();
         assert!(msg.contains("could not reach the database"), "{msg}");

@@ -356,7 +356,7 @@ async fn peer_credentials_decide_and_name_the_actor() {
     );
     assert_eq!(out.status.code(), Some(3));
     let j: Value = json_of(&out);
-    assert_eq!(j["error_class"], "peer_not_allowed");
+    assert_eq!(j["error_class"], "not_allowed");
     assert!(j["message"].as_str().unwrap().contains("apply list"), "{j}");
     assert_eq!(
         db.sql(&format!(
@@ -376,7 +376,7 @@ async fn peer_credentials_decide_and_name_the_actor() {
     assert_eq!(j["status"], "planned", "{j}");
     let out = d.cli(None, &["plan", "dot_iu_healthcheck", "--wait", "--json"]);
     let j: Value = json_of(&out);
-    assert_eq!(j["error_class"], "peer_not_allowed", "{j}");
+    assert_eq!(j["error_class"], "not_allowed", "{j}");
     // Root may apply; the ledger says root.
     let out = d.cli(
         None,

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use govsql::catalog::Catalog;
 use govsql::config::Config;
-use govsql::runtime::{JobSpec, Mode, Outcome, Runtime};
+use govsql::job::{Job, Params};
+use govsql::psql::DbRole;
+use govsql::runtime::{Mode, Outcome, Runtime};
 use govsql::switch::ApplySwitch;
 use govsql::transport::local::LocalExecutor;
 use govsql::transport::Executor;
@@ -236,22 +238,32 @@ async fn build_db(catalog_text: &str, job_timeout_s: u64, transport_toml: &str) 
         config,
         catalog,
     };
-    govsql::migrate::migrate(&db.executor(), &db.catalog, RUNTIME_ROLE, true)
+    govsql::migrate::migrate(&db.admin_executor(), &db.catalog, RUNTIME_ROLE, true)
         .await
         .expect("migrate --demo");
     db
 }
 
 impl TestDb {
-    /// A local executor of this database (whatever the config's transport).
+    /// A local executor of this database as the runtime role (whatever
+    /// the config's transport).
     pub fn executor(&self) -> LocalExecutor {
+        self.local(DbRole::Runtime)
+    }
+
+    /// A local executor of this database as the admin role (migrate).
+    pub fn admin_executor(&self) -> LocalExecutor {
+        self.local(DbRole::Admin)
+    }
+
+    fn local(&self, role: DbRole) -> LocalExecutor {
         let toml = format!("transport = \"local\"\n{}", db_keys(&self.name));
-        LocalExecutor::new(&toml::from_str(&toml).unwrap())
+        LocalExecutor::new(&toml::from_str(&toml).unwrap(), role)
     }
 
     /// The executor the config names (local or SSH).
     pub fn configured_executor(&self) -> Arc<dyn Executor> {
-        govsql::cli::executor_for(self.config.target(None).unwrap().1, false).unwrap()
+        govsql::transport::for_target(self.config.target(None).unwrap().1, DbRole::Runtime).unwrap()
     }
 
     /// A runtime over the configured transport.
@@ -320,19 +332,20 @@ impl TestDb {
 }
 
 /// A job with fresh id and the test actor.
-pub fn job(command: &str, mode: Mode, params: &[(&str, &str)]) -> JobSpec {
-    JobSpec {
-        job_id: govsql::cli::new_job_id(),
-        command: command.to_string(),
+pub fn job(command: &str, mode: Mode, params: &[(&str, &str)]) -> Job {
+    let params = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Job::new(
+        command.to_string(),
         mode,
-        params: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        idempotency_key: None,
-        actor: "tester".into(),
-        approved_by: None,
-    }
+        "main".into(),
+        Params(params),
+        None,
+        "tester".into(),
+        0,
+    )
 }
 
 /// Runs a job and returns its outcome.

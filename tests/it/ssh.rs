@@ -165,7 +165,7 @@ async fn unknown_or_changed_host_key_is_refused_before_anything_runs() {
         )
         .await;
         assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-        assert_eq!(o.error_class.as_deref(), Some("host_key"));
+        assert_eq!(o.class(), Some("host_key"));
         assert!(o.run_id.is_none());
         assert!(o.message.contains(needle), "{}", o.message);
         assert!(
@@ -209,7 +209,7 @@ async fn wrong_key_is_refused_and_says_what_was_tried() {
     let db = db_as(USER, &keys().stranger, 10).await;
     let o = run(&db.runtime(), "dot_iu_healthcheck", Mode::Verify, &[]).await;
     assert_eq!(o.status, RunStatus::Failed);
-    assert_eq!(o.error_class.as_deref(), Some("transport"));
+    assert_eq!(o.class(), Some("ssh_auth"));
     assert!(
         o.message.contains("authentication") && o.message.contains("publickey"),
         "{}",
@@ -335,7 +335,7 @@ async fn deadline_cancels_the_backend_over_ssh() {
     let rt = db.runtime();
     let o = run(&rt, "dot_iu_diag_sleep", Mode::Apply, &[("seconds", "30")]).await;
     assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("timeout"));
+    assert_eq!(o.class(), Some("timeout"));
     assert_eq!(
         db.sql(&format!(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'govsql:{}'",
@@ -349,7 +349,7 @@ async fn deadline_cancels_the_backend_over_ssh() {
 }
 
 #[tokio::test]
-async fn sshd_stopped_mid_run_fails_jobs_as_transport_then_recovers() {
+async fn sshd_stopped_mid_run_fails_jobs_as_unreachable_then_recovers() {
     let own = Sshd::start();
     let db = ssh_db(&own.target_toml(USER, &keys().ed25519), 20).await;
     db.open_all();
@@ -368,11 +368,11 @@ async fn sshd_stopped_mid_run_fails_jobs_as_transport_then_recovers() {
     for t in tasks {
         let o = t.await.unwrap();
         assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-        assert_eq!(o.error_class.as_deref(), Some("transport"), "{o:?}");
+        assert_eq!(o.class(), Some("target_unreachable"), "{o:?}");
     }
     // While it is down: a clear transport failure, quickly enough.
     let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
-    assert_eq!(o.error_class.as_deref(), Some("transport"));
+    assert_eq!(o.class(), Some("target_unreachable"));
     own.launch();
     let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
     assert_eq!(o.status, RunStatus::Verified, "recovered: {o:?}");
@@ -393,7 +393,7 @@ async fn migrate_over_ssh_is_idempotent() {
         pg.port
     );
     let target: govsql::config::TargetConfig = toml::from_str(&toml).unwrap();
-    let exec = govsql::cli::executor_for(&target, true).unwrap();
+    let exec = govsql::transport::for_target(&target, govsql::psql::DbRole::Admin).unwrap();
     let catalog = govsql::catalog::Catalog::load(&catalog_path()).unwrap();
     let first = govsql::migrate::migrate(exec.as_ref(), &catalog, RUNTIME_ROLE, true)
         .await
@@ -439,7 +439,7 @@ async fn remote_psql_killed_mid_apply_is_settled_from_the_ledger() {
     assert!(killed.success());
     let o = task.await.unwrap();
     assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("transport"));
+    assert_eq!(o.class(), Some("target_unreachable"));
     assert!(
         o.message.contains("not applied"),
         "settled from the ledger: {}",

@@ -206,7 +206,7 @@ async fn nul_byte_is_refused_and_audited_before_anything_runs() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Refused);
-    assert_eq!(o.error_class.as_deref(), Some("bad_params"));
+    assert_eq!(o.class(), Some("bad_params"));
     assert!(
         o.message.contains("NUL") && o.message.contains("body"),
         "{}",
@@ -251,7 +251,7 @@ async fn timed_out_job_leaves_no_backend_and_fails_with_class_timeout() {
     let started = std::time::Instant::now();
     let o = run(&rt, "dot_iu_diag_sleep", Mode::Apply, &[("seconds", "30")]).await;
     assert_eq!(o.status, RunStatus::Failed, "{o:?}");
-    assert_eq!(o.error_class.as_deref(), Some("timeout"));
+    assert_eq!(o.class(), Some("timeout"));
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
     let tag = format!("govsql:{}", o.job_id);
     assert_eq!(

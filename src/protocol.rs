@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{Mode, Outcome};
+use crate::job::{Job, JobId, JobState, Mode, Params};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -26,7 +26,7 @@ pub enum Request {
         mode: Mode,
         /// `[name, value]` pairs.
         #[serde(default)]
-        params: Vec<(String, String)>,
+        params: Params,
         /// The target (default: the config's default).
         #[serde(default)]
         target: Option<String>,
@@ -45,14 +45,14 @@ pub enum Request {
         /// Protocol version.
         v: u32,
         /// The job.
-        job_id: String,
+        job_id: JobId,
     },
     /// Wait until a job is terminal (or the wait times out).
     Wait {
         /// Protocol version.
         v: u32,
         /// The job.
-        job_id: String,
+        job_id: JobId,
         /// Give up after this long (default 3600 s).
         #[serde(default)]
         timeout_s: Option<u64>,
@@ -70,49 +70,20 @@ pub enum Request {
         /// Protocol version.
         v: u32,
         /// The job.
-        job_id: String,
+        job_id: JobId,
     },
     /// Cancel a queued or waiting job.
     Cancel {
         /// Protocol version.
         v: u32,
         /// The job.
-        job_id: String,
+        job_id: JobId,
     },
     /// The daemon's health.
     Health {
         /// Protocol version.
         v: u32,
     },
-}
-
-/// A job as clients see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobView {
-    /// The job.
-    pub job_id: String,
-    /// The command.
-    pub command: String,
-    /// The mode.
-    pub mode: Mode,
-    /// The target.
-    pub target: String,
-    /// queued, awaiting_approval, running, or a terminal status.
-    pub state: String,
-    /// The unix user who submitted it.
-    pub actor: String,
-    /// md5 params digest.
-    pub params_digest: String,
-    /// The idempotency key.
-    pub idempotency_key: String,
-    /// When it was submitted (unix seconds).
-    pub submitted_at: i64,
-    /// When it ended (unix seconds).
-    pub finished_at: Option<i64>,
-    /// Who approved it.
-    pub approved_by: Option<String>,
-    /// The outcome, once terminal (`result` only for the submitter's wait).
-    pub outcome: Option<Outcome>,
 }
 
 /// The daemon's health.
@@ -123,7 +94,7 @@ pub struct Health {
     /// Seconds since start.
     pub uptime_s: u64,
     /// Jobs per state.
-    pub jobs: std::collections::BTreeMap<String, i64>,
+    pub jobs: std::collections::BTreeMap<JobState, i64>,
     /// Whether every worker answered its last heartbeat.
     pub workers_alive: bool,
     /// Seconds since the last watchdog heartbeat.
@@ -148,21 +119,69 @@ pub struct Reply {
     pub error: Option<ReplyError>,
     /// submit, status, wait, approve, cancel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<JobView>,
+    pub job: Option<Job>,
     /// list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jobs: Option<Vec<JobView>>,
+    pub jobs: Option<Vec<Job>>,
     /// health.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
 }
 
+/// What kind of failure a reply reports.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyKind {
+    /// The request is malformed.
+    BadRequest,
+    /// The client speaks another protocol version.
+    Version,
+    /// The request line is over [`MAX_LINE`].
+    TooLong,
+    /// The peer may not do this.
+    Denied,
+    /// No such job (or not one the peer may see).
+    NotFound,
+    /// The job is not in a state that allows this.
+    Conflict,
+    /// Not a catalog command.
+    UnknownCommand,
+    /// The named target does not exist.
+    UnknownTarget,
+    /// The approval came too late.
+    Expired,
+    /// The daemon cannot take this now (shutting down, queue full).
+    Unavailable,
+    /// A wait ended before the job did.
+    Timeout,
+    /// A bug or an I/O failure in the daemon.
+    Internal,
+}
+
+impl ReplyKind {
+    /// The exit code of a client that got this error.
+    pub fn exit_code(self) -> crate::job::ExitCode {
+        use crate::job::ExitCode;
+        match self {
+            ReplyKind::BadRequest
+            | ReplyKind::Version
+            | ReplyKind::TooLong
+            | ReplyKind::UnknownTarget => ExitCode::Usage,
+            ReplyKind::Denied | ReplyKind::Expired | ReplyKind::UnknownCommand => ExitCode::Refused,
+            ReplyKind::Timeout => ExitCode::Pending,
+            ReplyKind::NotFound
+            | ReplyKind::Conflict
+            | ReplyKind::Unavailable
+            | ReplyKind::Internal => ExitCode::Error,
+        }
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReplyError {
-    /// A fixed word: bad_request, version, too_long, denied, not_found,
-    /// conflict, unknown_command, internal, timeout.
-    pub kind: String,
+    /// What kind of failure.
+    pub kind: ReplyKind,
     /// What to do about it.
     pub message: String,
 }
@@ -181,7 +200,7 @@ impl Reply {
     }
 
     /// A success carrying a job.
-    pub fn job(job: JobView) -> Reply {
+    pub fn job(job: Job) -> Reply {
         Reply {
             job: Some(job),
             ..Reply::ok()
@@ -189,11 +208,11 @@ impl Reply {
     }
 
     /// A failure.
-    pub fn error(kind: &str, message: impl Into<String>) -> Reply {
+    pub fn error(kind: ReplyKind, message: impl Into<String>) -> Reply {
         Reply {
             ok: false,
             error: Some(ReplyError {
-                kind: kind.to_string(),
+                kind,
                 message: message.into(),
             }),
             ..Reply::ok()
@@ -203,7 +222,7 @@ impl Reply {
 
 /// Parses one request line; the error is the reply to send.
 pub fn parse_request(line: &[u8]) -> Result<Request, Box<Reply>> {
-    let bad = |msg: String| Box::new(Reply::error("bad_request", msg));
+    let bad = |msg: String| Box::new(Reply::error(ReplyKind::BadRequest, msg));
     let text = std::str::from_utf8(line).map_err(|_| bad("request is not UTF-8".into()))?;
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         bad(format!(
@@ -214,7 +233,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Box<Reply>> {
     let v = value.get("v").and_then(|v| v.as_u64());
     if v != Some(u64::from(PROTOCOL_VERSION)) {
         return Err(Box::new(Reply::error(
-            "version",
+            ReplyKind::Version,
             format!("protocol version {PROTOCOL_VERSION} expected (field \"v\"); is the client up to date?"),
         )));
     }
@@ -262,13 +281,17 @@ mod tests {
             }
         ));
         for (line, kind) in [
-            (&b"not json"[..], "bad_request"),
-            (br#"{"v":2,"op":"health"}"#, "version"),
-            (br#"{"op":"health"}"#, "version"),
-            (br#"{"v":1,"op":"explode"}"#, "bad_request"),
-            (br#"{"v":1,"op":"status"}"#, "bad_request"),
-            (br#"{"v":1,"op":"health","extra":1}"#, "bad_request"),
-            (b"\xff\xfe", "bad_request"),
+            (&b"not json"[..], ReplyKind::BadRequest),
+            (br#"{"v":2,"op":"health"}"#, ReplyKind::Version),
+            (br#"{"op":"health"}"#, ReplyKind::Version),
+            (br#"{"v":1,"op":"explode"}"#, ReplyKind::BadRequest),
+            (br#"{"v":1,"op":"status"}"#, ReplyKind::BadRequest),
+            (
+                br#"{"v":1,"op":"status","job_id":"NOT AN ID"}"#,
+                ReplyKind::BadRequest,
+            ),
+            (br#"{"v":1,"op":"health","extra":1}"#, ReplyKind::BadRequest),
+            (b"\xff\xfe", ReplyKind::BadRequest),
         ] {
             let err = parse_request(line).unwrap_err();
             assert_eq!(

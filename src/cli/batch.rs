@@ -10,8 +10,8 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::client::Client;
-use crate::daemon::protocol::{Request, PROTOCOL_VERSION};
-use crate::runtime::Mode;
+use crate::job::{ExitCode, Mode, Params};
+use crate::protocol::{Request, PROTOCOL_VERSION};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,7 +27,7 @@ struct Line {
 }
 
 /// Runs a batch; the exit code is the worst outcome's.
-pub async fn run(socket: &Path, file: &Path) -> anyhow::Result<i32> {
+pub async fn run(socket: &Path, file: &Path) -> anyhow::Result<ExitCode> {
     let reader = std::io::BufReader::new(
         std::fs::File::open(file)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
@@ -69,7 +69,7 @@ pub async fn run(socket: &Path, file: &Path) -> anyhow::Result<i32> {
                 v: PROTOCOL_VERSION,
                 command: j.command,
                 mode: j.mode,
-                params: j.params.into_iter().collect(),
+                params: Params(j.params.into_iter().collect()),
                 target: j.target,
                 idempotency_key: j.idempotency_key,
                 wait: false,
@@ -83,7 +83,7 @@ pub async fn run(socket: &Path, file: &Path) -> anyhow::Result<i32> {
         bar.inc(1);
     }
     bar.set_message("waiting");
-    let mut worst = 0;
+    let mut worst = ExitCode::Ok;
     for id in &ids {
         let reply = client
             .call(&Request::Wait {
@@ -92,25 +92,36 @@ pub async fn run(socket: &Path, file: &Path) -> anyhow::Result<i32> {
                 timeout_s: None,
             })
             .await?;
-        let state = reply
-            .job
-            .as_ref()
-            .map(|j| j.state.clone())
-            .unwrap_or_else(|| "unknown".into());
-        let code = match state.as_str() {
-            "planned" | "applied" | "verified" => 0,
-            "refused" | "cancelled" => 3,
-            _ => 4,
+        let (state, code) = match reply.job.as_ref() {
+            Some(j) => (j.state.as_str(), j.state.exit_code()),
+            None => ("unknown", ExitCode::Error),
         };
-        worst = worst.max(code);
-        *summary.entry(state).or_default() += 1;
+        worst = worse(worst, code);
+        *summary.entry(state.to_string()).or_default() += 1;
         bar.inc(1);
     }
     bar.finish_and_clear();
     let parts: Vec<String> = summary.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("batch of {} jobs: {}", ids.len(), parts.join(", "));
+    out!("batch of {} jobs: {}", ids.len(), parts.join(", "));
     if summary.contains_key("rejected") {
-        worst = worst.max(1);
+        worst = worse(worst, ExitCode::Error);
     }
     Ok(worst)
+}
+
+/// The worse of two exit codes: failed over refused over pending over
+/// error over success.
+fn worse(a: ExitCode, b: ExitCode) -> ExitCode {
+    let rank = |c: ExitCode| match c {
+        ExitCode::Ok => 0,
+        ExitCode::Error | ExitCode::Usage => 1,
+        ExitCode::Pending => 2,
+        ExitCode::Refused => 3,
+        ExitCode::Failed => 4,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
 }
