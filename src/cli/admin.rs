@@ -241,123 +241,135 @@ pub(super) fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<Exit
     Ok(ExitCode::Ok)
 }
 
-pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<ExitCode> {
-    let mut failed = 0;
-    let mut check = |ok: bool, what: &str, detail: String| {
+/// self-test's report: one line per check, and how many failed.
+#[derive(Default)]
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn check(&mut self, ok: bool, what: &str, detail: impl std::fmt::Display) {
         out!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
         if !ok {
-            failed += 1;
+            self.failed += 1;
         }
-    };
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        if self.failed == 0 {
+            ExitCode::Ok
+        } else {
+            ExitCode::Failed
+        }
+    }
+}
+
+pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let mut report = Report::default();
     let config = match Config::load(config_path) {
-        Ok(c) => {
-            check(true, "config", config_path.display().to_string());
-            c
-        }
+        Ok(c) => c,
         Err(e) => {
-            check(false, "config", e.to_string());
-            return Ok(ExitCode::Failed);
+            report.check(false, "config", e);
+            return Ok(report.exit_code());
         }
     };
+    report.check(true, "config", config_path.display());
     let catalog = match Catalog::load(&config.daemon.catalog) {
-        Ok(c) => {
-            check(
-                true,
-                "catalog",
-                format!("{} commands, {}", c.commands().len(), c.digest()),
-            );
-            c
-        }
+        Ok(c) => c,
         Err(e) => {
-            check(false, "catalog", e.to_string());
-            return Ok(ExitCode::Failed);
+            report.check(false, "catalog", e);
+            return Ok(report.exit_code());
         }
     };
-    let probe = config.daemon.state_dir.join(".self-test");
-    let writable = std::fs::create_dir_all(&config.daemon.state_dir)
+    report.check(
+        true,
+        "catalog",
+        format!(
+            "{} commands, {}",
+            catalog.commands().len(),
+            catalog.digest()
+        ),
+    );
+    check_state_dir(&mut report, &config);
+    for (name, t) in &config.targets {
+        check_target(&mut report, name, t, &catalog).await;
+    }
+    check_daemon(&mut report, &config.daemon.socket).await;
+    Ok(report.exit_code())
+}
+
+fn check_state_dir(report: &mut Report, config: &Config) {
+    let dir = &config.daemon.state_dir;
+    let probe = dir.join(".self-test");
+    let writable = std::fs::create_dir_all(dir)
         .and_then(|_| std::fs::write(&probe, b"ok"))
         .and_then(|_| std::fs::remove_file(&probe));
-    check(
-        writable.is_ok(),
-        "state_dir",
-        match &writable {
-            Ok(()) => format!("{} is writable", config.daemon.state_dir.display()),
-            Err(e) => format!("{}: {e}", config.daemon.state_dir.display()),
-        },
-    );
-    let switch = ApplySwitch::new(&config.daemon.state_dir).is_on();
-    check(
+    match &writable {
+        Ok(()) => report.check(true, "state_dir", format!("{} is writable", dir.display())),
+        Err(e) => report.check(false, "state_dir", format!("{}: {e}", dir.display())),
+    }
+    let on = ApplySwitch::new(dir).is_on();
+    report.check(
         true,
         "apply switch",
-        if switch {
-            "on".into()
+        if on {
+            "on"
         } else {
-            "off (applies are refused)".into()
+            "off (applies are refused)"
         },
     );
-    for (name, t) in &config.targets {
-        let exec = match for_target(t, DbRole::Runtime) {
-            Ok(e) => e,
-            Err(e) => {
-                check(false, &format!("target {name}"), e.to_string());
-                continue;
-            }
-        };
-        match exec.ready().await {
-            Ok(()) => check(
-                true,
-                &format!("target {name} reachable"),
-                exec.host_key_fingerprint()
-                    .map(|f| format!("{} host key {f}", exec.kind()))
-                    .unwrap_or_else(|| exec.kind().to_string()),
-            ),
-            Err(e) => {
-                check(false, &format!("target {name} reachable"), e.to_string());
-                continue;
-            }
-        }
-        match catalog_check(exec.as_ref(), &catalog).await {
-            Ok(ExitCode::Ok) => check(
-                true,
-                &format!("target {name} catalog"),
-                "targets resolve, digest matches".into(),
-            ),
-            Ok(_) => check(
-                false,
-                &format!("target {name} catalog"),
-                "see the lines above".into(),
-            ),
-            Err(e) => check(false, &format!("target {name} catalog"), format!("{e:#}")),
-        }
+}
+
+async fn check_target(
+    report: &mut Report,
+    name: &str,
+    t: &crate::config::TargetConfig,
+    catalog: &Catalog,
+) {
+    let exec = match for_target(t, DbRole::Runtime) {
+        Ok(e) => e,
+        Err(e) => return report.check(false, &format!("target {name}"), e),
+    };
+    match exec.ready().await {
+        Ok(()) => report.check(
+            true,
+            &format!("target {name} reachable"),
+            exec.host_key_fingerprint()
+                .map(|f| format!("{} host key {f}", exec.kind()))
+                .unwrap_or_else(|| exec.kind().to_string()),
+        ),
+        Err(e) => return report.check(false, &format!("target {name} reachable"), e),
     }
-    let socket = &config.daemon.socket;
-    match Client::connect(socket).await {
-        Ok(mut c) => match c
-            .call(&Request::Health {
-                v: PROTOCOL_VERSION,
-            })
-            .await
-        {
-            Ok(r) if r.ok => check(
-                r.health.as_ref().is_some_and(|h| h.workers_alive),
-                "daemon",
-                format!("answers on {}", socket.display()),
-            ),
-            Ok(r) => check(
-                false,
-                "daemon",
-                r.error.map(|e| e.message).unwrap_or_default(),
-            ),
-            Err(e) => check(false, "daemon", e.to_string()),
-        },
-        Err(_) => out!(
+    let what = format!("target {name} catalog");
+    match catalog_check(exec.as_ref(), catalog).await {
+        Ok(ExitCode::Ok) => report.check(true, &what, "targets resolve, digest matches"),
+        Ok(_) => report.check(false, &what, "see the lines above"),
+        Err(e) => report.check(false, &what, format!("{e:#}")),
+    }
+}
+
+async fn check_daemon(report: &mut Report, socket: &Path) {
+    let Ok(mut c) = Client::connect(socket).await else {
+        out!(
             "--   daemon: not running at {} (fine for --direct use)",
             socket.display()
+        );
+        return;
+    };
+    let health = Request::Health {
+        v: PROTOCOL_VERSION,
+    };
+    match c.call(&health).await {
+        Ok(r) if r.ok => report.check(
+            r.health.as_ref().is_some_and(|h| h.workers_alive),
+            "daemon",
+            format!("answers on {}", socket.display()),
         ),
+        Ok(r) => report.check(
+            false,
+            "daemon",
+            r.error.map(|e| e.message).unwrap_or_default(),
+        ),
+        Err(e) => report.check(false, "daemon", e),
     }
-    Ok(if failed == 0 {
-        ExitCode::Ok
-    } else {
-        ExitCode::Failed
-    })
 }

@@ -341,95 +341,31 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
     }
 }
 
+/// The reply of one op, sent once the batch's commit is known.
+fn respond<T: Send + 'static>(
+    reply: Reply<T>,
+    result: rusqlite::Result<T>,
+    path: &Path,
+) -> Deferred {
+    let path = path.to_path_buf();
+    Box::new(move |commit_err| {
+        let out = match (result, commit_err) {
+            (Ok(v), None) => Ok(v),
+            (Err(e), _) => Err(QueueError::Sqlite { path, source: e }),
+            (Ok(_), Some(e)) => Err(QueueError::State(format!("queue commit failed: {e}"))),
+        };
+        let _ = reply.send(out);
+    })
+}
+
 /// Runs one op inside the batch's transaction; returns the reply to send
 /// once the commit is known.
 fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
-    fn respond<T: Send + 'static>(
-        reply: Reply<T>,
-        result: rusqlite::Result<T>,
-        path: &Path,
-    ) -> Deferred {
-        let path = path.to_path_buf();
-        Box::new(move |commit_err| {
-            let out = match (result, commit_err) {
-                (Ok(v), None) => Ok(v),
-                (Err(e), _) => Err(QueueError::Sqlite { path, source: e }),
-                (Ok(_), Some(e)) => Err(QueueError::State(format!("queue commit failed: {e}"))),
-            };
-            let _ = reply.send(out);
-        })
-    }
-    fn state_err<T: Send + 'static>(reply: Reply<T>, msg: String) -> Deferred {
-        Box::new(move |_| {
-            let _ = reply.send(Err(QueueError::State(msg)));
-        })
-    }
     match op {
-        Op::Submit(job, reply) => {
-            let params = serde_json::to_string(&job.params).unwrap_or_else(|_| "[]".into());
-            let (class, message) = job
-                .preset
-                .as_ref()
-                .map(|p| (p.class.as_str().to_string(), p.message.clone()))
-                .unzip();
-            let r = tx
-                .execute(
-                    "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                    params![
-                        job.job_id.as_str(),
-                        job.command,
-                        job.mode.as_str(),
-                        job.target,
-                        params,
-                        job.params_digest,
-                        job.idempotency_key,
-                        job.actor,
-                        job.actor_uid,
-                        job.state.as_str(),
-                        class,
-                        message,
-                        job.submitted_at
-                    ],
-                )
-                .and_then(|_| get_job(tx, &job.job_id))
-                .and_then(|j| j.ok_or(rusqlite::Error::QueryReturnedNoRows));
-            respond(reply, r, path)
-        }
+        Op::Submit(job, reply) => respond(reply, insert(tx, &job), path),
         Op::Get(id, reply) => respond(reply, get_job(tx, &id), path),
-        Op::List(limit, reply) => {
-            let r = (|| {
-                let mut st = tx.prepare(&format!(
-                    "SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
-                ))?;
-                let rows = st
-                    .query_map([limit], row_to_job)?
-                    .collect::<rusqlite::Result<Vec<_>>>();
-                rows
-            })();
-            respond(reply, r, path)
-        }
-        Op::ClaimNext(target, reply) => {
-            let r = (|| {
-                let job = tx
-                    .query_row(
-                        &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state = 'queued' ORDER BY seq LIMIT 1"),
-                        [&target],
-                        row_to_job,
-                    )
-                    .optional()?;
-                if let Some(mut j) = job {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
-                        params![j.job_id.as_str(), now()],
-                    )?;
-                    j.state = JobState::Running;
-                    return Ok(Some(j));
-                }
-                Ok(None)
-            })();
-            respond(reply, r, path)
-        }
+        Op::List(limit, reply) => respond(reply, list(tx, limit), path),
+        Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
         Op::Finish(id, state, outcome, reply) => {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
             let r = tx
@@ -442,28 +378,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         }
         Op::Approve(id, by, reply) => match get_job(tx, &id) {
             Ok(Some(j)) if j.state == JobState::AwaitingApproval => {
-                let r = tx
-                    .execute(
-                        "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3 WHERE job_id = ?1",
-                        params![id.as_str(), by, now()],
-                    )
-                    .and_then(|_| get_job(tx, &id))
-                    .and_then(|j| j.ok_or(rusqlite::Error::QueryReturnedNoRows));
-                respond(reply, r, path)
+                respond(reply, approve(tx, &id, &by), path)
             }
-            Ok(Some(j)) => state_err(
-                reply,
-                format!("job {id} is {}, not awaiting approval", j.state),
-            ),
-            Ok(None) => state_err(reply, format!("no job {id}")),
+            Ok(Some(j)) => {
+                let msg = format!("job {id} is {}, not awaiting approval", j.state);
+                Box::new(move |_| {
+                    let _ = reply.send(Err(QueueError::State(msg)));
+                })
+            }
+            Ok(None) => {
+                let msg = format!("no job {id}");
+                Box::new(move |_| {
+                    let _ = reply.send(Err(QueueError::State(msg)));
+                })
+            }
             Err(e) => respond(reply, Err(e), path),
         },
         Op::Preset(id, refusal, reply) => {
-            let r = tx
-                .execute(
-                    "UPDATE jobs SET state = 'queued', preset_class = ?2, preset_message = ?3 WHERE job_id = ?1 AND state IN ('queued', 'awaiting_approval')",
-                    params![id.as_str(), refusal.class.as_str(), refusal.message],
-                );
+            let r = tx.execute(
+                "UPDATE jobs SET state = 'queued', preset_class = ?2, preset_message = ?3 WHERE job_id = ?1 AND state IN ('queued', 'awaiting_approval')",
+                params![id.as_str(), refusal.class.as_str(), refusal.message],
+            );
             respond(reply, r, path)
         }
         Op::Recover(reply) => {
@@ -473,34 +408,98 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             );
             respond(reply, r, path)
         }
-        Op::Counts(reply) => {
-            let r = (|| {
-                let mut st = tx.prepare("SELECT state, count(*) FROM jobs GROUP BY state")?;
-                let rows = st
-                    .query_map([], |r| {
-                        let state = r.get::<_, String>(0)?;
-                        let state = JobState::parse(&state).ok_or_else(|| bad_word(0, "state"))?;
-                        Ok((state, r.get::<_, i64>(1)?))
-                    })?
-                    .collect::<rusqlite::Result<BTreeMap<_, _>>>();
-                rows
-            })();
-            respond(reply, r, path)
-        }
-        Op::Expired(before, reply) => {
-            let r = (|| {
-                let mut st = tx.prepare("SELECT job_id FROM jobs WHERE state = 'awaiting_approval' AND submitted_at < ?1")?;
-                let rows = st
-                    .query_map([before], |r| {
-                        let id = r.get::<_, String>(0)?;
-                        JobId::parse(&id).ok_or_else(|| bad_word(0, "job id"))
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>();
-                rows
-            })();
-            respond(reply, r, path)
-        }
+        Op::Counts(reply) => respond(reply, counts(tx), path),
+        Op::Expired(before, reply) => respond(reply, expired(tx, before), path),
     }
+}
+
+fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
+    let params = serde_json::to_string(&job.params).unwrap_or_else(|_| "[]".into());
+    let (class, message) = job
+        .preset
+        .as_ref()
+        .map(|p| (p.class.as_str().to_string(), p.message.clone()))
+        .unzip();
+    tx.execute(
+        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            job.job_id.as_str(),
+            job.command,
+            job.mode.as_str(),
+            job.target,
+            params,
+            job.params_digest,
+            job.idempotency_key,
+            job.actor,
+            job.actor_uid,
+            job.state.as_str(),
+            class,
+            message,
+            job.submitted_at
+        ],
+    )?;
+    get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+fn list(tx: &Connection, limit: u32) -> rusqlite::Result<Vec<Job>> {
+    let mut st = tx.prepare(&format!(
+        "SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
+    ))?;
+    let rows = st.query_map([limit], row_to_job)?.collect();
+    rows
+}
+
+fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
+    let job = tx
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state = 'queued' ORDER BY seq LIMIT 1"),
+            [target],
+            row_to_job,
+        )
+        .optional()?;
+    let Some(mut j) = job else {
+        return Ok(None);
+    };
+    tx.execute(
+        "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
+        params![j.job_id.as_str(), now()],
+    )?;
+    j.state = JobState::Running;
+    Ok(Some(j))
+}
+
+fn approve(tx: &Connection, id: &JobId, by: &str) -> rusqlite::Result<Job> {
+    tx.execute(
+        "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3 WHERE job_id = ?1",
+        params![id.as_str(), by, now()],
+    )?;
+    get_job(tx, id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+fn counts(tx: &Connection) -> rusqlite::Result<BTreeMap<JobState, i64>> {
+    let mut st = tx.prepare("SELECT state, count(*) FROM jobs GROUP BY state")?;
+    let rows = st
+        .query_map([], |r| {
+            let state = r.get::<_, String>(0)?;
+            let state = JobState::parse(&state).ok_or_else(|| bad_word(0, "state"))?;
+            Ok((state, r.get::<_, i64>(1)?))
+        })?
+        .collect();
+    rows
+}
+
+fn expired(tx: &Connection, before: i64) -> rusqlite::Result<Vec<JobId>> {
+    let mut st = tx.prepare(
+        "SELECT job_id FROM jobs WHERE state = 'awaiting_approval' AND submitted_at < ?1",
+    )?;
+    let rows = st
+        .query_map([before], |r| {
+            let id = r.get::<_, String>(0)?;
+            JobId::parse(&id).ok_or_else(|| bad_word(0, "job id"))
+        })?
+        .collect();
+    rows
 }
 
 #[cfg(test)]
