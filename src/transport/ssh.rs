@@ -148,6 +148,91 @@ struct Client {
 impl client::Handler for Client {
     type Error = russh::Error;
 
+    // The server may not open channels toward govsql: agent, X11,
+    // forwarding and session requests are refused (dropping the reply
+    // rejects), so a hostile server cannot make the client hold them.
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("agent forwarding", reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("session", reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("X11", reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("forwarded tcpip", reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("forwarded streamlocal", reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("direct tcpip", reply);
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        refuse_channel("direct streamlocal", reply);
+        Ok(())
+    }
+
     async fn check_server_key(
         &mut self,
         offered: &PublicKeyOrCertificate,
@@ -198,6 +283,16 @@ impl client::Handler for Client {
     }
 }
 
+/// Rejects a channel the server tried to open (dropping the handle sends
+/// the rejection).
+fn refuse_channel(kind: &str, reply: client::ChannelOpenHandle) {
+    tracing::warn!(
+        kind,
+        "the SSH server tried to open a channel toward govsql; refused"
+    );
+    drop(reply);
+}
+
 /// A live session and the fingerprint it was accepted with.
 struct Live {
     handle: Arc<Handle<Client>>,
@@ -221,6 +316,10 @@ pub struct SshExecutor {
 }
 
 const MAX_ATTEMPTS: u32 = 6;
+
+/// How long an abandoned channel waits for the server's Close before its
+/// slot is given back anyway.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 impl SshExecutor {
     /// An executor for `target` whose scripts run as `role`.
@@ -482,13 +581,25 @@ async fn drive_channel(
     let mut refused = false;
     let reader = async {
         let mut abandoned = false;
+        // After we close an abandoned channel, the server's Close may never
+        // reach us (russh 0.65): wait for it a little, then let the channel
+        // and its slot go on our own deadline.
+        let close_grace = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(close_grace);
         loop {
             let msg = tokio::select! {
                 m = rd.wait() => m,
                 _ = &mut abandon, if !abandoned => {
                     abandoned = true;
                     let _ = wr.close().await;
+                    close_grace
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + CLOSE_GRACE);
                     continue;
+                }
+                _ = &mut close_grace, if abandoned => {
+                    tracing::debug!("no Close for an abandoned channel; releasing its slot");
+                    break;
                 }
             };
             match msg {

@@ -487,3 +487,30 @@ async fn null_is_told_from_empty_and_from_the_null_marker_over_ssh() {
         vec![vec![Some(tricky.to_string())]]
     );
 }
+
+#[tokio::test]
+async fn timeouts_never_wedge_the_channel_slots() {
+    // Two channel slots; three jobs that each pass their deadline. Every
+    // slot must come back however the channel ended (regression: a slot
+    // was held until a Close that russh 0.65 never delivers, so after
+    // max_channels timeouts every later job timed out too).
+    let s = sshd::shared();
+    let toml = s
+        .target_toml(USER, &keys().ed25519)
+        .replace("max_channels = 8", "max_channels = 2");
+    let db = ssh_db(&toml, 2).await;
+    db.open_all();
+    let rt = db.runtime();
+    for _ in 0..3 {
+        let o = run(&rt, "dot_iu_diag_sleep", Mode::Verify, &[("seconds", "30")]).await;
+        assert_eq!(o.class(), Some("timeout"), "{o:?}");
+    }
+    let started = std::time::Instant::now();
+    let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert_eq!(o.status, RunStatus::Verified, "{o:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
