@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
 use crate::psql::{self, control_rows, FinishedScript, PsqlResult, Script, Sections};
-use crate::transport::{run_with_deadline, Executor, ScriptRequest};
+use crate::transport::{run_script, Executor};
 
 /// One embedded migration and its rollback.
 #[derive(Debug, Clone, Copy)]
@@ -195,12 +195,8 @@ pub async fn rollback(exec: &dyn Executor) -> Result<(), MigrateError> {
 }
 
 async fn run_admin(exec: &dyn Executor, script: &FinishedScript) -> Result<Sections, MigrateError> {
-    let req = ScriptRequest {
-        text: script.text.clone(),
-        tag: "govsql:migrate".into(),
-    };
-    let run = run_with_deadline(exec, req, std::time::Duration::from_secs(600)).await;
-    match PsqlResult::read(run, script) {
+    let deadline = std::time::Duration::from_secs(600);
+    match run_script(exec, script, "govsql:migrate", deadline).await {
         PsqlResult::Complete(secs) => Ok(secs),
         PsqlResult::SqlError { state, .. } => Err(MigrateError::Sql { state }),
         other => Err(MigrateError::Psql(other.to_string())),

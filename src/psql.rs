@@ -16,7 +16,6 @@ use rand::Rng;
 use crate::config::TargetConfig;
 pub use crate::job::Row;
 use crate::job::{is_sqlstate, ErrorClass};
-use crate::transport::{Exit, ScriptOutput, TransportError};
 
 /// psql's field separator for control rows.
 pub const FIELD_SEP: &str = "~|~";
@@ -394,6 +393,38 @@ pub fn sqlstate(stderr: &[u8]) -> Option<String> {
     found
 }
 
+/// How the remote psql ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// An exit status (psql: 0 ok, 3 SQL error under ON_ERROR_STOP).
+    Code(i32),
+    /// Killed by a signal (SSH sends exit-signal instead of a status).
+    Signal(String),
+    /// The channel closed without telling.
+    Unknown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit {c}"),
+            Exit::Signal(s) => write!(f, "signal {s}"),
+            Exit::Unknown => f.write_str("no exit status"),
+        }
+    }
+}
+
+/// What psql wrote and how it ended.
+#[derive(Debug, Clone)]
+pub struct ScriptOutput {
+    /// stdout: markers, control rows, COPY rows.
+    pub stdout: Vec<u8>,
+    /// stderr: SQLSTATEs (never copied into the ledger or logs).
+    pub stderr: Vec<u8>,
+    /// The exit.
+    pub exit: Exit,
+}
+
 /// What one run of a script came to: the ONE reading of psql's answer
 /// (exit, stdout framing, stderr SQLSTATE, transport failure) that plan,
 /// apply, verify, migrate and the catalog check all match on.
@@ -430,20 +461,9 @@ pub enum PsqlResult {
 }
 
 impl PsqlResult {
-    /// Reads a run's result against the script it ran.
-    pub fn read(run: Result<ScriptOutput, TransportError>, script: &FinishedScript) -> PsqlResult {
-        let out = match run {
-            Ok(out) => out,
-            Err(e) => {
-                let class = e.class();
-                let message = e.to_string();
-                return if e.nothing_ran() {
-                    PsqlResult::NotStarted { class, message }
-                } else {
-                    PsqlResult::CutOff { class, message }
-                };
-            }
-        };
+    /// Reads what psql wrote and how it ended, against the script it ran
+    /// (a transport that failed is read by `transport::run_script`).
+    pub fn read(out: &ScriptOutput, script: &FinishedScript) -> PsqlResult {
         let secs = match Sections::split(&out.stdout, &script.nonce) {
             Ok(secs) => secs,
             Err(e) => return PsqlResult::Malformed(e.to_string()),
@@ -468,7 +488,7 @@ impl PsqlResult {
         if secs.parts.is_empty() && matches!(out.exit, Exit::Code(_)) {
             return PsqlResult::NotStarted {
                 class: ErrorClass::DbUnavailable,
-                message: not_started(&out),
+                message: not_started(out),
             };
         }
         PsqlResult::CutOff {

@@ -151,12 +151,8 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
     s.section();
     s.sql("SELECT public.fn_dot_iu_catalog_digest()");
     let script = s.finish();
-    let req = ScriptRequest {
-        text: script.text.clone(),
-        tag: "govsql:catalog-check".into(),
-    };
-    let run = run_with_deadline(exec, req, std::time::Duration::from_secs(60)).await;
-    let secs = match PsqlResult::read(run, &script) {
+    let deadline = std::time::Duration::from_secs(60);
+    let secs = match run_script(exec, &script, "govsql:catalog-check", deadline).await {
         PsqlResult::Complete(secs) => secs,
         PsqlResult::SqlError { state, .. } => anyhow::bail!(
             "catalog check failed with SQLSTATE {state}; has `govsql migrate` been run on this target?"

@@ -17,7 +17,7 @@ use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
 use crate::psql::{self, control_rows, DbRole, PsqlResult, Script};
 use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
-use crate::transport::{for_target, run_with_deadline, Executor, ScriptRequest};
+use crate::transport::{for_target, run_script, Executor};
 
 /// Prints one line to stdout; a reader that went away (`govsql jobs |
 /// head -1`) ends the process quietly with status 0 instead of a panic.

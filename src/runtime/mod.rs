@@ -23,7 +23,7 @@ use crate::job::{valid_identifier, ErrorClass, Job, Row};
 use crate::params;
 use crate::psql::{FinishedScript, PsqlResult, Script};
 use crate::switch::ApplySwitch;
-use crate::transport::{run_with_deadline, Executor, ScriptRequest};
+use crate::transport::{run_script, Executor};
 
 pub use crate::job::{Mode, Outcome, RunStatus};
 
@@ -244,12 +244,13 @@ impl Runtime {
 
     /// Runs a script under the job's deadline and reads psql's answer.
     async fn exec(&self, ctx: &Ctx<'_>, script: &FinishedScript) -> PsqlResult {
-        let req = ScriptRequest {
-            text: script.text.clone(),
-            tag: self.tag(ctx),
-        };
-        let run = run_with_deadline(self.executor.as_ref(), req, self.job_timeout).await;
-        PsqlResult::read(run, script)
+        run_script(
+            self.executor.as_ref(),
+            script,
+            &self.tag(ctx),
+            self.job_timeout,
+        )
+        .await
     }
 }
 

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use crate::config::{TargetConfig, TransportKind};
 use crate::job::ErrorClass;
-use crate::psql::{quote_plain, DbRole, Script};
+use crate::psql::{quote_plain, DbRole, FinishedScript, PsqlResult, Script};
+pub use crate::psql::{Exit, ScriptOutput};
 
 /// A boxed, sendable future (the trait is used as `dyn Executor`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -29,38 +30,6 @@ pub struct ScriptRequest {
     pub text: String,
     /// The `application_name` the script sets (for cancellation).
     pub tag: String,
-}
-
-/// How the remote psql ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// An exit status (psql: 0 ok, 3 SQL error under ON_ERROR_STOP).
-    Code(i32),
-    /// Killed by a signal (SSH sends exit-signal instead of a status).
-    Signal(String),
-    /// The channel closed without telling.
-    Unknown,
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Exit::Code(c) => write!(f, "exit {c}"),
-            Exit::Signal(s) => write!(f, "signal {s}"),
-            Exit::Unknown => f.write_str("no exit status"),
-        }
-    }
-}
-
-/// What psql wrote and how it ended.
-#[derive(Debug, Clone)]
-pub struct ScriptOutput {
-    /// stdout: markers, control rows, COPY rows.
-    pub stdout: Vec<u8>,
-    /// stderr: SQLSTATEs (never copied into the ledger or logs).
-    pub stderr: Vec<u8>,
-    /// The exit.
-    pub exit: Exit,
 }
 
 /// A transport failure: either nothing was sent (the target could not be
@@ -137,6 +106,31 @@ pub trait Executor: Send + Sync {
     /// Ends the executor's sessions cleanly (SSH: disconnect) at shutdown.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+/// Runs a finished script under a deadline and reads psql's answer: the
+/// one path from a script to a [`PsqlResult`], for every caller.
+pub async fn run_script(
+    exec: &dyn Executor,
+    script: &FinishedScript,
+    tag: &str,
+    deadline: Duration,
+) -> PsqlResult {
+    let req = ScriptRequest {
+        text: script.text.clone(),
+        tag: tag.to_string(),
+    };
+    match run_with_deadline(exec, req, deadline).await {
+        Ok(out) => PsqlResult::read(&out, script),
+        Err(e) if e.nothing_ran() => PsqlResult::NotStarted {
+            class: e.class(),
+            message: e.to_string(),
+        },
+        Err(e) => PsqlResult::CutOff {
+            class: e.class(),
+            message: e.to_string(),
+        },
     }
 }
 

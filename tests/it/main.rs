@@ -6,6 +6,7 @@ mod core;
 mod daemon;
 mod guard_table;
 mod harness;
+mod layout;
 mod seed_lock;
 mod ssh;
 mod sshd;
