@@ -89,6 +89,13 @@ pub struct Command {
     /// The typed params.
     #[serde(default)]
     pub params: Vec<ParamSpec>,
+    /// The `status` words its functions answer on success (required for
+    /// mutating commands; `["ok"]` when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_status: Vec<String>,
+    /// The statements compiled for the dispatcher (filled at load).
+    #[serde(skip)]
+    pub compiled: Vec<String>,
     /// Gates derived from the targets (filled at load).
     #[serde(skip)]
     pub gates: Vec<String>,
@@ -98,6 +105,15 @@ pub struct Command {
 }
 
 impl Command {
+    /// The statuses an answer may carry: `expect_status`, or `["ok"]`.
+    pub fn expected_statuses(&self) -> Vec<String> {
+        if self.expect_status.is_empty() {
+            vec!["ok".to_string()]
+        } else {
+            self.expect_status.clone()
+        }
+    }
+
     /// Gates an apply of this command needs: the runtime gate plus the
     /// gate of every target function.
     pub fn apply_gates(&self) -> Vec<String> {
@@ -219,7 +235,7 @@ impl Catalog {
         for c in &self.file.command {
             let _ = writeln!(
                 s,
-                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, false);",
+                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, statements, statement_kinds, param_specs, expect_status, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}::jsonb, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, statements = EXCLUDED.statements, statement_kinds = EXCLUDED.statement_kinds, param_specs = EXCLUDED.param_specs, expect_status = EXCLUDED.expect_status, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.statements, c.statement_kinds, c.param_specs, c.expect_status, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, EXCLUDED.statements, EXCLUDED.statement_kinds, EXCLUDED.param_specs, EXCLUDED.expect_status, false);",
                 quote_trusted(&c.name),
                 quote_trusted(&c.category),
                 quote_trusted(&c.description),
@@ -230,6 +246,10 @@ impl Catalog {
                 c.requires_approval,
                 text_array(&c.targets),
                 text_array(&c.apply_gates()),
+                text_array(&c.compiled),
+                text_array(&c.kinds.iter().map(|k| k.word().to_string()).collect::<Vec<_>>()),
+                quote_trusted(&serde_json::to_string(&c.params).unwrap_or_else(|_| "[]".into())),
+                text_array(&c.expected_statuses()),
             );
         }
         let names: Vec<String> = self
@@ -289,6 +309,23 @@ fn check_command(
     if cmd.statements.is_empty() || cmd.targets.is_empty() {
         return Err(bad("needs at least one statement and one target"));
     }
+    if cmd.mutating && cmd.expect_status.is_empty() {
+        return Err(bad(
+            "a mutating command must list expect_status, the statuses its functions answer on success",
+        ));
+    }
+    if let Some(s) = cmd.expect_status.iter().find(|s| {
+        s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    }) {
+        return Err(bad(&format!(
+            "expect_status {s:?} must be 1-32 characters of a-z and _"
+        )));
+    }
+    if let Some(t) = cmd.targets.iter().find(|t| t.starts_with("fn_dot_iu_")) {
+        return Err(bad(&format!(
+            "target {t} is a govsql substrate function; commands may only call governed functions"
+        )));
+    }
     let mut seen = BTreeSet::new();
     for p in &cmd.params {
         if !ident(&p.name) || !seen.insert(p.name.clone()) {
@@ -336,6 +373,7 @@ fn check_command(
     let valid = params::validate(&name, &cmd.params, &samples).map_err(|e| bad(&e.to_string()))?;
     let mut used = BTreeSet::new();
     cmd.kinds.clear();
+    cmd.compiled.clear();
     for tpl in &cmd.statements {
         let names = params::template_placeholders(tpl).map_err(|e| bad(&e.to_string()))?;
         used.extend(names.iter().cloned());
@@ -349,6 +387,8 @@ fn check_command(
             ));
         }
         cmd.kinds.push(kind);
+        cmd.compiled
+            .push(params::compile_template(tpl, &cmd.params).map_err(|e| bad(&e.to_string()))?);
     }
     if let Some(p) = cmd.params.iter().find(|p| !used.contains(&p.name)) {
         return Err(bad(&format!(
@@ -381,6 +421,7 @@ name = "dot_b"
 category = "composer"
 description = "write"
 mutating = true
+expect_status = ["created"]
 targets = ["fn_b"]
 statements = ["SELECT public.fn_b()"]
 "#;
@@ -445,6 +486,26 @@ statements = ["SELECT public.fn_b()"]
             "inverse",
         );
         refused(&format!("{MINI}\nbogus = 1\n"), "bogus");
+        refused(
+            &MINI.replace("expect_status = [\"created\"]\n", ""),
+            "must list expect_status",
+        );
+        refused(
+            &MINI.replace("[\"created\"]", "[\"Not OK\"]"),
+            "expect_status",
+        );
+        refused(
+            &MINI
+                .replace(
+                    "fn_b = \"g.b\"",
+                    "fn_b = \"g.b\"\nfn_dot_iu_command_log = \"g.b\"",
+                )
+                .replace(
+                    "targets = [\"fn_b\"]",
+                    "targets = [\"fn_b\", \"fn_dot_iu_command_log\"]",
+                ),
+            "substrate function",
+        );
         refused(
             &MINI.replace(
                 "SELECT public.fn_a({{x}})",

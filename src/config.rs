@@ -181,6 +181,10 @@ pub struct TargetConfig {
     /// SSH identity for `migrate` (defaults to identity_file).
     #[serde(default)]
     pub admin_identity_file: Option<PathBuf>,
+    /// Let applies run although a param value could reach the server log
+    /// (default false: such applies are refused with `log_exposure`).
+    #[serde(default)]
+    pub allow_server_log_exposure: bool,
 }
 
 fn default_socket() -> PathBuf {

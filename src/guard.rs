@@ -19,6 +19,16 @@ pub enum StatementKind {
     Do,
 }
 
+impl StatementKind {
+    /// The word stored in the database catalog.
+    pub fn word(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Do => "do",
+        }
+    }
+}
+
 /// Why a statement is an unsafe plan. Messages name node kinds and
 /// function names from the template, never literal values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -535,7 +535,8 @@ pub struct Job {
     /// Raw params while the job is not terminal; None after.
     #[serde(skip)]
     pub params: Option<Params>,
-    /// md5 params digest.
+    /// The keyed md5 params digest, as the database computed it (empty
+    /// until the job's ledger row is written).
     pub params_digest: String,
     /// The idempotency key (`job:<job_id>` when the submitter gave none).
     pub idempotency_key: String,
@@ -575,8 +576,8 @@ impl fmt::Debug for Job {
 }
 
 impl Job {
-    /// A new job, queued (or waiting for approval), with its digest and
-    /// default idempotency key.
+    /// A new job, queued (or waiting for approval), with its default
+    /// idempotency key.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         command: String,
@@ -589,7 +590,7 @@ impl Job {
     ) -> Job {
         let job_id = JobId::new();
         Job {
-            params_digest: crate::params::digest(&command, params.pairs()),
+            params_digest: String::new(),
             idempotency_key: idempotency_key.unwrap_or_else(|| format!("job:{job_id}")),
             job_id,
             command,

@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/004_views.sql"),
         rollback: include_str!("../sql/rollback/004_views.sql"),
     },
+    Migration {
+        version: "005_dispatcher",
+        sql: include_str!("../sql/migrations/005_dispatcher.sql"),
+        rollback: include_str!("../sql/rollback/005_dispatcher.sql"),
+    },
 ];
 
 /// The demo IU Core schema (`--demo`).
@@ -81,6 +86,10 @@ pub struct MigrateReport {
     pub present: Vec<String>,
     /// Versions whose recorded checksum differs from the embedded file.
     pub changed: Vec<String>,
+    /// Commands whose target functions do not resolve with the argument
+    /// types their statements use: marked unavailable (refused with
+    /// `target_missing`).
+    pub unavailable: Vec<String>,
 }
 
 fn checksum(sql: &str) -> String {
@@ -113,6 +122,9 @@ pub fn migrate_script(
     check_role(runtime_role)?;
     let mut s = Script::new("govsql:migrate", 0);
     s.meta(&format!("\\set runtime_role {runtime_role}"));
+    // The keyed params digest's secret: used only if 005 runs now.
+    let secret: [u8; 32] = rand::random();
+    s.meta(&format!("\\set secret {}", hex::encode(secret)));
     s.sql("SET client_min_messages = warning");
     s.sql(
         "CREATE TABLE IF NOT EXISTS public.dot_schema_migrations (version text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
@@ -137,6 +149,8 @@ pub fn migrate_script(
         s.meta("\\endif");
     }
     s.meta(&catalog.seed_sql());
+    s.section();
+    s.sql("SELECT unnest(public.fn_dot_iu_catalog_resolve(:'runtime_role'))");
     s.section();
     s.sql("SELECT version, checksum FROM public.dot_schema_migrations ORDER BY version");
     Ok(s.finish())
@@ -170,10 +184,16 @@ pub async fn migrate(
         .lines()
         .filter_map(|l| l.strip_prefix("applied ").map(str::to_string))
         .collect();
-    let recorded = control_rows(1, secs.get(1).unwrap_or_default(), 2)
+    let unavailable = control_rows(1, secs.get(1).unwrap_or_default(), 1)
+        .map_err(|e| MigrateError::Psql(e.to_string()))?
+        .into_iter()
+        .filter_map(|mut r| r.pop())
+        .collect();
+    let recorded = control_rows(2, secs.get(2).unwrap_or_default(), 2)
         .map_err(|e| MigrateError::Psql(e.to_string()))?;
     let mut report = MigrateReport {
         applied: applied.clone(),
+        unavailable,
         ..MigrateReport::default()
     };
     for m in MIGRATIONS.iter().chain(if demo { DEMO } else { &[] }) {

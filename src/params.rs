@@ -275,10 +275,12 @@ pub fn parse_assignment(arg: &str) -> Result<(String, String), ParamError> {
     Ok((name.to_string(), value.to_string()))
 }
 
-/// The params digest of DESIGN.md: md5 hex of the compact JSON
-/// `[command, [[key, value], …]]`, keys sorted bytewise, values as text,
-/// non-ASCII written as itself.
-pub fn digest(command: &str, given: &[(String, String)]) -> String {
+/// The keyed params digest of DESIGN.md, as the database computes it
+/// (`fn_dot_iu_params_digest`): md5 hex of the per-database secret followed
+/// by the compact JSON `[command, [[key, value], …]]`, keys sorted bytewise,
+/// values as text, non-ASCII written as itself. The runtime never computes
+/// it (it has no secret); admins and tests do, to check a ledger row.
+pub fn keyed_digest(secret: &str, command: &str, given: &[(String, String)]) -> String {
     let mut pairs: Vec<(&str, &str)> = given
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -289,7 +291,8 @@ pub fn digest(command: &str, given: &[(String, String)]) -> String {
             .then(a.1.as_bytes().cmp(b.1.as_bytes()))
     });
     let doc = serde_json::json!([command, pairs]);
-    let bytes = serde_json::to_vec(&doc).expect("a JSON array of strings always serializes");
+    let mut bytes = secret.as_bytes().to_vec();
+    bytes.extend(serde_json::to_vec(&doc).expect("a JSON array of strings always serializes"));
     hex::encode(Md5::digest(&bytes))
 }
 
@@ -343,6 +346,30 @@ pub fn render_template(
     Ok(out)
 }
 
+/// Compiles a template for the database's dispatcher: each `{{name}}`
+/// becomes `($1->>'name')::type`, a typed read of the one jsonb argument,
+/// so values are bound at run time and never spliced into SQL text. An
+/// absent optional param reads as NULL, as in [`render_template`].
+pub fn compile_template(template: &str, specs: &[ParamSpec]) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or(TemplateError::Unclosed)?;
+        let name = &after[..end];
+        let spec = specs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| TemplateError::Undeclared(name.to_string()))?;
+        // Names are checked a-z0-9_ at catalog load: safe inside quotes.
+        out.push_str(&format!("($1->>'{}')::{}", spec.name, spec.ty.sql_type()));
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// The placeholder names a template references.
 pub fn template_placeholders(template: &str) -> Result<Vec<String>, TemplateError> {
     let mut names = Vec::new();
@@ -382,6 +409,19 @@ mod tests {
 
     fn kv(k: &str, v: &str) -> (String, String) {
         (k.to_string(), v.to_string())
+    }
+
+    fn digest(command: &str, given: &[(String, String)]) -> String {
+        keyed_digest("", command, given)
+    }
+
+    #[test]
+    fn a_keyed_digest_prefixes_the_secret() {
+        let unkeyed = digest("dot_iu_healthcheck", &[]);
+        let keyed = keyed_digest("ab", "dot_iu_healthcheck", &[]);
+        assert_ne!(keyed, unkeyed);
+        // md5("ab" + '["dot_iu_healthcheck",[]]')
+        assert_eq!(keyed.len(), 32);
     }
 
     #[test]

@@ -134,46 +134,28 @@ pub(super) fn yes_no(b: bool) -> &'static str {
     }
 }
 
-/// `catalog check`: every target resolves in pg_proc and is executable by
-/// the runtime role; the database holds the same catalog digest.
+/// `catalog check`: asks the database, as the runtime role, for its
+/// catalog digest and the commands whose targets do not resolve
+/// (`fn_dot_iu_status`); the database must hold this catalog.
 pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Result<ExitCode> {
-    let mut s = Script::new("govsql:catalog-check", 30_000);
-    s.section();
-    let targets: Vec<String> = catalog
-        .all_targets()
+    let status = db_status(exec).await?;
+    let unavailable: Vec<&str> = status
         .iter()
-        .map(|t| psql::quote_plain(t))
+        .filter(|(k, _)| k == "unavailable")
+        .map(|(_, v)| v.as_str())
         .collect();
-    s.sql(&format!(
-        "SELECT t, coalesce((SELECT bool_or(has_function_privilege(p.oid, 'EXECUTE')) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public' AND p.proname = t), false) FROM unnest(ARRAY[{}]::text[]) AS t",
-        targets.join(", ")
-    ));
-    s.section();
-    s.sql("SELECT public.fn_dot_iu_catalog_digest()");
-    let script = s.finish();
-    let deadline = std::time::Duration::from_secs(60);
-    let secs = match run_script(exec, &script, "govsql:catalog-check", deadline).await {
-        PsqlResult::Complete(secs) => secs,
-        PsqlResult::SqlError { state, .. } => anyhow::bail!(
-            "catalog check failed with SQLSTATE {state}; has `govsql migrate` been run on this target?"
-        ),
-        other => anyhow::bail!("catalog check could not run: {other}"),
-    };
-    let rows = control_rows(0, secs.get(0).unwrap_or_default(), 2)?;
-    let digest = control_rows(1, secs.get(1).unwrap_or_default(), 1)?;
-    let db_digest = digest.first().map(|r| r[0].as_str()).unwrap_or("");
-    let missing: Vec<&str> = rows
+    let db_digest = status
         .iter()
-        .filter(|r| r[1] != "t")
-        .map(|r| r[0].as_str())
-        .collect();
+        .find(|(k, _)| k == "digest")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let total = catalog.commands().len();
     out!(
-        "targets: {} of {} resolve and are executable",
-        rows.len() - missing.len(),
-        rows.len()
+        "commands: {} of {total} have every target function resolved",
+        total - unavailable.len()
     );
-    for m in &missing {
-        out!("  missing or not executable by the runtime role: public.{m}");
+    for m in &unavailable {
+        out!("  unavailable (refused with target_missing): {m}");
     }
     let same = db_digest == catalog.digest();
     out!(
@@ -184,17 +166,41 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
             "DIFFERS from the database (run `govsql migrate`)"
         }
     );
-    Ok(if missing.is_empty() && same {
+    Ok(if unavailable.is_empty() && same {
         ExitCode::Ok
     } else {
         ExitCode::Failed
     })
 }
 
+/// The database's `fn_dot_iu_status()` rows, `(kind, value)`.
+pub(super) async fn db_status(exec: &dyn Executor) -> anyhow::Result<Vec<(String, String)>> {
+    let mut s = Script::new("govsql:status", 30_000);
+    s.section();
+    s.sql("SELECT kind, value FROM public.fn_dot_iu_status()");
+    let script = s.finish();
+    let deadline = std::time::Duration::from_secs(60);
+    let secs = match run_script(exec, &script, "govsql:status", deadline).await {
+        PsqlResult::Complete(secs) => secs,
+        PsqlResult::SqlError { state, .. } => anyhow::bail!(
+            "the status call failed with SQLSTATE {state}; has `govsql migrate` been run on this target?"
+        ),
+        other => anyhow::bail!("the status call could not run: {other}"),
+    };
+    Ok(control_rows(0, secs.get(0).unwrap_or_default(), 2)?
+        .into_iter()
+        .map(|mut r| {
+            let v = r.pop().unwrap_or_default();
+            (r.pop().unwrap_or_default(), v)
+        })
+        .collect())
+}
+
 pub(super) async fn migrate_cmd(
     config_path: &Path,
     target: Option<&str>,
     demo: bool,
+    allow_missing: bool,
     rollback: bool,
 ) -> anyhow::Result<ExitCode> {
     let (config, catalog) = load(config_path)?;
@@ -218,6 +224,19 @@ pub(super) async fn migrate_cmd(
             "govsql: warning: migrations applied from a different file version: {}",
             report.changed.join(", ")
         );
+    }
+    if !report.unavailable.is_empty() {
+        let list = report.unavailable.join(", ");
+        if allow_missing {
+            eprintln!(
+                "govsql: warning: these commands are unavailable (their target functions do not resolve) and are refused with target_missing: {list}"
+            );
+        } else {
+            eprintln!(
+                "govsql: the target functions of these commands do not resolve with the argument types their statements use: {list}; install them and migrate again, or pass --allow-missing to mark them unavailable"
+            );
+            return Ok(ExitCode::Error);
+        }
     }
     Ok(ExitCode::Ok)
 }
@@ -340,8 +359,41 @@ async fn check_target(
     match catalog_check(exec.as_ref(), catalog).await {
         Ok(ExitCode::Ok) => report.check(true, &what, "targets resolve, digest matches"),
         Ok(_) => report.check(false, &what, "see the lines above"),
-        Err(e) => report.check(false, &what, format!("{e:#}")),
+        Err(e) => return report.check(false, &what, format!("{e:#}")),
     }
+    let Ok(status) = db_status(exec.as_ref()).await else {
+        return;
+    };
+    let words = |kind: &str| -> Vec<&str> {
+        status
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let excess = words("privilege");
+    report.check(
+        excess.is_empty(),
+        &format!("target {name} runtime role"),
+        if excess.is_empty() {
+            format!("{} may call the dispatcher and nothing else", t.db_user)
+        } else {
+            format!("{} {}", t.db_user, excess.join("; "))
+        },
+    );
+    let exposure = words("log_exposure");
+    report.check(
+        exposure.is_empty() || t.allow_server_log_exposure,
+        &format!("target {name} server log"),
+        if exposure.is_empty() {
+            "no statement, parameter or error statement of the runtime role is logged".to_string()
+        } else {
+            format!(
+                "a value could be logged through: {} (applies are refused with log_exposure)",
+                exposure.join(", ")
+            )
+        },
+    );
 }
 
 async fn check_daemon(report: &mut Report, socket: &Path) {

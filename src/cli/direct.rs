@@ -54,7 +54,8 @@ pub(super) async fn job(
         target_name,
         ApplySwitch::new(&config.daemon.state_dir),
         target.job_timeout(),
-    );
+    )
+    .allow_log_exposure(target.allow_server_log_exposure);
     let job = Job::new(
         command,
         mode,

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::job::{ExitCode, Job, JobState, Mode, Outcome, Params};
 use crate::params;
 use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
-use crate::psql::{self, control_rows, DbRole, PsqlResult, Script};
+use crate::psql::{control_rows, DbRole, PsqlResult, Script};
 use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
 use crate::transport::{for_target, run_script, Executor};
@@ -102,6 +102,10 @@ pub enum Cmd {
         /// Also install the demo IU Core schema.
         #[arg(long)]
         demo: bool,
+        /// Succeed although some commands' target functions do not resolve
+        /// (those commands are refused with target_missing).
+        #[arg(long)]
+        allow_missing: bool,
         /// Roll everything back instead (refused while the ledger has rows).
         #[arg(long, conflicts_with = "demo")]
         rollback: bool,
@@ -257,8 +261,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Migrate {
             target,
             demo,
+            allow_missing,
             rollback,
-        } => migrate_cmd(&config_path, target.as_deref(), demo, rollback).await,
+        } => {
+            migrate_cmd(
+                &config_path,
+                target.as_deref(),
+                demo,
+                allow_missing,
+                rollback,
+            )
+            .await
+        }
         Cmd::Switch { state } => switch_cmd(&config_path, &state),
         Cmd::Daemon => {
             let config = Config::load(&config_path)?;

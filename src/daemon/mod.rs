@@ -247,7 +247,8 @@ impl Daemon {
                         name,
                         ApplySwitch::new(&self.config.daemon.state_dir),
                         cfg.job_timeout(),
-                    );
+                    )
+                    .allow_log_exposure(cfg.allow_server_log_exposure);
                     *t.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rt);
                 }
                 tracing::info!(
@@ -333,7 +334,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             name,
             ApplySwitch::new(&config.daemon.state_dir),
             t.job_timeout(),
-        );
+        )
+        .allow_log_exposure(t.allow_server_log_exposure);
         targets.insert(
             name.clone(),
             TargetSlot {

@@ -370,8 +370,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
             let r = tx
                 .execute(
-                    "UPDATE jobs SET state = ?2, params = NULL, preset_message = NULL, outcome = ?3, finished_at = ?4 WHERE job_id = ?1",
-                    params![id.as_str(), state.as_str(), json, now()],
+                    "UPDATE jobs SET state = ?2, params = NULL, preset_message = NULL, outcome = ?3, finished_at = ?4, params_digest = ?5 WHERE job_id = ?1",
+                    params![id.as_str(), state.as_str(), json, now(), outcome.params_digest],
                 )
                 .map(|_| ());
             respond(reply, r, path)

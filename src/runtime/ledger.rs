@@ -1,16 +1,15 @@
-//! The ledger side of every phase: [`Runtime::conclude`], the ONE place a
-//! phase's [`Verdict`] becomes the ledger row and the job's [`Outcome`];
-//! the ledger call itself; the live gate snapshot; evidence; and the one
-//! tracing line per job.
+//! The ledger side of every job: [`Runtime::conclude`], the ONE place a
+//! [`Verdict`] becomes the ledger row and the job's [`Outcome`]; the
+//! client's copy of the evidence; and the one tracing line per job.
 
 use serde_json::{json, Value};
 
 use super::*;
-use crate::psql::{control_rows, quote_plain, Sections};
 
 impl Runtime {
     /// Turns a verdict into the job's outcome, writing its ledger row when
-    /// the phase did not (and settling an apply whose outcome is unknown).
+    /// the database did not (and settling an apply whose outcome is
+    /// unknown).
     pub(super) async fn conclude(&self, ctx: &Ctx<'_>, verdict: Verdict) -> Outcome {
         match verdict {
             Verdict::Written {
@@ -23,8 +22,8 @@ impl Runtime {
                 let ev = self.evidence(ctx, class.as_ref(), &closed, rows.as_ref().map(Vec::len));
                 self.outcome(
                     ctx,
+                    Some(&row),
                     row.status,
-                    Some(row.run_id),
                     class,
                     closed,
                     ev,
@@ -42,17 +41,20 @@ impl Runtime {
                     _ => class.status(),
                 };
                 let ev = self.evidence(ctx, Some(&class), &closed, None);
-                match self.write_log(ctx, status, &ev).await {
-                    Ok(row) => self.outcome(
-                        ctx,
-                        row.status,
-                        Some(row.run_id),
-                        Some(class),
-                        closed,
-                        ev,
-                        None,
-                        message,
-                    ),
+                match self.write_log(ctx, &class).await {
+                    // An apply that committed after all (settlement).
+                    Ok(row) if row.replayed => {
+                        let msg = format!(
+                            "{message}; the ledger shows it was applied (run {}): not run again",
+                            row.run_id
+                        );
+                        let ev = self.evidence(ctx, None, &[], None);
+                        self.outcome(ctx, Some(&row), row.status, None, Vec::new(), ev, None, msg)
+                    }
+                    Ok(row) => {
+                        let st = row.status;
+                        self.outcome(ctx, Some(&row), st, Some(class), closed, ev, None, message)
+                    }
                     Err(fault) => {
                         let why = fault.to_string();
                         tracing::error!(job_id = %ctx.job.job_id, cause = %why, "could not write the ledger row");
@@ -62,7 +64,7 @@ impl Runtime {
                             _ => (status, class),
                         };
                         let msg = format!("{message}; could not write the ledger row: {why}");
-                        self.outcome(ctx, status, None, Some(class), closed, ev, None, msg)
+                        self.outcome(ctx, None, status, Some(class), closed, ev, None, msg)
                     }
                 }
             }
@@ -71,7 +73,21 @@ impl Runtime {
                 let ev = self.evidence(ctx, Some(&class), &[], None);
                 let msg = format!("{message}; nothing ran and no ledger row could be written");
                 let status = RunStatus::Failed;
-                self.outcome(ctx, status, None, Some(class), Vec::new(), ev, None, msg)
+                self.outcome(ctx, None, status, Some(class), Vec::new(), ev, None, msg)
+            }
+            Verdict::Unlogged { class, message } => {
+                let ev = self.evidence(ctx, Some(&class), &[], None);
+                let status = class.status();
+                self.outcome(
+                    ctx,
+                    None,
+                    status,
+                    Some(class),
+                    Vec::new(),
+                    ev,
+                    None,
+                    message,
+                )
             }
             Verdict::Unsettled { class, message } => {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, "apply outcome still unknown");
@@ -79,8 +95,8 @@ impl Runtime {
                 let status = RunStatus::Failed;
                 self.outcome(
                     ctx,
-                    status,
                     None,
+                    status,
                     Some(class),
                     Vec::new(),
                     ev,
@@ -95,64 +111,15 @@ impl Runtime {
         }
     }
 
-    /// The call that writes one ledger row and returns it.
-    pub(super) fn log_call(&self, ctx: &Ctx<'_>, status_sql: &str, evidence_sql: &str) -> String {
-        format!(
-            "SELECT run_id, run_status, replayed FROM public.fn_dot_iu_command_log({}, {}, {status_sql}, {}, {}, {}, {evidence_sql})",
-            quote_plain(&ctx.cmd.name),
-            quote_plain(ctx.job.mode.as_str()),
-            quote_plain(&ctx.job.actor),
-            quote_plain(&ctx.job.params_digest),
-            quote_plain(ctx.key()),
-        )
-    }
-
-    /// Writes one ledger row in its own psql call; the failed read of
-    /// psql's answer otherwise.
-    pub(super) async fn write_log(
-        &self,
-        ctx: &Ctx<'_>,
-        status: RunStatus,
-        evidence: &Value,
-    ) -> Result<LogRow, PsqlResult> {
-        let mut s = self.script(ctx);
-        s.section();
-        s.sql(&self.log_call(
-            ctx,
-            &quote_plain(status.as_str()),
-            &crate::psql::jsonb_literal(evidence),
-        ));
-        match self.exec(ctx, &s.finish()).await {
-            PsqlResult::Complete(secs) => parse_log_row(&secs, 0).map_err(PsqlResult::Malformed),
-            other => Err(other),
-        }
-    }
-
-    /// The live gate snapshot (`(key, value)` rows) and the database's
-    /// catalog digest.
-    pub(super) async fn preflight(
-        &self,
-        ctx: &Ctx<'_>,
-    ) -> Result<(Vec<Vec<String>>, String), PsqlResult> {
-        let mut s = self.script(ctx);
-        s.section();
-        s.sql("SELECT gate_key, gate_value FROM public.fn_dot_iu_gate_snapshot()");
-        s.section();
-        s.sql("SELECT public.fn_dot_iu_catalog_digest()");
-        let secs = match self.exec(ctx, &s.finish()).await {
-            PsqlResult::Complete(secs) => secs,
-            other => return Err(other),
+    /// Records a refusal (refuse entry) or a failure (fail entry, which
+    /// returns the original run of an apply that committed after all).
+    async fn write_log(&self, ctx: &Ctx<'_>, class: &ErrorClass) -> Result<LogRow, PsqlResult> {
+        let entry = match class.status() {
+            RunStatus::Refused => dispatch::Entry::Refuse,
+            _ => dispatch::Entry::Fail,
         };
-        let read = || -> Result<_, crate::psql::OutputError> {
-            let snapshot = control_rows(0, secs.get(0).unwrap_or_default(), 2)?;
-            let digest = control_rows(1, secs.get(1).unwrap_or_default(), 1)?
-                .into_iter()
-                .next()
-                .and_then(|mut r| r.pop())
-                .unwrap_or_default();
-            Ok((snapshot, digest))
-        };
-        read().map_err(|e| PsqlResult::Malformed(e.to_string()))
+        let answer = self.call(ctx, entry, Some(class)).await?;
+        Ok(answer.run.log_row())
     }
 
     /// Structural facts about a job: never a value.
@@ -190,8 +157,8 @@ impl Runtime {
     fn outcome(
         &self,
         ctx: &Ctx<'_>,
+        row: Option<&LogRow>,
         status: RunStatus,
-        run_id: Option<i64>,
         error_class: Option<ErrorClass>,
         closed_gates: Vec<String>,
         evidence: Value,
@@ -205,8 +172,8 @@ impl Runtime {
             command: ctx.cmd.name.clone(),
             mode: ctx.job.mode,
             status,
-            run_id,
-            params_digest: ctx.job.params_digest.clone(),
+            run_id: row.map(|r| r.run_id),
+            params_digest: row.map(|r| r.digest.clone()).unwrap_or_default(),
             closed_gates,
             error_class,
             evidence,
@@ -247,29 +214,4 @@ pub(super) fn local_refusal(job: &Job, class: ErrorClass, msg: &str) -> Outcome 
         result: None,
         message: msg.to_string(),
     }
-}
-
-/// The (run_id, run_status, replayed) row of a log call in section `n`.
-pub(super) fn parse_log_row(secs: &Sections, n: usize) -> Result<LogRow, String> {
-    let rows = control_rows(n, secs.get(n).unwrap_or_default(), 3).map_err(|e| e.to_string())?;
-    let [row] = rows.as_slice() else {
-        return Err(format!(
-            "expected one ledger row in section {n}, found {}",
-            rows.len()
-        ));
-    };
-    let run_id = row[0]
-        .parse::<i64>()
-        .map_err(|_| "run_id is not a number".to_string())?;
-    let status = RunStatus::parse(&row[1]).ok_or_else(|| "unknown run_status".to_string())?;
-    Ok(LogRow { run_id, status })
-}
-
-/// The gates of `gates` that the snapshot does not show open.
-pub(super) fn closed_in_snapshot(gates: &[String], snapshot: &[Vec<String>]) -> Vec<String> {
-    gates
-        .iter()
-        .filter(|g| !snapshot.iter().any(|row| &row[0] == *g && row[1] == "true"))
-        .cloned()
-        .collect()
 }

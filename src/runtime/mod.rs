@@ -1,24 +1,26 @@
 //! The governed runtime: plan, apply and verify over an [`Executor`].
 //!
-//! Order of checks for every job: catalog → params → guard → (apply:
-//! approval → local switch → live gate snapshot and catalog digest) → run.
-//! Every outcome of a known command writes exactly one ledger row through
-//! `fn_dot_iu_command_log`; an unknown command is refused locally. Apply
-//! runs its statements, a gate re-assert and its `applied` row in ONE
-//! transaction; any other error rolls back and a second call writes the
-//! `failed` row. An apply whose outcome is unknown (transport lost,
-//! timeout) is settled from the ledger by idempotency key before it is
-//! reported, never assumed.
+//! Governance is enforced twice. Here, before anything is sent: catalog →
+//! params → (apply: approval → local switch). Then by PostgreSQL itself:
+//! each job is ONE call of the database's dispatcher
+//! (`fn_dot_iu_dispatch`), which looks the command up in the database's
+//! catalog, checks the params, takes the idempotency lock, checks gates
+//! (FOR SHARE), runs the stored statements with the params bound, checks
+//! expected statuses, and writes the ledger row, all in one transaction.
+//! Refusals the daemon finds are recorded through `fn_dot_iu_refuse`,
+//! failures it sees (a timeout, a lost target) through `fn_dot_iu_fail`,
+//! which also settles an apply that committed after all. An unknown
+//! command is refused locally (it cannot be logged).
 //!
-//! One file per phase: [`plan`], [`apply`], [`verify`]. Each phase returns
-//! a [`Verdict`]; [`ledger`] holds the ONE place that turns a verdict into
-//! the ledger row and the job's [`Outcome`].
+//! Files: [`dispatch`] (the call and the reading of its answer), [`plan`]
+//! (what plan tells), [`apply`] (local checks and settlement), [`ledger`]
+//! (the ONE place a [`Verdict`] becomes the ledger row and the job's
+//! [`Outcome`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catalog::{Catalog, Command};
-use crate::guard::StatementKind;
 use crate::job::{valid_identifier, ErrorClass, Job, Row};
 use crate::params;
 use crate::psql::{FinishedScript, PsqlResult, Script};
@@ -28,15 +30,19 @@ use crate::transport::{run_script, Executor};
 pub use crate::job::{Mode, Outcome, RunStatus};
 
 mod apply;
+mod dispatch;
 mod ledger;
 mod plan;
-mod verify;
 
-/// The ledger row the database wrote: `(run_id, run_status, replayed)`.
-#[derive(Debug, Clone, Copy)]
+/// The ledger row the database wrote (or the original run it returned).
+#[derive(Debug, Clone)]
 struct LogRow {
     run_id: i64,
     status: RunStatus,
+    /// The keyed params digest the database computed.
+    digest: String,
+    /// Whether this is an earlier run returned for the same key.
+    replayed: bool,
 }
 
 /// What a phase decided. [`Runtime::conclude`] is the one place that turns
@@ -55,7 +61,8 @@ enum Verdict {
         /// Why, in words.
         message: String,
     },
-    /// A refusal or failure to record now, in its own ledger call.
+    /// A refusal or failure to record now, through the refuse or fail
+    /// entry.
     Record {
         /// Why, as a class (its status follows from it and the mode).
         class: ErrorClass,
@@ -67,6 +74,14 @@ enum Verdict {
     /// Nothing reached the database: no row can be written now.
     NotStarted {
         /// target_unreachable, host_key, ssh_auth or db_unavailable.
+        class: ErrorClass,
+        /// Why, in words.
+        message: String,
+    },
+    /// The database refused to log the job at all (its catalog does not
+    /// know the command): refused, without a row.
+    Unlogged {
+        /// Why, as a class.
         class: ErrorClass,
         /// Why, in words.
         message: String,
@@ -104,6 +119,7 @@ pub struct Runtime {
     target: String,
     switch: ApplySwitch,
     job_timeout: Duration,
+    allow_log_exposure: bool,
 }
 
 /// Everything a job carries through its phases.
@@ -134,7 +150,15 @@ impl Runtime {
             target: target.to_string(),
             switch,
             job_timeout,
+            allow_log_exposure: false,
         }
+    }
+
+    /// Lets applies run although a value could reach the server log
+    /// (the target's `allow_server_log_exposure`).
+    pub fn allow_log_exposure(mut self, allow: bool) -> Runtime {
+        self.allow_log_exposure = allow;
+        self
     }
 
     /// The catalog this runtime checks jobs against.
@@ -186,7 +210,8 @@ impl Runtime {
         })
     }
 
-    /// The checks every mode shares, then the mode's own phase.
+    /// The checks the daemon makes before anything is sent, then the
+    /// mode's one dispatcher call.
     async fn decide(&self, ctx: &Ctx<'_>) -> Verdict {
         let (job, cmd) = (ctx.job, ctx.cmd);
         if job.mode == Mode::Verify && cmd.mutating {
@@ -196,25 +221,8 @@ impl Runtime {
             );
             return Verdict::record(ErrorClass::UnsafePlan, msg);
         }
-        let valid = match params::validate(&cmd.name, &cmd.params, job.param_pairs()) {
-            Ok(v) => v,
-            Err(e) => return Verdict::record(ErrorClass::BadParams, e.to_string()),
-        };
-        let mut statements = Vec::with_capacity(cmd.statements.len());
-        for (tpl, kind) in cmd.statements.iter().zip(&cmd.kinds) {
-            let rendered = params::render_template(tpl, &cmd.params, &valid)
-                .map_err(|e| e.to_string())
-                .and_then(|sql| {
-                    crate::guard::check_statement(&sql, &cmd.targets)
-                        .map(|_| sql)
-                        .map_err(|e| e.to_string())
-                });
-            match rendered {
-                Ok(sql) => statements.push((sql, *kind)),
-                Err(why) => {
-                    return Verdict::record(ErrorClass::UnsafePlan, format!("unsafe plan: {why}"))
-                }
-            }
+        if let Err(e) = params::validate(&cmd.name, &cmd.params, job.param_pairs()) {
+            return Verdict::record(ErrorClass::BadParams, e.to_string());
         }
         if let Err(e) = self.executor.ready().await {
             return Verdict::NotStarted {
@@ -224,8 +232,8 @@ impl Runtime {
         }
         match job.mode {
             Mode::Plan => self.plan(ctx).await,
-            Mode::Apply => self.apply(ctx, &statements).await,
-            Mode::Verify => self.verify(ctx, &statements).await,
+            Mode::Apply => self.apply(ctx).await,
+            Mode::Verify => self.dispatch(ctx).await,
         }
     }
 
@@ -253,6 +261,3 @@ impl Runtime {
         .await
     }
 }
-
-/// A statement of a command, rendered and guarded, with its kind.
-type Statement = (String, StatementKind);

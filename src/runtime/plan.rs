@@ -1,81 +1,68 @@
-//! plan: resolve, read the live gate snapshot, write a `planned` row; never
-//! runs the command's SQL.
+//! plan: one dispatcher call that writes the `planned` row and never runs
+//! the command's SQL; then the whole truth of what an apply would meet
+//! now: the database's reasons (each shut gate, drift, an unavailable
+//! target, a key already used) and the daemon's own (local switch,
+//! approval), with the statements as written in the catalog (placeholders,
+//! never values).
 
 use super::*;
-use crate::psql::{control_rows, jsonb_literal, text_array};
-use ledger::{closed_in_snapshot, parse_log_row};
 
 impl Runtime {
     pub(super) async fn plan(&self, ctx: &Ctx<'_>) -> Verdict {
-        let gates = ctx.cmd.apply_gates();
-        let mut s = self.script(ctx);
-        s.section();
-        s.sql("SELECT gate_key, gate_value FROM public.fn_dot_iu_gate_snapshot()");
-        s.section();
-        let evidence = self.evidence(ctx, None, &[], None);
-        let ev_sql = format!(
-            "{} || jsonb_build_object('closed_gates', to_jsonb(public.fn_dot_iu_closed_gates({})))",
-            jsonb_literal(&evidence),
-            text_array(&gates)
-        );
-        s.sql(&self.log_call(ctx, "'planned'", &ev_sql));
-        let secs = match self.exec(ctx, &s.finish()).await {
-            PsqlResult::Complete(secs) => secs,
-            other => return after_error(other),
+        let answer = match self.call(ctx, dispatch::Entry::Dispatch, None).await {
+            Ok(a) => a,
+            Err(result) => return self.no_answer(ctx, result),
         };
-        let read = control_rows(0, secs.get(0).unwrap_or_default(), 2)
-            .map_err(|e| e.to_string())
-            .and_then(|snapshot| Ok((snapshot, parse_log_row(&secs, 1)?)));
-        let (snapshot, row) = match read {
-            Ok(x) => x,
-            Err(m) => {
-                return Verdict::record(
-                    ErrorClass::Internal,
-                    format!("unexpected psql output: {m}"),
-                )
+        if answer.run.class().is_some() || answer.run.log_row().status != RunStatus::Planned {
+            return dispatch::written(ctx, answer);
+        }
+        let mut blockers: Vec<String> = Vec::new();
+        if !answer.run.closed_gates.is_empty() {
+            blockers.push(format!(
+                "closed gates: {}",
+                answer.run.closed_gates.join(", ")
+            ));
+        }
+        for reason in answer.run.reasons.iter().flatten() {
+            match reason.as_str() {
+                "gate_closed" => {}
+                "catalog_drift" => {
+                    blockers.push("the database holds another catalog (drift)".into())
+                }
+                "target_missing" => blockers.push("a target function does not resolve".into()),
+                "log_exposure" => blockers.push("a value could reach the server log".into()),
+                "idempotency_conflict" => {
+                    blockers.push("the idempotency key was applied with other params".into())
+                }
+                other => blockers.push(other.to_string()),
             }
-        };
-        let closed = closed_in_snapshot(&gates, &snapshot);
-        let message = if closed.is_empty() {
+        }
+        if !self.switch_on().await {
+            blockers.push("the local apply switch is off".into());
+        }
+        if ctx.cmd.requires_approval {
+            blockers.push("it needs a second person's approval".into());
+        }
+        let statements = ctx.cmd.statements.join("; ");
+        let message = if blockers.is_empty() {
             format!(
-                "planned: apply would run {} statement(s); every gate is open",
+                "planned: apply would run {} statement(s) [{statements}]; every gate is open and nothing stops it now",
                 ctx.cmd.statements.len()
             )
         } else {
             format!(
-                "planned: apply would be refused now, closed gates: {}",
-                closed.join(", ")
+                "planned: apply would run {} statement(s) [{statements}], but would be refused now: {}",
+                ctx.cmd.statements.len(),
+                blockers.join("; ")
             )
         };
+        let row = answer.run.log_row();
         Verdict::Written {
             row,
             class: None,
-            closed,
+            closed: answer.run.closed_gates,
             rows: None,
             message,
         }
-    }
-}
-
-/// A plan or verify whose script did not complete.
-pub(super) fn after_error(result: PsqlResult) -> Verdict {
-    match result {
-        PsqlResult::SqlError { state, .. } if state == "GV003" => Verdict::record(
-            ErrorClass::IdempotencyConflict,
-            "the idempotency key was already used with other params",
-        ),
-        PsqlResult::SqlError { state, .. } => {
-            let msg = format!("the script failed with SQLSTATE {state}");
-            Verdict::record(ErrorClass::from_sqlstate(&state), msg)
-        }
-        PsqlResult::NotStarted { class, message } => Verdict::NotStarted { class, message },
-        PsqlResult::CutOff { class, message } => Verdict::record(class, message),
-        PsqlResult::Malformed(m) => {
-            Verdict::record(ErrorClass::Internal, format!("unexpected psql output: {m}"))
-        }
-        PsqlResult::Complete(_) => Verdict::record(
-            ErrorClass::Internal,
-            "a complete script was read as an error",
-        ),
     }
 }

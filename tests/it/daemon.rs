@@ -411,6 +411,10 @@ async fn approvals_need_a_different_user_and_expire() {
     db.open_all();
     let d = DaemonProc::start(&db);
     let piece = "00000000-0000-0000-0000-00000000000a";
+    db.sql(&format!(
+        "INSERT INTO iu_collection (collection_id, title) VALUES ('00000000-0000-0000-0000-0000000000c0', 'c'); \
+         INSERT INTO iu_piece (piece_id, collection_id, body, deleted_at) VALUES ('{piece}', '00000000-0000-0000-0000-0000000000c0', 'b', now())"
+    ));
     let j = submit(
         &d,
         "dot_iu_purge_piece",

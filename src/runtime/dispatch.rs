@@ -1,0 +1,312 @@
+//! The database's entries, called once per job: the script that calls
+//! one (`COPY (SELECT kind, value FROM public.<entry>(…)) TO STDOUT`, so
+//! result values come back exact), and the reading of its answer: the
+//! command's result rows, then one `run` row (JSON).
+//!
+//! The params travel as the entry's one jsonb argument, a dollar-quoted
+//! literal with a random tag; inside the database they are bound to the
+//! stored statements, never spliced into SQL text.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::psql::{copy_rows, jsonb_literal, quote_plain};
+
+/// The `run` row every entry ends with.
+#[derive(Debug, Deserialize)]
+pub(super) struct RunRow {
+    run_id: i64,
+    status: RunStatus,
+    class: Option<String>,
+    #[serde(default)]
+    pub(super) closed_gates: Vec<String>,
+    #[serde(default)]
+    pub(super) reasons: Vec<Option<String>>,
+    #[serde(default)]
+    replayed: bool,
+    params_digest: String,
+}
+
+impl RunRow {
+    pub(super) fn log_row(&self) -> LogRow {
+        LogRow {
+            run_id: self.run_id,
+            status: self.status,
+            digest: self.params_digest.clone(),
+            replayed: self.replayed,
+        }
+    }
+
+    pub(super) fn class(&self) -> Option<ErrorClass> {
+        self.class.as_deref().and_then(ErrorClass::parse)
+    }
+}
+
+/// An entry's whole answer.
+pub(super) struct Answer {
+    /// The command's result values, one field per row.
+    pub(super) rows: Vec<Row>,
+    /// The ledger row.
+    pub(super) run: RunRow,
+}
+
+/// The entries of the database's dispatcher family.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Entry {
+    /// Plan, apply or verify a command.
+    Dispatch,
+    /// Record a refusal the daemon found.
+    Refuse,
+    /// Record a failure the daemon saw (and settle an apply).
+    Fail,
+}
+
+impl Runtime {
+    /// The job's params as one JSON object (values as strings).
+    fn params_json(ctx: &Ctx<'_>) -> Value {
+        let map: serde_json::Map<String, Value> = ctx
+            .job
+            .param_pairs()
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        Value::Object(map)
+    }
+
+    /// Facts only the daemon knows, for the ledger's evidence.
+    fn client_facts(&self, ctx: &Ctx<'_>) -> Value {
+        let mut facts = json!({
+            "job_id": ctx.job.job_id,
+            "transport": self.executor.kind(),
+            "target": self.target,
+            "duration_ms": ctx.started.elapsed().as_millis() as u64,
+        });
+        if let Some(fp) = self.executor.host_key_fingerprint() {
+            facts["host_key"] = json!(fp);
+        }
+        if let Some(by) = &ctx.job.approved_by {
+            facts["approved_by"] = json!(by);
+        }
+        facts
+    }
+
+    /// The one statement of an entry call.
+    fn entry_sql(&self, ctx: &Ctx<'_>, entry: Entry, class: Option<&ErrorClass>) -> String {
+        let common = format!(
+            "{}, {}, {}::jsonb, {}, {}",
+            quote_plain(ctx.job.mode.as_str()),
+            quote_plain(&ctx.cmd.name),
+            jsonb_literal(&Self::params_json(ctx)),
+            quote_plain(ctx.key()),
+            quote_plain(&ctx.job.actor),
+        );
+        let client = format!("{}::jsonb", jsonb_literal(&self.client_facts(ctx)));
+        let call = match entry {
+            Entry::Dispatch => format!(
+                "public.fn_dot_iu_dispatch({common}, {}, {}, {client})",
+                quote_plain(self.catalog.digest()),
+                self.allow_log_exposure
+            ),
+            Entry::Refuse | Entry::Fail => {
+                let name = if matches!(entry, Entry::Refuse) {
+                    "refuse"
+                } else {
+                    "fail"
+                };
+                let word = class.map(ErrorClass::as_str).unwrap_or("internal");
+                format!(
+                    "public.fn_dot_iu_{name}({common}, {}, {client})",
+                    quote_plain(word)
+                )
+            }
+        };
+        format!("COPY (SELECT kind, value FROM {call}) TO STDOUT")
+    }
+
+    /// Calls an entry; its answer, or psql's result when there is none.
+    pub(super) async fn call(
+        &self,
+        ctx: &Ctx<'_>,
+        entry: Entry,
+        class: Option<&ErrorClass>,
+    ) -> Result<Answer, PsqlResult> {
+        let mut s = self.script(ctx);
+        s.section();
+        s.sql(&self.entry_sql(ctx, entry, class));
+        match self.exec(ctx, &s.finish()).await {
+            PsqlResult::Complete(secs) => {
+                read_answer(secs.get(0).unwrap_or_default()).map_err(PsqlResult::Malformed)
+            }
+            other => Err(other),
+        }
+    }
+
+    /// A plan, apply or verify through the dispatcher, read into a
+    /// verdict (plan words its own message from the answer).
+    pub(super) async fn dispatch(&self, ctx: &Ctx<'_>) -> Verdict {
+        match self.call(ctx, Entry::Dispatch, None).await {
+            Ok(answer) => written(ctx, answer),
+            Err(result) => self.no_answer(ctx, result),
+        }
+    }
+
+    /// What to do when a dispatch gave no answer.
+    pub(super) fn no_answer(&self, ctx: &Ctx<'_>, result: PsqlResult) -> Verdict {
+        let apply = ctx.job.mode == Mode::Apply;
+        match result {
+            // The database's catalog does not know the command: it cannot
+            // be logged there.
+            PsqlResult::SqlError { state, .. } if state == "GV005" => Verdict::Unlogged {
+                class: ErrorClass::CatalogDrift,
+                message: format!(
+                    "the database's catalog does not know {}; run `govsql migrate` (catalog drift)",
+                    ctx.cmd.name
+                ),
+            },
+            // The call failed as a whole: nothing of it committed.
+            PsqlResult::SqlError { state, .. } => {
+                let class = match ErrorClass::from_sqlstate(&state) {
+                    ErrorClass::Sql(s) if s.starts_with("GV") => ErrorClass::Internal,
+                    c => c,
+                };
+                let message = if class == ErrorClass::Timeout {
+                    "the job passed its statement timeout; its transaction was rolled back".into()
+                } else {
+                    format!("the governed call failed with SQLSTATE {state}; nothing was committed")
+                };
+                Verdict::record(class, message)
+            }
+            PsqlResult::NotStarted { class, message } => Verdict::NotStarted { class, message },
+            PsqlResult::CutOff { class, message } if apply => Verdict::Unknown { class, message },
+            PsqlResult::CutOff { class, message } => Verdict::record(class, message),
+            PsqlResult::Malformed(m) if apply => Verdict::Unknown {
+                class: ErrorClass::Internal,
+                message: format!("unexpected psql output: {m}"),
+            },
+            PsqlResult::Malformed(m) => {
+                Verdict::record(ErrorClass::Internal, format!("unexpected psql output: {m}"))
+            }
+            PsqlResult::Complete(_) => Verdict::record(
+                ErrorClass::Internal,
+                "a complete answer was read as a failure",
+            ),
+        }
+    }
+}
+
+/// The verdict of a dispatcher's answer (the ledger row is written).
+pub(super) fn written(ctx: &Ctx<'_>, answer: Answer) -> Verdict {
+    let run = &answer.run;
+    let class = run.class();
+    let row = run.log_row();
+    let message = match (row.status, &class) {
+        (RunStatus::Applied, _) if row.replayed => format!(
+            "already applied under idempotency key {}; not run again",
+            ctx.key()
+        ),
+        (RunStatus::Verified, _) if row.replayed => format!(
+            "already verified under idempotency key {}; not run again",
+            ctx.key()
+        ),
+        (RunStatus::Applied, _) => format!("applied {} in one transaction", ctx.cmd.name),
+        (RunStatus::Verified, _) => format!("verified: {} check(s) ok", answer.rows.len()),
+        (RunStatus::Planned, _) => "planned".to_string(),
+        (_, Some(c)) => class_message(ctx, c, run),
+        (status, None) => format!("{status}"),
+    };
+    let rows = (!row.replayed).then_some(answer.rows);
+    Verdict::Written {
+        closed: run.closed_gates.clone(),
+        row,
+        class,
+        rows,
+        message,
+    }
+}
+
+/// Why the database refused or failed a job, in words.
+fn class_message(ctx: &Ctx<'_>, class: &ErrorClass, run: &RunRow) -> String {
+    match class {
+        ErrorClass::GateClosed => format!("refused: closed gates: {}", run.closed_gates.join(", ")),
+        ErrorClass::CatalogDrift => "the database holds another catalog than this govsql (drift); run `govsql migrate` or fix the configured catalog".into(),
+        ErrorClass::TargetMissing => format!(
+            "a target function of {} does not resolve in the database; install it and run `govsql migrate`",
+            ctx.cmd.name
+        ),
+        ErrorClass::IdempotencyConflict => format!(
+            "idempotency key {} was already used with other params",
+            ctx.key()
+        ),
+        ErrorClass::LogExposure => "a param value could reach the server log (a log_* setting of the runtime role is overridden, or pgaudit/auto_explain logs); fix the settings, or set allow_server_log_exposure = true on the target".into(),
+        ErrorClass::BadParams => {
+            let why = run.reasons.iter().flatten().next().cloned().unwrap_or_default();
+            format!("refused by the database: {why}")
+        }
+        ErrorClass::UnsafePlan => format!(
+            "{} changes data; verify runs read-only commands only",
+            ctx.cmd.name
+        ),
+        ErrorClass::VerificationFailed => "verification failed: a check's status is not ok".into(),
+        ErrorClass::UnexpectedStatus => format!(
+            "a function of {} answered a status it does not expect (expected {}); rolled back",
+            ctx.cmd.name,
+            ctx.cmd.expected_statuses().join(", ")
+        ),
+        ErrorClass::Sql(state) => format!(
+            "the command's SQL failed with SQLSTATE {state}; nothing was committed"
+        ),
+        other => format!("{other}"),
+    }
+}
+
+/// Reads an entry's COPY output: `row` values, then one `run` row.
+fn read_answer(bytes: &[u8]) -> Result<Answer, String> {
+    let records = copy_rows(0, bytes).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut run = None;
+    for rec in records {
+        let [Some(kind), value] = rec.as_slice() else {
+            return Err("an answer record without its kind".into());
+        };
+        match (kind.as_str(), &run) {
+            ("row", None) => rows.push(vec![value.clone()]),
+            ("run", None) => {
+                let text = value.as_deref().ok_or("a run record without its value")?;
+                run = Some(
+                    serde_json::from_str::<RunRow>(text)
+                        .map_err(|_| "a run record that is not the promised JSON".to_string())?,
+                );
+            }
+            _ => return Err("records after the run record, or of an unknown kind".into()),
+        }
+    }
+    let run = run.ok_or("no run record")?;
+    Ok(Answer { rows, run })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_rows_then_one_run_record() {
+        let out = b"row\t{\"status\": \"ok\"}\nrow\t\\N\nrun\t{\"run_id\": 7, \"status\": \"applied\", \"class\": null, \"closed_gates\": [], \"reasons\": [], \"replayed\": false, \"params_digest\": \"d\"}\n";
+        let a = read_answer(out).unwrap();
+        assert_eq!(
+            a.rows,
+            vec![vec![Some("{\"status\": \"ok\"}".into())], vec![None]]
+        );
+        assert_eq!(a.run.run_id, 7);
+        assert_eq!(a.run.status, RunStatus::Applied);
+        for bad in [
+            &b""[..],
+            b"row\tx\n",
+            b"run\t{}\n",
+            b"run\t{\"run_id\": 1, \"status\": \"applied\", \"class\": null, \"params_digest\": \"d\"}\nrow\tx\n",
+            b"what\tx\n",
+        ] {
+            assert!(read_answer(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
