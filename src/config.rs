@@ -87,6 +87,10 @@ pub struct DaemonConfig {
     /// Group that owns the socket file.
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// Turn the local apply switch off at any failed apply (the seed's
+    /// STOP condition: re-arm the kill switch).
+    #[serde(default)]
+    pub disarm_on_failure: bool,
 }
 
 /// The `[access]` table. Entries are unix user names, `@group`, or `*`.

@@ -15,6 +15,17 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The effective user's name (the actor of `--direct` jobs, the "who" of
+/// a switch change); `uid<N>` when it has none.
+pub fn effective_user() -> String {
+    let uid = nix::unistd::Uid::effective();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid{uid}"))
+}
+
 /// A job's id: `<hex seconds>-<8 hex random>`, at most 64 characters of
 /// `[0-9a-z-]` when it comes from a client, so an unknown id is refused
 /// before anything is looked up or held.

@@ -29,43 +29,80 @@ pub enum DbRole {
     Admin,
 }
 
-/// The words of the remote command, unquoted:
-/// `[docker exec -i C] psql -X -w -q -v ON_ERROR_STOP=1 -A -t -0 -F ~|~ -h H -p P -U U -d D`.
+/// What a psql command line is made of: the binary (and container), the
+/// database it connects to, and the role it connects as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsqlLine {
+    /// The psql binary on the database host.
+    pub psql: String,
+    /// Non-empty: run psql through `docker exec -i CONTAINER`.
+    pub container: Option<String>,
+    /// `-h`: a socket directory or host name.
+    pub db_host: Option<String>,
+    /// `-p`.
+    pub db_port: u16,
+    /// `-d`.
+    pub db_name: String,
+    /// `-U`.
+    pub db_user: String,
+}
+
+impl PsqlLine {
+    /// The line of a target for a role.
+    pub fn of(target: &TargetConfig, role: DbRole) -> PsqlLine {
+        PsqlLine {
+            psql: target.psql.clone(),
+            container: target.container.clone().filter(|c| !c.is_empty()),
+            db_host: target.db_host.clone(),
+            db_port: target.db_port,
+            db_name: target.db_name.clone(),
+            db_user: match role {
+                DbRole::Runtime => target.db_user.clone(),
+                DbRole::Admin => target.admin_db_user.clone(),
+            },
+        }
+    }
+
+    /// The words of the remote command, unquoted:
+    /// `[docker exec -i C] psql -X -w -q -v ON_ERROR_STOP=1 -A -t -0 -F ~|~ -h H -p P -U U -d D`.
+    pub fn words(&self) -> Vec<String> {
+        let mut w: Vec<String> = Vec::with_capacity(24);
+        if let Some(c) = self.container.as_deref().filter(|c| !c.is_empty()) {
+            w.extend(["docker", "exec", "-i", c].map(String::from));
+        }
+        w.push(self.psql.clone());
+        w.extend(
+            [
+                "-X",
+                "-w",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-A",
+                "-t",
+                "-0",
+                "-F",
+                FIELD_SEP,
+            ]
+            .map(String::from),
+        );
+        if let Some(h) = &self.db_host {
+            w.push("-h".into());
+            w.push(h.clone());
+        }
+        w.push("-p".into());
+        w.push(self.db_port.to_string());
+        w.push("-U".into());
+        w.push(self.db_user.clone());
+        w.push("-d".into());
+        w.push(self.db_name.clone());
+        w
+    }
+}
+
+/// The words of a target's psql command for a role (see [`PsqlLine`]).
 pub fn command_words(target: &TargetConfig, role: DbRole) -> Vec<String> {
-    let mut w: Vec<String> = Vec::with_capacity(24);
-    if let Some(c) = target.container.as_deref().filter(|c| !c.is_empty()) {
-        w.extend(["docker", "exec", "-i", c].map(String::from));
-    }
-    w.push(target.psql.clone());
-    w.extend(
-        [
-            "-X",
-            "-w",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-A",
-            "-t",
-            "-0",
-            "-F",
-            FIELD_SEP,
-        ]
-        .map(String::from),
-    );
-    if let Some(h) = &target.db_host {
-        w.push("-h".into());
-        w.push(h.clone());
-    }
-    w.push("-p".into());
-    w.push(target.db_port.to_string());
-    w.push("-U".into());
-    w.push(match role {
-        DbRole::Runtime => target.db_user.clone(),
-        DbRole::Admin => target.admin_db_user.clone(),
-    });
-    w.push("-d".into());
-    w.push(target.db_name.clone());
-    w
+    PsqlLine::of(target, role).words()
 }
 
 /// The words joined into ONE shell string, each quoted for any POSIX shell.

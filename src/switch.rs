@@ -1,7 +1,22 @@
 //! The local apply switch (kill switch): a file in the state directory,
-//! default off, re-read at every apply job. `govsql switch on|off|status`.
+//! default off, re-read at every apply job. `govsql switch on [--for DUR |
+//! --once] | off | status`.
+//!
+//! Scoped, as the seed's first-run package asks: `--for 30m` turns itself
+//! off when the time is up, `--once` lets exactly one apply through
+//! (whatever its outcome) and the daemon's `disarm_on_failure` turns it
+//! off at any failed apply. Every change is logged with who and why, and
+//! written with fsync and rename (never through a symlink). Reading fails
+//! closed: a missing, unreadable or unexpected file means off, and
+//! `status` says "unknown" when it cannot read the file.
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::job::unix_now;
 
 /// The switch file's name inside the state directory.
 pub const SWITCH_FILE: &str = "apply_switch";
@@ -11,7 +26,7 @@ pub const SWITCH_FILE: &str = "apply_switch";
 pub enum SwitchError {
     /// The switch file could not be written.
     #[error(
-        "cannot write the apply switch {path}: {source} (switch needs write access to state_dir)"
+        "cannot write the apply switch {path}: {source} (switch needs write access to state_dir: run it as root or as the daemon's service user)"
     )]
     Write {
         /// The switch file.
@@ -20,6 +35,52 @@ pub enum SwitchError {
         source: std::io::Error,
     },
 }
+
+/// How long the switch stays on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Until turned off.
+    Open,
+    /// Until this unix time.
+    Until(i64),
+    /// For the next apply only.
+    Once,
+}
+
+/// What the switch file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Off (or expired).
+    Off,
+    /// On, with its scope.
+    On(Scope),
+    /// The file could not be read: treated as off.
+    Unknown(String),
+}
+
+impl State {
+    /// Whether an apply may pass now.
+    pub fn allows_apply(&self) -> bool {
+        matches!(self, State::On(_))
+    }
+
+    /// One line for `switch status`, health and self-test.
+    pub fn describe(&self) -> String {
+        match self {
+            State::Off => "off (applies are refused)".into(),
+            State::On(Scope::Open) => "on".into(),
+            State::On(Scope::Until(t)) => {
+                format!("on for {} s more (until unix time {t})", t - unix_now())
+            }
+            State::On(Scope::Once) => "on for the next apply only".into(),
+            State::Unknown(why) => format!("unknown (cannot read: {why}); applies are refused"),
+        }
+    }
+}
+
+/// Serializes the read-and-consume of a `--once` switch in this process,
+/// so two concurrent applies cannot both pass it.
+static CONSUME: Mutex<()> = Mutex::new(());
 
 /// The local apply switch of one state directory.
 #[derive(Debug, Clone)]
@@ -35,28 +96,136 @@ impl ApplySwitch {
         }
     }
 
-    /// Whether applies are allowed. Fails closed: a missing, unreadable or
-    /// unexpected file means off.
-    pub fn is_on(&self) -> bool {
-        std::fs::read_to_string(&self.path)
-            .map(|s| s.trim() == "on")
-            .unwrap_or(false)
+    /// What the file says now (an expired `--for` reads as off).
+    pub fn state(&self) -> State {
+        let text = match read_no_follow(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return State::Off,
+            Err(e) => return State::Unknown(e.to_string()),
+        };
+        let mut lines = text.lines();
+        if lines.next().map(str::trim) != Some("on") {
+            return State::Off;
+        }
+        let mut scope = Scope::Open;
+        for line in lines {
+            match line.split_once(' ') {
+                Some(("until", t)) => match t.trim().parse::<i64>() {
+                    Ok(t) if t > unix_now() => scope = Scope::Until(t),
+                    _ => return State::Off,
+                },
+                None if line.trim() == "once" => scope = Scope::Once,
+                _ => {}
+            }
+        }
+        State::On(scope)
     }
 
-    /// Turns the switch on or off (written atomically).
+    /// Whether applies are allowed. Fails closed.
+    pub fn is_on(&self) -> bool {
+        self.state().allows_apply()
+    }
+
+    /// Lets one apply through if the switch allows it; a `--once` switch
+    /// is turned off in the same step, so exactly one apply passes it.
+    pub fn admit_apply(&self, job: &str) -> bool {
+        let _guard = CONSUME.lock().unwrap_or_else(|p| p.into_inner());
+        match self.state() {
+            State::On(Scope::Once) => {
+                if let Err(e) = self.write(State::Off, "govsql", &format!("used once by job {job}"))
+                {
+                    tracing::error!(cause = %e, "cannot turn the once-only apply switch off; refusing");
+                    return false;
+                }
+                true
+            }
+            s => s.allows_apply(),
+        }
+    }
+
+    /// Turns the switch on (with a scope) or off, logging who and why.
     pub fn set(&self, on: bool) -> Result<(), SwitchError> {
+        let state = if on {
+            State::On(Scope::Open)
+        } else {
+            State::Off
+        };
+        self.write(state, &crate::job::effective_user(), "set by hand")
+    }
+
+    /// Turns the switch on for a while.
+    pub fn set_for(&self, how_long: Duration, who: &str) -> Result<(), SwitchError> {
+        let until = unix_now() + how_long.as_secs().max(1) as i64;
+        self.write(State::On(Scope::Until(until)), who, "on for a while")
+    }
+
+    /// Writes a state (fsync, then rename over the old file).
+    pub fn write(&self, state: State, who: &str, why: &str) -> Result<(), SwitchError> {
         let err = |source| SwitchError::Write {
             path: self.path.clone(),
             source,
         };
+        let body = match &state {
+            State::On(Scope::Open) => "on\n".to_string(),
+            State::On(Scope::Until(t)) => format!("on\nuntil {t}\n"),
+            State::On(Scope::Once) => "on\nonce\n".to_string(),
+            State::Off | State::Unknown(_) => "off\n".to_string(),
+        };
+        let body = format!("{body}by {who}\nat {}\n", unix_now());
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(err)?;
         }
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, if on { "on\n" } else { "off\n" }).map_err(err)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(body.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &self.path).map_err(err)?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        tracing::warn!(switch = %state.describe(), by = who, why, "apply switch changed");
         Ok(())
     }
+}
+
+/// Reads a file without following a symlink at its last component.
+fn read_no_follow(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut s = String::new();
+    f.take(4096).read_to_string(&mut s)?;
+    Ok(s)
+}
+
+/// Parses a duration like `30m`, `2h`, `90s`, `1d`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 #[cfg(test)]
@@ -74,5 +243,42 @@ mod tests {
         assert!(!s.is_on());
         s.set(false).unwrap();
         assert!(!s.is_on());
+    }
+
+    #[test]
+    fn scoped_switches_end_by_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ApplySwitch::new(dir.path());
+        s.set_for(Duration::from_secs(60), "tester").unwrap();
+        assert!(matches!(s.state(), State::On(Scope::Until(_))));
+        assert!(s.admit_apply("a") && s.admit_apply("b"));
+        // An expired window reads as off.
+        std::fs::write(dir.path().join(SWITCH_FILE), "on\nuntil 1\n").unwrap();
+        assert_eq!(s.state(), State::Off);
+        // Once: exactly one apply passes.
+        s.write(State::On(Scope::Once), "tester", "test").unwrap();
+        assert!(s.admit_apply("first"));
+        assert!(!s.admit_apply("second"));
+        assert_eq!(s.state(), State::Off);
+    }
+
+    #[test]
+    fn a_symlinked_switch_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "on\n").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(SWITCH_FILE)).unwrap();
+        let s = ApplySwitch::new(dir.path());
+        assert!(matches!(s.state(), State::Unknown(_)));
+        assert!(!s.is_on());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("0m"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("5x"), None);
     }
 }

@@ -581,9 +581,35 @@ GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, tex
 -- No statement text, bind parameter or error statement of the runtime
 -- role's sessions reaches the server log (a role setting wins over
 -- postgresql.conf); apply refuses (log_exposure) if one is overridden.
-ALTER ROLE :"runtime_role" SET log_statement = 'none';
-ALTER ROLE :"runtime_role" SET log_min_error_statement = 'panic';
-ALTER ROLE :"runtime_role" SET log_min_duration_statement = -1;
-ALTER ROLE :"runtime_role" SET log_min_duration_sample = -1;
-ALTER ROLE :"runtime_role" SET log_parameter_max_length = 0;
-ALTER ROLE :"runtime_role" SET log_parameter_max_length_on_error = 0;
+-- Role settings are cluster-wide: set only when missing, and retried when
+-- another database's migration updates them at the same moment.
+SELECT set_config('govsql.runtime_role', :'runtime_role', true) AS govsql_ignored \gset
+DO $$
+DECLARE
+    v_role    text := current_setting('govsql.runtime_role');
+    v_wanted  text[] := ARRAY['log_statement=none', 'log_min_error_statement=panic',
+        'log_min_duration_statement=-1', 'log_min_duration_sample=-1',
+        'log_parameter_max_length=0', 'log_parameter_max_length_on_error=0'];
+    v_setting text;
+    v_try     int;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+               WHERE r.rolname = v_role AND s.setdatabase = 0 AND s.setconfig @> v_wanted) THEN
+        RETURN;
+    END IF;
+    FOREACH v_setting IN ARRAY v_wanted LOOP
+        FOR v_try IN 1 .. 50 LOOP
+            BEGIN
+                EXECUTE format('ALTER ROLE %I SET %s = %L', v_role,
+                    split_part(v_setting, '=', 1), split_part(v_setting, '=', 2));
+                EXIT;
+            EXCEPTION WHEN internal_error OR serialization_failure OR unique_violation THEN
+                IF v_try = 50 THEN
+                    RAISE;
+                END IF;
+                PERFORM pg_sleep(0.02 * v_try);
+            END;
+        END LOOP;
+    END LOOP;
+END
+$$;

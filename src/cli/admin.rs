@@ -241,18 +241,34 @@ pub(super) async fn migrate_cmd(
     Ok(ExitCode::Ok)
 }
 
-pub(super) fn switch_cmd(config_path: &Path, state: &str) -> anyhow::Result<ExitCode> {
+pub(super) fn switch_cmd(
+    config_path: &Path,
+    state: &str,
+    for_: Option<&str>,
+    once: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::switch::{Scope, State};
     let config = Config::load(config_path)?;
     let switch = ApplySwitch::new(&config.daemon.state_dir);
-    match state {
-        "on" => switch.set(true)?,
-        "off" => switch.set(false)?,
+    if state != "on" && (for_.is_some() || once) {
+        eprintln!("govsql: --for and --once go with `switch on`");
+        return Ok(ExitCode::Usage);
+    }
+    let who = crate::job::effective_user();
+    match (state, for_, once) {
+        ("on", Some(d), _) => match crate::switch::parse_duration(d) {
+            Some(how_long) => switch.set_for(how_long, &who)?,
+            None => {
+                eprintln!("govsql: --for {d:?} is not a duration like 30m, 2h or 1d");
+                return Ok(ExitCode::Usage);
+            }
+        },
+        ("on", None, true) => switch.write(State::On(Scope::Once), &who, "on for one apply")?,
+        ("on", None, false) => switch.write(State::On(Scope::Open), &who, "on by hand")?,
+        ("off", _, _) => switch.write(State::Off, &who, "off by hand")?,
         _ => {}
     }
-    out!(
-        "apply switch: {}",
-        if switch.is_on() { "on" } else { "off" }
-    );
+    out!("apply switch: {}", switch.state().describe());
     Ok(ExitCode::Ok)
 }
 

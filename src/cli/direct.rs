@@ -4,16 +4,6 @@
 
 use super::*;
 
-/// The effective user's name (the actor of `--direct` jobs).
-pub fn effective_user() -> String {
-    let uid = nix::unistd::Uid::effective();
-    nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| format!("uid{uid}"))
-}
-
 pub(super) async fn job(
     config_path: &Path,
     mode: Mode,
@@ -55,14 +45,15 @@ pub(super) async fn job(
         ApplySwitch::new(&config.daemon.state_dir),
         target.job_timeout(),
     )
-    .allow_log_exposure(target.allow_server_log_exposure);
+    .allow_log_exposure(target.allow_server_log_exposure)
+    .disarm_on_failure(config.daemon.disarm_on_failure);
     let job = Job::new(
         command,
         mode,
         target_name.to_string(),
         Params(pairs),
         a.idempotency_key,
-        effective_user(),
+        crate::job::effective_user(),
         nix::unistd::Uid::effective().as_raw(),
     );
     let outcome = runtime.run(&job).await;

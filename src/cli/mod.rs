@@ -32,10 +32,11 @@ macro_rules! out_raw {
 mod admin;
 mod batch;
 mod direct;
+mod gate;
 mod remote;
 
 pub use admin::catalog_check;
-pub use direct::{effective_user, print_outcome};
+pub use direct::print_outcome;
 
 use admin::{catalog_cmd, config_cmd, migrate_cmd, reversal, self_test, switch_cmd};
 use direct::job;
@@ -115,9 +116,18 @@ pub enum Cmd {
         /// on, off or status.
         #[arg(value_parser = ["on", "off", "status"])]
         state: String,
+        /// With `on`: turn itself off after this long (30m, 2h, 1d).
+        #[arg(long = "for", value_name = "DUR", conflicts_with = "once")]
+        for_: Option<String>,
+        /// With `on`: let exactly one apply through, then turn off.
+        #[arg(long)]
+        once: bool,
     },
     /// Run the daemon (socket, durable queue, workers).
     Daemon,
+    /// On the database host, from authorized_keys: run only govsql's own
+    /// psql command lines for this target; refuse anything else.
+    RemoteGate(gate::GateArgs),
     /// Check a config file and its catalog offline.
     Config {
         /// What to do.
@@ -244,7 +254,7 @@ pub fn main_with(cli: Cli) -> i32 {
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code.code(),
         Err(e) => {
-            eprintln!("govsql: {e:#}");
+            eprintln!("govsql: {e}");
             ExitCode::Error.code()
         }
     }
@@ -273,7 +283,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Cmd::Switch { state } => switch_cmd(&config_path, &state),
+        Cmd::Switch { state, for_, once } => {
+            switch_cmd(&config_path, &state, for_.as_deref(), once)
+        }
         Cmd::Daemon => {
             let config = Config::load(&config_path)?;
             crate::daemon::run(config).await?;
@@ -282,6 +294,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Config {
             action: ConfigAction::Check,
         } => config_cmd(&config_path),
+        Cmd::RemoteGate(a) => Ok(gate::remote_gate(&a)),
         Cmd::SelfTest => self_test(&config_path).await,
         Cmd::Status { job_id, json } => status_cmd(&config_path, &job_id, json).await,
         Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,

@@ -248,7 +248,8 @@ impl Daemon {
                         ApplySwitch::new(&self.config.daemon.state_dir),
                         cfg.job_timeout(),
                     )
-                    .allow_log_exposure(cfg.allow_server_log_exposure);
+                    .allow_log_exposure(cfg.allow_server_log_exposure)
+                    .disarm_on_failure(self.config.daemon.disarm_on_failure);
                     *t.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rt);
                 }
                 tracing::info!(
@@ -335,7 +336,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             ApplySwitch::new(&config.daemon.state_dir),
             t.job_timeout(),
         )
-        .allow_log_exposure(t.allow_server_log_exposure);
+        .allow_log_exposure(t.allow_server_log_exposure)
+        .disarm_on_failure(config.daemon.disarm_on_failure);
         targets.insert(
             name.clone(),
             TargetSlot {

@@ -14,8 +14,13 @@ impl Runtime {
             );
             return Verdict::record(ErrorClass::ApprovalMissing, msg);
         }
-        if !self.switch_on().await {
-            let msg = "the local apply switch is off; root or the daemon's service user turns it on with `govsql switch on`";
+        let switch = self.switch.clone();
+        let job = ctx.job.job_id.to_string();
+        let admitted = tokio::task::spawn_blocking(move || switch.admit_apply(&job))
+            .await
+            .unwrap_or(false);
+        if !admitted {
+            let msg = "the local apply switch is off; root or the daemon's service user turns it on with `govsql switch on [--for 30m | --once]`";
             return Verdict::record(ErrorClass::KillSwitch, msg);
         }
         self.dispatch(ctx).await

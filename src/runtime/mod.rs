@@ -120,6 +120,7 @@ pub struct Runtime {
     switch: ApplySwitch,
     job_timeout: Duration,
     allow_log_exposure: bool,
+    disarm_on_failure: bool,
 }
 
 /// Everything a job carries through its phases.
@@ -151,7 +152,14 @@ impl Runtime {
             switch,
             job_timeout,
             allow_log_exposure: false,
+            disarm_on_failure: false,
         }
+    }
+
+    /// Turns the local apply switch off at any failed apply.
+    pub fn disarm_on_failure(mut self, disarm: bool) -> Runtime {
+        self.disarm_on_failure = disarm;
+        self
     }
 
     /// Lets applies run although a value could reach the server log
@@ -177,12 +185,32 @@ impl Runtime {
                     Some(r) => Verdict::record(r.class.clone(), r.message.clone()),
                     None => self.decide(&ctx).await,
                 };
-                self.conclude(&ctx, verdict).await
+                let outcome = self.conclude(&ctx, verdict).await;
+                if self.disarm_on_failure
+                    && job.mode == Mode::Apply
+                    && outcome.status == RunStatus::Failed
+                {
+                    self.disarm(job).await;
+                }
+                outcome
             }
             Err(refused) => *refused,
         };
         ledger::log_outcome(job, &outcome, started);
         outcome
+    }
+
+    /// The seed's STOP condition: a failed apply re-arms the kill switch.
+    async fn disarm(&self, job: &Job) {
+        let switch = self.switch.clone();
+        let why = format!("apply job {} failed (disarm_on_failure)", job.job_id);
+        let res = tokio::task::spawn_blocking(move || {
+            switch.write(crate::switch::State::Off, "govsql", &why)
+        })
+        .await;
+        if !matches!(res, Ok(Ok(()))) {
+            tracing::error!(job_id = %job.job_id, "could not turn the apply switch off after a failed apply");
+        }
     }
 
     /// Resolves a job's command; a job that cannot reach the ledger

@@ -683,3 +683,123 @@ async fn a_database_that_went_away_fails_clearly_and_nothing_runs() {
     }
     assert_eq!(db.count("iu_collection"), 0);
 }
+
+#[tokio::test]
+async fn the_apply_switch_can_be_scoped_and_a_failed_apply_disarms_it() {
+    let db = test_db().await;
+    db.sql("UPDATE dot_config SET value = 'true'");
+    let apply = |title: &str| {
+        let out = db.govsql(&[
+            "apply",
+            "dot_iu_create_collection",
+            "--direct",
+            "--json",
+            "--param",
+            &format!("title={title}"),
+        ]);
+        json_of(&out)
+    };
+    // --once: exactly one apply passes, whatever comes after.
+    let on = db.govsql(&["switch", "on", "--once"]);
+    assert!(stdout(&on).contains("next apply only"), "{}", stdout(&on));
+    assert_eq!(apply("first")["status"], "applied");
+    let second = apply("second");
+    assert_eq!(second["error_class"], "kill_switch", "{second}");
+    assert!(stdout(&db.govsql(&["switch", "status"])).contains("off"));
+    // --for: on for a while, and it says until when.
+    let on = db.govsql(&["switch", "on", "--for", "1h"]);
+    assert!(stdout(&on).contains("s more"), "{}", stdout(&on));
+    assert_eq!(apply("third")["status"], "applied");
+    assert_eq!(apply("fourth")["status"], "applied");
+    let bad = db.govsql(&["switch", "on", "--for", "soon"]);
+    assert_eq!(bad.status.code(), Some(2));
+    // disarm_on_failure: a failed apply turns the switch off.
+    let text = std::fs::read_to_string(&db.config_path).unwrap();
+    std::fs::write(
+        &db.config_path,
+        text.replacen("[daemon]\n", "[daemon]\ndisarm_on_failure = true\n", 1),
+    )
+    .unwrap();
+    let failed =
+        json_of(&db.govsql(&["apply", "dot_iu_diag_write_then_fail", "--direct", "--json"]));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(stdout(&db.govsql(&["switch", "status"])).contains("off"));
+    assert_eq!(apply("fifth")["error_class"], "kill_switch");
+    // A switch file that cannot be read: unknown, and applies are refused.
+    let file = db.config.daemon.state_dir.join(govsql::switch::SWITCH_FILE);
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let status = stdout(&db.govsql(&["switch", "status"]));
+    assert!(status.contains("unknown (cannot read"), "{status}");
+    assert_eq!(apply("sixth")["error_class"], "kill_switch");
+    assert_eq!(db.count("iu_collection"), 3);
+}
+
+#[tokio::test]
+async fn migrate_names_targets_that_do_not_resolve_and_can_mark_them_unavailable() {
+    let db = test_db().await;
+    // A second, empty database on the same cluster, migrated without the
+    // demo schema: no governed function exists there.
+    let bare = format!("{}_bare", db.name);
+    pg().admin("postgres", &format!("CREATE DATABASE {bare}"));
+    let text = std::fs::read_to_string(&db.config_path).unwrap().replace(
+        &format!("db_name = \"{}\"", db.name),
+        &format!("db_name = \"{bare}\""),
+    );
+    std::fs::write(&db.config_path, text).unwrap();
+    let out = db.govsql(&["migrate"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("do not resolve")
+            && err.contains("dot_iu_healthcheck")
+            && err.contains("--allow-missing"),
+        "{err}"
+    );
+    let out = db.govsql(&["migrate", "--allow-missing"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Such a command is refused with target_missing, never a 42883 failure.
+    pg().admin(&bare, "UPDATE dot_config SET value = 'true'");
+    db.switch(true);
+    let j = json_of(&db.govsql(&["apply", "dot_iu_healthcheck", "--direct", "--json"]));
+    assert_eq!(j["status"], "refused", "{j}");
+    assert_eq!(j["error_class"], "target_missing");
+    let j = json_of(&db.govsql(&["verify", "--direct", "--json"]));
+    assert_eq!(j["error_class"], "target_missing", "{j}");
+    let check = db.govsql(&["catalog", "check"]);
+    assert_eq!(check.status.code(), Some(4));
+    assert!(
+        stdout(&check).contains("unavailable (refused with target_missing): dot_iu_healthcheck")
+    );
+}
+
+#[tokio::test]
+async fn self_test_fails_when_the_runtime_role_can_do_more() {
+    let db = test_db().await;
+    let ok = db.govsql(&["self-test"]);
+    let text = stdout(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("may call the dispatcher and nothing else"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no statement, parameter or error statement"),
+        "{text}"
+    );
+    // The same target as a superuser: self-test says so and fails.
+    let cfg = std::fs::read_to_string(&db.config_path).unwrap().replace(
+        &format!("db_user = \"{RUNTIME_ROLE}\""),
+        "db_user = \"postgres\"",
+    );
+    std::fs::write(&db.config_path, cfg).unwrap();
+    let bad = db.govsql(&["self-test"]);
+    let text = stdout(&bad);
+    assert_eq!(bad.status.code(), Some(4), "{text}");
+    assert!(text.contains("is a superuser"), "{text}");
+}

@@ -4,6 +4,7 @@
 mod cli;
 mod core;
 mod daemon;
+mod gate;
 mod governance;
 mod guard_table;
 mod harness;
