@@ -185,6 +185,10 @@ pub struct TargetConfig {
     /// SSH identity for `migrate` (defaults to identity_file).
     #[serde(default)]
     pub admin_identity_file: Option<PathBuf>,
+    /// How long a job in which nothing ran waits for its target (retried
+    /// with backoff) before it fails.
+    #[serde(default = "default_max_target_wait")]
+    pub max_target_wait_s: u64,
     /// Let applies run although a param value could reach the server log
     /// (default false: such applies are refused with `log_exposure`).
     #[serde(default)]
@@ -220,6 +224,9 @@ fn default_max_channels() -> usize {
 }
 fn default_job_timeout() -> u64 {
     60
+}
+fn default_max_target_wait() -> u64 {
+    600
 }
 fn default_keepalive_interval() -> u64 {
     15

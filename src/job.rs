@@ -651,6 +651,19 @@ pub struct Outcome {
     pub result: Option<Vec<Row>>,
     /// Why, in words (never a value).
     pub message: String,
+    /// Set when the outcome is not final: the daemon keeps the job and
+    /// tries again (never sent, never stored).
+    #[serde(skip)]
+    pub pending: Option<Pending>,
+}
+
+/// Why an outcome is not final yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// Nothing reached the database: the job waits for its target.
+    NothingRan,
+    /// An apply whose outcome is unknown: settled by idempotency key.
+    Unsettled,
 }
 
 impl Outcome {
@@ -661,10 +674,13 @@ impl Outcome {
 
     /// The job state this outcome ends in.
     pub fn state(&self) -> JobState {
+        if self.pending == Some(Pending::Unsettled) {
+            return JobState::Unsettled;
+        }
         JobState::from_outcome(self.status, self.error_class.as_ref())
     }
 
-    /// The process exit code.
+    /// The process exit code (5 for an apply still unsettled).
     pub fn exit_code(&self) -> ExitCode {
         self.state().exit_code()
     }

@@ -55,6 +55,8 @@ enum Op {
     List(u32, Reply<Vec<Job>>),
     ClaimNext(String, Reply<Option<Job>>),
     Finish(JobId, JobState, Box<Outcome>, Reply<()>),
+    Retry(JobId, JobState, Reply<u32>),
+    FirstTry(JobId, Reply<Option<i64>>),
     Approve(JobId, String, Reply<Job>),
     Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
@@ -93,6 +95,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (target, state, seq);
 ";
 
+/// Columns added after the first release: (name, declaration). A queue of
+/// an earlier release gets them when it is opened.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("not_before", "INTEGER"),
+    ("first_try_at", "INTEGER"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+];
+
 impl Queue {
     /// Opens (creating with mode 0600) the queue at `path` and starts its
     /// writer thread.
@@ -118,6 +128,19 @@ impl Queue {
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(sq)?;
         conn.execute_batch(SCHEMA).map_err(sq)?;
+        for (name, decl) in ADDED_COLUMNS {
+            let present: bool = conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .map_err(sq)?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {decl}"))
+                    .map_err(sq)?;
+            }
+        }
         let (tx, rx) = mpsc::channel();
         let owned = path.to_path_buf();
         std::thread::Builder::new()
@@ -163,6 +186,19 @@ impl Queue {
         let id = outcome.job_id.clone();
         self.call(|r| Op::Finish(id, outcome.state(), Box::new(stored), r))
             .await
+    }
+
+    /// A job that is not over yet (nothing ran, or an apply unsettled)
+    /// goes back to `state` (queued or unsettled), claimable again after a
+    /// backoff of 2^attempts seconds (at most 30); its params are kept.
+    /// Returns how many attempts it has had.
+    pub async fn retry(&self, job_id: &JobId, state: JobState) -> Result<u32, QueueError> {
+        self.call(|r| Op::Retry(job_id.clone(), state, r)).await
+    }
+
+    /// When a job was first retried (unix seconds), if it was.
+    pub async fn first_try_at(&self, job_id: &JobId) -> Result<Option<i64>, QueueError> {
+        self.call(|r| Op::FirstTry(job_id.clone(), r)).await
     }
 
     /// awaiting_approval → queued, approved by `by`.
@@ -307,7 +343,12 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
         let durable = batch.iter().any(|op| {
             !matches!(
                 op,
-                Op::ClaimNext(..) | Op::Get(..) | Op::List(..) | Op::Counts(..) | Op::Expired(..)
+                Op::ClaimNext(..)
+                    | Op::Get(..)
+                    | Op::List(..)
+                    | Op::Counts(..)
+                    | Op::Expired(..)
+                    | Op::FirstTry(..)
             )
         });
         if durable != full {
@@ -374,6 +415,32 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
                     params![id.as_str(), state.as_str(), json, now(), outcome.params_digest],
                 )
                 .map(|_| ());
+            respond(reply, r, path)
+        }
+        Op::Retry(id, state, reply) => {
+            let r = tx
+                .execute(
+                    "UPDATE jobs SET state = ?2, not_before = ?3 + min(30, 1 << min(attempts, 5)), first_try_at = coalesce(first_try_at, ?3), attempts = attempts + 1 WHERE job_id = ?1",
+                    params![id.as_str(), state.as_str(), now()],
+                )
+                .and_then(|_| {
+                    tx.query_row(
+                        "SELECT attempts FROM jobs WHERE job_id = ?1",
+                        [id.as_str()],
+                        |r| r.get::<_, u32>(0),
+                    )
+                });
+            respond(reply, r, path)
+        }
+        Op::FirstTry(id, reply) => {
+            let r = tx
+                .query_row(
+                    "SELECT first_try_at FROM jobs WHERE job_id = ?1",
+                    [id.as_str()],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .optional()
+                .map(Option::flatten);
             respond(reply, r, path)
         }
         Op::Approve(id, by, reply) => match get_job(tx, &id) {
@@ -453,8 +520,8 @@ fn list(tx: &Connection, limit: u32) -> rusqlite::Result<Vec<Job>> {
 fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
     let job = tx
         .query_row(
-            &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state = 'queued' ORDER BY seq LIMIT 1"),
-            [target],
+            &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state IN ('queued', 'unsettled') AND coalesce(not_before, 0) <= ?2 ORDER BY seq LIMIT 1"),
+            params![target, now()],
             row_to_job,
         )
         .optional()?;

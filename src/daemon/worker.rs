@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::Daemon;
-use crate::job::{unix_now, ErrorClass, Job, Mode, Outcome, Refusal, RunStatus};
+use crate::job::{unix_now, ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal, RunStatus};
 
 /// The worker loop of one target.
 pub async fn run_target(daemon: Arc<Daemon>, target: String) {
@@ -73,13 +73,68 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         let job = job.clone();
         supervise(async move { rt.run(&job).await })
     };
-    let outcome = task.await.unwrap_or_else(|panic| panicked(&job, &panic));
+    let mut outcome = task.await.unwrap_or_else(|panic| panicked(&job, &panic));
+    if let Some(pending) = outcome.pending {
+        if keep_trying(daemon, &job, pending, &mut outcome).await {
+            return;
+        }
+    }
     if let Err(e) = daemon.queue.finish(&outcome).await {
         // The job stays `running` in the queue and is settled at the next
         // start; the waiters still get the outcome.
         tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue");
     }
     daemon.deliver(&outcome);
+}
+
+/// A job that is not over: nothing ran (it waits for its target, up to
+/// `max_target_wait_s`) or an apply is unsettled (settled by its key for
+/// as long as it takes). Returns true when the job went back to the queue;
+/// false when it is to end now with `outcome` (made final).
+async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut Outcome) -> bool {
+    let max_wait = daemon
+        .config
+        .target(Some(&job.target))
+        .map(|(_, t)| t.max_target_wait_s as i64)
+        .unwrap_or(600);
+    let state = match pending {
+        Pending::Unsettled => JobState::Unsettled,
+        Pending::NothingRan => {
+            let first = daemon
+                .queue
+                .first_try_at(&job.job_id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_else(unix_now);
+            if unix_now() - first >= max_wait {
+                outcome.pending = None;
+                outcome.message = format!(
+                    "{}; gave up after waiting {max_wait} s (max_target_wait_s) for the target",
+                    outcome.message
+                );
+                return false;
+            }
+            JobState::Queued
+        }
+    };
+    match daemon.queue.retry(&job.job_id, state).await {
+        Ok(attempts) => {
+            tracing::warn!(
+                job_id = %job.job_id,
+                state = %state,
+                attempts,
+                class = outcome.class().unwrap_or(""),
+                "job not over yet; it will be tried again"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(job_id = %job.job_id, cause = %e, "cannot put the job back in the queue");
+            outcome.pending = None;
+            false
+        }
+    }
 }
 
 /// Runs a job's future as its own task so that a panic in it (a bug) is
@@ -125,6 +180,7 @@ fn panicked(job: &Job, panic: &str) -> Outcome {
         evidence: json!({ "mode": job.mode.as_str(), "error_class": "internal" }),
         result: None,
         message: format!("a bug stopped this job (panic in its task){settle}; please report it"),
+        pending: None,
     }
 }
 

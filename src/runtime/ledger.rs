@@ -73,7 +73,9 @@ impl Runtime {
                 let ev = self.evidence(ctx, Some(&class), &[], None);
                 let msg = format!("{message}; nothing ran and no ledger row could be written");
                 let status = RunStatus::Failed;
-                self.outcome(ctx, None, status, Some(class), Vec::new(), ev, None, msg)
+                let mut o = self.outcome(ctx, None, status, Some(class), Vec::new(), ev, None, msg);
+                o.pending = Some(crate::job::Pending::NothingRan);
+                o
             }
             Verdict::Unlogged { class, message } => {
                 let ev = self.evidence(ctx, Some(&class), &[], None);
@@ -93,7 +95,7 @@ impl Runtime {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, "apply outcome still unknown");
                 let ev = self.evidence(ctx, Some(&class), &[], None);
                 let status = RunStatus::Failed;
-                self.outcome(
+                let mut o = self.outcome(
                     ctx,
                     None,
                     status,
@@ -102,7 +104,9 @@ impl Runtime {
                     ev,
                     None,
                     message,
-                )
+                );
+                o.pending = Some(crate::job::Pending::Unsettled);
+                o
             }
             Verdict::Unknown { class, message } => {
                 let settled = self.settle(ctx, &class, &message).await;
@@ -179,6 +183,7 @@ impl Runtime {
             evidence,
             result,
             message,
+            pending: None,
         }
     }
 }
@@ -213,5 +218,6 @@ pub(super) fn local_refusal(job: &Job, class: ErrorClass, msg: &str) -> Outcome 
         error_class: Some(class),
         result: None,
         message: msg.to_string(),
+        pending: None,
     }
 }

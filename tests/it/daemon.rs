@@ -723,3 +723,72 @@ async fn batch_submits_many_and_summarises() {
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(db.count("iu_collection"), 5);
 }
+
+fn job_state(d: &DaemonProc, id: &str) -> String {
+    let r = d.request(json!({"v": 1, "op": "status", "job_id": id}));
+    r["job"]["state"].as_str().unwrap_or("?").to_string()
+}
+
+#[tokio::test]
+async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled() {
+    let s = sshd::Sshd::start();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 10).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let d = DaemonProc::start(&db);
+
+    // The target is down: a job in which nothing ran waits, then runs.
+    s.stop();
+    let j = submit(&d, "dot_iu_healthcheck", "verify", json!([]), false);
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    // Longer than one round of SSH connect backoff: the job goes back to
+    // the queue (nothing ran) instead of failing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log_text().contains("job not over yet") {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = job_state(&d, &id);
+    assert!(st == "queued" || st == "running", "{st}: {}", d.log_text());
+    s.launch();
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "verified", "{done}");
+
+    // An apply cut off mid-run while the target stays down: unsettled,
+    // never reported failed; settled by its key once the target is back.
+    let j = submit(
+        &d,
+        "dot_iu_diag_sleep",
+        "apply",
+        json!([["seconds", "2"]]),
+        false,
+    );
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%fn_dot_iu_dispatch(%' AND application_name LIKE 'govsql:%' AND datname = current_database()") == "0" {
+        assert!(Instant::now() < deadline, "the apply never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.stop();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = job_state(&d, &id);
+        assert_ne!(st, "failed", "{}", d.log_text());
+        if st == "unsettled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never unsettled: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A client waiting with a timeout is told it is still unsettled (5).
+    let out = d.cli(None, &["status", &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    s.launch();
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "applied", "{done}");
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_mode = 'apply' AND run_status = 'applied'"),
+        1
+    );
+    s.stop();
+}
