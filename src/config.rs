@@ -91,6 +91,9 @@ pub struct DaemonConfig {
     /// STOP condition: re-arm the kill switch).
     #[serde(default)]
     pub disarm_on_failure: bool,
+    /// Terminal jobs are pruned from the queue after this many days.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
 }
 
 /// The `[access]` table. Entries are unix user names, `@group`, or `*`.
@@ -109,6 +112,10 @@ pub struct AccessConfig {
     /// May approve jobs that need approval.
     #[serde(default)]
     pub approve: Vec<String>,
+    /// May see every job (others see their own, approvers the ones
+    /// waiting for approval); root always may.
+    #[serde(default)]
+    pub admin: Vec<String>,
 }
 
 /// How a target is reached.
@@ -224,6 +231,9 @@ fn default_max_channels() -> usize {
 }
 fn default_job_timeout() -> u64 {
     60
+}
+fn default_retention_days() -> u64 {
+    30
 }
 fn default_max_target_wait() -> u64 {
     600

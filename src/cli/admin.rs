@@ -331,6 +331,13 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<ExitCode> {
 
 fn check_state_dir(report: &mut Report, config: &Config) {
     let dir = &config.daemon.state_dir;
+    let socket_dir = config.daemon.socket.parent();
+    for d in std::iter::once(dir.as_path()).chain(socket_dir) {
+        match crate::daemon::fscheck::check_private(d) {
+            Ok(()) => report.check(true, "private", format!("{} and its files", d.display())),
+            Err(e) => report.check(false, "private", e),
+        }
+    }
     let probe = dir.join(".self-test");
     let writable = std::fs::create_dir_all(dir)
         .and_then(|_| std::fs::write(&probe, b"ok"))

@@ -9,6 +9,7 @@
 //! (mini-redis' shape): SIGTERM cancels one token, the listener stops,
 //! in-flight jobs drain (bounded), then the daemon exits 0.
 
+pub mod fscheck;
 pub mod notify;
 pub mod peer;
 pub mod queue;
@@ -22,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{oneshot, Notify, Semaphore};
@@ -72,6 +75,9 @@ pub enum DaemonError {
     /// A target's executor could not be built.
     #[error("target {0}: {1}")]
     Target(String, crate::transport::TransportError),
+    /// The state or socket directory is not the daemon's own.
+    #[error(transparent)]
+    NotPrivate(#[from] fscheck::NotPrivate),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -109,6 +115,30 @@ pub struct Daemon {
     shutdown: CancellationToken,
     /// Every connection and job task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Open connections per uid.
+    connections: Mutex<HashMap<u32, usize>>,
+}
+
+/// One open connection of a uid; given back when dropped.
+pub struct ConnectionSlot<'a> {
+    daemon: &'a Daemon,
+    uid: u32,
+}
+
+impl Drop for ConnectionSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .daemon
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.uid);
+            }
+        }
+    }
 }
 
 impl Daemon {
@@ -172,6 +202,17 @@ impl Daemon {
         for w in waiters.into_iter().flatten() {
             let _ = w.send(outcome.clone());
         }
+    }
+
+    /// A connection slot for `uid`, unless it has too many open.
+    pub fn connection_slot(&self, uid: u32) -> Option<ConnectionSlot<'_>> {
+        let mut map = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(uid).or_insert(0);
+        if *n >= server::MAX_CONNECTIONS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot { daemon: self, uid })
     }
 
     /// Whether shutdown began.
@@ -287,6 +328,8 @@ fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>, DaemonError> {
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| io("cannot open lock file in", e))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -315,6 +358,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Installed first: a daemon that could not be stopped cleanly must not
     // start at all.
     let signals = Signals::install().map_err(DaemonError::Signals)?;
+    fscheck::check_private(&config.daemon.state_dir)?;
+    if let Some(dir) = config.daemon.socket.parent() {
+        fscheck::check_private(dir)?;
+    }
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
     let catalog = Arc::new(Catalog::load(&config.daemon.catalog)?);
     let queue = queue::Queue::open(&config.daemon.state_dir.join("queue.db"))?;
@@ -360,6 +407,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         heartbeat_at: AtomicU64::new(unix_now() as u64),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        connections: Mutex::new(HashMap::new()),
     });
     // The loops run until shutdown; they are not drained, only stopped.
     let mut loops = tokio::task::JoinSet::new();

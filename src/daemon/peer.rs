@@ -75,6 +75,18 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Whether this peer may see `job`: its own, every job for root and
+    /// `[access] admin`, and jobs waiting for approval for approvers.
+    pub fn may_see(&self, access: &AccessConfig, job: &crate::job::Job) -> bool {
+        self.uid == 0
+            || job.actor_uid == self.uid
+            || self.admitted_by(&access.admin)
+            || (job.state == crate::job::JobState::AwaitingApproval
+                && self.admitted_by(&access.approve))
+    }
+}
+
 /// Which `[access]` list governs a mode.
 pub fn list_for(access: &AccessConfig, mode: Mode) -> (&'static str, &[String]) {
     match mode {

@@ -52,11 +52,12 @@ type Deferred = Box<dyn FnOnce(Option<&rusqlite::Error>)>;
 enum Op {
     Submit(Box<Job>, Reply<Job>),
     Get(JobId, Reply<Option<Job>>),
-    List(u32, Reply<Vec<Job>>),
+    List(u32, Option<u32>, Reply<Vec<Job>>),
     ClaimNext(String, Reply<Option<Job>>),
     Finish(JobId, JobState, Box<Outcome>, Reply<()>),
     Retry(JobId, JobState, Reply<u32>),
     FirstTry(JobId, Reply<Option<i64>>),
+    Prune(i64, Reply<usize>),
     Approve(JobId, String, Reply<Job>),
     Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
@@ -115,6 +116,7 @@ impl Queue {
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
             .map_err(|source| QueueError::Create {
                 path: path.to_path_buf(),
@@ -169,9 +171,10 @@ impl Queue {
         self.call(|r| Op::Get(job_id.clone(), r)).await
     }
 
-    /// The newest jobs.
-    pub async fn list(&self, limit: u32) -> Result<Vec<Job>, QueueError> {
-        self.call(|r| Op::List(limit, r)).await
+    /// The newest jobs (of one submitter's uid, when given, plus every
+    /// job waiting for approval).
+    pub async fn list(&self, limit: u32, uid: Option<u32>) -> Result<Vec<Job>, QueueError> {
+        self.call(|r| Op::List(limit, uid, r)).await
     }
 
     /// Moves the oldest queued job of `target` to running and returns it.
@@ -199,6 +202,11 @@ impl Queue {
     /// When a job was first retried (unix seconds), if it was.
     pub async fn first_try_at(&self, job_id: &JobId) -> Result<Option<i64>, QueueError> {
         self.call(|r| Op::FirstTry(job_id.clone(), r)).await
+    }
+
+    /// Deletes terminal jobs that ended before `before` (unix seconds).
+    pub async fn prune(&self, before: i64) -> Result<usize, QueueError> {
+        self.call(|r| Op::Prune(before, r)).await
     }
 
     /// awaiting_approval → queued, approved by `by`.
@@ -312,21 +320,35 @@ const CHECKPOINT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs
 /// TRUNCATE as soon as the writer is idle, and at least once a second.
 fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
     let mut erased_since: Option<std::time::Instant> = None;
+    let mut scrub = false;
     let mut full = true;
     loop {
-        let first = match erased_since {
-            Some(t) if t.elapsed() >= CHECKPOINT_MAX_DELAY => None,
-            Some(_) => match rx.recv_timeout(CHECKPOINT_IDLE) {
-                Ok(op) => Some(op),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
+        let (first, idle) = if erased_since.is_some_and(|t| t.elapsed() >= CHECKPOINT_MAX_DELAY) {
+            (None, false)
+        } else if erased_since.is_some() || scrub {
+            match rx.recv_timeout(CHECKPOINT_IDLE) {
+                Ok(op) => (Some(op), false),
+                Err(mpsc::RecvTimeoutError::Timeout) => (None, true),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            },
-            None => match rx.recv() {
-                Ok(op) => Some(op),
+            }
+        } else {
+            match rx.recv() {
+                Ok(op) => (Some(op), false),
                 Err(_) => return,
-            },
+            }
         };
         let Some(first) = first else {
+            // Idle: VACUUM rewrites every page, so no erased value stays in
+            // the unallocated part of a page (secure_delete does not reach
+            // it); then the WAL is emptied.
+            if idle && scrub {
+                match conn.execute_batch("VACUUM") {
+                    Ok(()) => scrub = false,
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "queue scrub (VACUUM) failed; retried when idle")
+                    }
+                }
+            }
             if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
                 tracing::warn!(cause = %e, "queue checkpoint failed");
             }
@@ -358,8 +380,12 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             }
             full = durable;
         }
-        if batch.iter().any(|op| matches!(op, Op::Finish(..))) && erased_since.is_none() {
-            erased_since = Some(std::time::Instant::now());
+        if batch
+            .iter()
+            .any(|op| matches!(op, Op::Finish(..) | Op::Prune(..)))
+        {
+            scrub = true;
+            erased_since.get_or_insert_with(std::time::Instant::now);
         }
         let tx = match conn.transaction() {
             Ok(tx) => tx,
@@ -405,7 +431,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
     match op {
         Op::Submit(job, reply) => respond(reply, insert(tx, &job), path),
         Op::Get(id, reply) => respond(reply, get_job(tx, &id), path),
-        Op::List(limit, reply) => respond(reply, list(tx, limit), path),
+        Op::List(limit, uid, reply) => respond(reply, list(tx, limit, uid), path),
         Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
         Op::Finish(id, state, outcome, reply) => {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -430,6 +456,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
                         |r| r.get::<_, u32>(0),
                     )
                 });
+            respond(reply, r, path)
+        }
+        Op::Prune(before, reply) => {
+            let r = tx.execute(
+                "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
+                [before],
+            );
             respond(reply, r, path)
         }
         Op::FirstTry(id, reply) => {
@@ -509,11 +542,11 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
     get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
-fn list(tx: &Connection, limit: u32) -> rusqlite::Result<Vec<Job>> {
+fn list(tx: &Connection, limit: u32, uid: Option<u32>) -> rusqlite::Result<Vec<Job>> {
     let mut st = tx.prepare(&format!(
-        "SELECT {COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"
+        "SELECT {COLUMNS} FROM jobs WHERE ?2 IS NULL OR actor_uid = ?2 OR state = 'awaiting_approval' ORDER BY seq DESC LIMIT ?1"
     ))?;
-    let rows = st.query_map([limit], row_to_job)?.collect();
+    let rows = st.query_map(params![limit, uid], row_to_job)?.collect();
     rows
 }
 
@@ -652,5 +685,66 @@ mod tests {
         assert_eq!(approved.approved_by.as_deref(), Some("bob"));
         assert!(q.approve(&id("w"), "bob").await.is_err());
         assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, id("w"));
+    }
+
+    #[tokio::test]
+    async fn erased_values_leave_every_file_once_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let q = Queue::open(&path).unwrap();
+        // Submits, claims and finishes interleaved, values of varied
+        // length, as a busy daemon does them.
+        let n = 3000;
+        let mut finished = 0;
+        for i in 0..n {
+            let mut j = job(&format!("j{i}"));
+            let pad = "x".repeat((i * 37) % 180);
+            j.params = Some(crate::job::Params(vec![(
+                "title".into(),
+                format!("ZCANARY{i:05}{pad}"),
+            )]));
+            q.submit(j).await.unwrap();
+            if i % 3 == 2 {
+                for _ in 0..2 {
+                    let claimed = q.claim_next("main").await.unwrap().unwrap();
+                    let outcome: Outcome = serde_json::from_value(serde_json::json!({
+                        "job_id": claimed.job_id, "command": "dot_iu_add_piece", "mode": "apply",
+                        "status": "applied", "run_id": finished, "params_digest": "d", "closed_gates": [],
+                        "error_class": null, "evidence": {}, "result": null, "message": "m"
+                    }))
+                    .unwrap();
+                    q.finish(&outcome).await.unwrap();
+                    finished += 1;
+                }
+            }
+        }
+        while let Some(claimed) = q.claim_next("main").await.unwrap() {
+            let outcome: Outcome = serde_json::from_value(serde_json::json!({
+                "job_id": claimed.job_id, "command": "dot_iu_add_piece", "mode": "apply",
+                "status": "applied", "run_id": 1, "params_digest": "d", "closed_gates": [],
+                "error_class": null, "evidence": {}, "result": null, "message": "m"
+            }))
+            .unwrap();
+            q.finish(&outcome).await.unwrap();
+        }
+        let leaks = || -> usize {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .map(|e| {
+                    let bytes = std::fs::read(e.path()).unwrap_or_default();
+                    bytes.windows(7).filter(|w| w == b"ZCANARY").count()
+                })
+                .sum()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while leaks() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} values left in the queue files",
+                leaks()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }

@@ -16,10 +16,15 @@ use crate::config::DaemonConfig;
 use crate::job::{unix_now, ErrorClass, Job, JobId, JobState, Mode, Outcome, Params, Refusal};
 use crate::protocol::{parse_request, Reply, ReplyKind, Request, MAX_LINE};
 
+/// The most jobs one list reply carries.
+pub const MAX_LIST: u32 = 1000;
+
 /// How long a connection may stay silent before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent connections.
 const MAX_CONNECTIONS: usize = 512;
+/// Concurrent connections of one uid, so no user can lock others out.
+pub const MAX_CONNECTIONS_PER_UID: usize = 32;
 
 /// Binds the socket (replacing a stale file: the lock proves no other
 /// daemon owns it) with the configured mode and group.
@@ -30,7 +35,12 @@ pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
         source,
     };
     if let Some(dir) = cfg.socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| io("cannot create the socket directory of", e))?;
+        if !dir.exists() {
+            // 0750 whatever the umask.
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)))
+                .map_err(|e| io("cannot create the socket directory of", e))?;
+        }
     }
     match std::fs::remove_file(&cfg.socket) {
         Ok(()) => {}
@@ -139,6 +149,17 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
         }
     };
     let (rd, mut wr) = stream.into_split();
+    let Some(_slot) = daemon.connection_slot(peer.uid) else {
+        let reply = Reply::error(
+            ReplyKind::Unavailable,
+            format!(
+                "user {} has {MAX_CONNECTIONS_PER_UID} connections open already; close some and try again",
+                peer.user
+            ),
+        );
+        let _ = write_reply(&mut wr, &reply).await;
+        return;
+    };
     let mut rd = BufReader::new(rd);
     let shutdown = daemon.shutdown_token().clone();
     loop {
@@ -220,17 +241,28 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             }
         }
         Request::Status { job_id, .. } => match daemon.queue().get(&job_id).await {
-            Ok(Some(j)) => Reply::job(j),
-            Ok(None) => not_found(&job_id),
+            Ok(Some(j)) if peer.may_see(&daemon.config().access, &j) => Reply::job(j),
+            Ok(_) => not_found(&job_id),
             Err(e) => internal(e),
         },
         Request::Wait {
             job_id, timeout_s, ..
         } => wait(daemon, peer, &job_id, timeout_s).await,
         Request::List { limit, .. } => {
-            match daemon.queue().list(limit.unwrap_or(100).min(10_000)).await {
+            let access = &daemon.config().access;
+            let everyone = peer.uid == 0 || peer.admitted_by(&access.admin);
+            let limit = limit.unwrap_or(100).min(MAX_LIST);
+            match daemon
+                .queue()
+                .list(limit, (!everyone).then_some(peer.uid))
+                .await
+            {
                 Ok(jobs) => Reply {
-                    jobs: Some(jobs),
+                    jobs: Some(
+                        jobs.into_iter()
+                            .filter(|j| peer.may_see(access, j))
+                            .collect(),
+                    ),
                     ..Reply::ok()
                 },
                 Err(e) => internal(e),
@@ -300,11 +332,12 @@ fn new_job(
         peer.uid,
     );
     match daemon.catalog().get(&job.command) {
+        // Refused before anything is stored: it cannot be logged anyway.
         Err(e) => {
-            job.preset = Some(Refusal {
-                class: ErrorClass::UnknownCommand,
-                message: e.to_string(),
-            })
+            return Err(Box::new(Reply::error(
+                ReplyKind::UnknownCommand,
+                e.to_string(),
+            )))
         }
         Ok(cmd) => {
             if let Some(why) = denial(&daemon.config().access, peer, mode) {
@@ -334,13 +367,14 @@ async fn submit(daemon: &Daemon, peer: &Peer, job: Job) -> Result<Job, Box<Reply
 async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u64>) -> Reply {
     // Register first, then look: a job finishing in between still reaches us.
     let rx = daemon.add_waiter(job_id);
+    let access = &daemon.config().access;
     let job = match daemon.queue().get(job_id).await {
-        Ok(Some(j)) if !j.state.is_terminal() => j,
+        Ok(Some(j)) if !j.state.is_terminal() && peer.may_see(access, &j) => j,
         other => {
             daemon.forget_waiters(job_id);
             return match other {
-                Ok(Some(j)) => Reply::job(j),
-                Ok(None) => not_found(job_id),
+                Ok(Some(j)) if peer.may_see(access, &j) => Reply::job(j),
+                Ok(_) => not_found(job_id),
                 Err(e) => internal(e),
             };
         }

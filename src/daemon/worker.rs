@@ -184,9 +184,21 @@ fn panicked(job: &Job, panic: &str) -> Outcome {
     }
 }
 
-/// Refuses (and audits) jobs whose approval never came within the TTL.
+/// Refuses (and audits) jobs whose approval never came within the TTL,
+/// and prunes terminal jobs older than `retention_days`.
 pub async fn sweep_approvals(daemon: Arc<Daemon>) {
+    let mut pruned_at = 0;
     loop {
+        let now = unix_now();
+        if now - pruned_at >= 60 {
+            pruned_at = now;
+            let before = now - (daemon.config.daemon.retention_days as i64) * 86_400;
+            match daemon.queue.prune(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "pruned terminal jobs past retention_days"),
+                Err(e) => tracing::error!(cause = %e, "queue prune failed"),
+            }
+        }
         let ttl = daemon.config.daemon.approval_ttl_s as i64;
         let before = unix_now() - ttl;
         match daemon.queue.expired_approvals(before).await {

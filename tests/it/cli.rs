@@ -130,3 +130,34 @@ fn exit_codes_are_decided_in_one_place() {
     let err = stderr(&out);
     assert!(!err.contains("Some(") && !err.contains("Code("), "{err}");
 }
+
+#[test]
+fn a_daemon_refuses_a_state_dir_others_can_write_or_a_symlinked_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = govsql(&cfg, &["daemon"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("writable by group or others") && err.contains("state"),
+        "{err}"
+    );
+    assert!(!dir.path().join("govsql.sock").exists());
+    // A symlinked lock file (it would be written through as root).
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "keep me").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, state.join("govsql.lock")).unwrap();
+    let out = govsql(&cfg, &["daemon"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("symlink"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "keep me");
+    // self-test says the same.
+    let st = govsql(&cfg, &["self-test"]);
+    assert_eq!(st.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&st.stdout).contains("symlink"));
+}
