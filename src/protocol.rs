@@ -105,6 +105,26 @@ pub struct Health {
     pub catalog_digest: String,
     /// Targets and their transports.
     pub targets: Vec<String>,
+    /// Each target's reachability, as its recent jobs found it.
+    #[serde(default)]
+    pub target_health: Vec<TargetHealth>,
+}
+
+/// How a target's recent jobs went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetHealth {
+    /// The target.
+    pub name: String,
+    /// ssh or local.
+    pub transport: String,
+    /// False when its latest job could not reach the database.
+    pub reachable: bool,
+    /// When a job last reached the database (unix seconds).
+    pub last_ok_at: Option<i64>,
+    /// When a job last could not (unix seconds).
+    pub last_error_at: Option<i64>,
+    /// That job's error class.
+    pub last_error_class: Option<String>,
 }
 
 /// A reply.

@@ -204,6 +204,28 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
         );
         out!("catalog {}", h.catalog_digest);
         out!("targets: {}", h.targets.join(", "));
+        for t in &h.target_health {
+            let since = |at: Option<i64>| {
+                at.map(|a| format!("{} s ago", crate::job::unix_now() - a))
+                    .unwrap_or_else(|| "never".into())
+            };
+            out!(
+                "  {} ({}): {}; last success {}; last error {}{}",
+                t.name,
+                t.transport,
+                if t.reachable {
+                    "reachable"
+                } else {
+                    "UNREACHABLE"
+                },
+                since(t.last_ok_at),
+                since(t.last_error_at),
+                t.last_error_class
+                    .as_deref()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default()
+            );
+        }
         let jobs: Vec<String> = h.jobs.iter().map(|(k, v)| format!("{k} {v}")).collect();
         out!(
             "jobs: {}",
@@ -214,7 +236,8 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
             }
         );
     }
-    Ok(if h.workers_alive {
+    let targets_ok = h.target_health.iter().all(|t| t.reachable);
+    Ok(if h.workers_alive && targets_ok {
         ExitCode::Ok
     } else {
         ExitCode::Failed

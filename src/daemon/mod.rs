@@ -91,9 +91,42 @@ pub struct TargetSlot {
     permits: Arc<Semaphore>,
     wake: Notify,
     alive_at: AtomicU64,
+    /// How its recent jobs went, for health.
+    record: Mutex<TargetRecord>,
+}
+
+/// When a target's jobs last reached the database, and last did not.
+#[derive(Debug, Default, Clone)]
+pub struct TargetRecord {
+    last_ok_at: Option<i64>,
+    last_error: Option<(i64, String)>,
+}
+
+impl TargetRecord {
+    fn reachable(&self) -> bool {
+        match (&self.last_error, self.last_ok_at) {
+            (None, _) => true,
+            (Some((err_at, _)), Some(ok_at)) => ok_at >= *err_at,
+            (Some(_), None) => false,
+        }
+    }
 }
 
 impl TargetSlot {
+    /// Notes how a job on this target went.
+    pub fn note(&self, outcome: &Outcome) {
+        use crate::job::ErrorClass as C;
+        let now = unix_now();
+        let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        match &outcome.error_class {
+            Some(
+                c
+                @ (C::TargetUnreachable | C::DbUnavailable | C::HostKey | C::SshAuth | C::Timeout),
+            ) if outcome.run_id.is_none() => r.last_error = Some((now, c.as_str().to_string())),
+            _ => r.last_ok_at = Some(now),
+        }
+    }
+
     fn runtime(&self) -> Arc<Runtime> {
         self.runtime
             .read()
@@ -261,6 +294,21 @@ impl Daemon {
                 .iter()
                 .map(|(n, t)| format!("{n} ({})", t.executor.kind()))
                 .collect(),
+            target_health: self
+                .targets
+                .iter()
+                .map(|(n, t)| {
+                    let r = t.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    protocol::TargetHealth {
+                        name: n.clone(),
+                        transport: t.executor.kind().to_string(),
+                        reachable: r.reachable(),
+                        last_ok_at: r.last_ok_at,
+                        last_error_at: r.last_error.as_ref().map(|(at, _)| *at),
+                        last_error_class: r.last_error.map(|(_, c)| c),
+                    }
+                })
+                .collect(),
         })
     }
 
@@ -393,6 +441,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 permits: Arc::new(Semaphore::new(t.max_channels)),
                 wake: Notify::new(),
                 alive_at: AtomicU64::new(unix_now() as u64),
+                record: Mutex::new(TargetRecord::default()),
             },
         );
     }
@@ -489,11 +538,30 @@ impl Signals {
 /// Sends WATCHDOG=1 while every worker loop is alive.
 async fn heartbeat(daemon: Arc<Daemon>) {
     let every = notify::watchdog_interval().unwrap_or(Duration::from_secs(5));
+    let mut last_status = String::new();
     loop {
         let now = unix_now() as u64;
         if daemon.workers_alive(now) {
             notify::notify("WATCHDOG=1");
             daemon.heartbeat_at.store(now, Ordering::SeqCst);
+            if let Ok(h) = daemon.health().await {
+                let count = |s: crate::job::JobState| h.jobs.get(&s).copied().unwrap_or(0);
+                let down = h.target_health.iter().filter(|t| !t.reachable).count();
+                let status = format!(
+                    "STATUS=queued {}, running {}, unsettled {}, awaiting approval {}; targets up {}, down {}",
+                    count(crate::job::JobState::Queued),
+                    count(crate::job::JobState::Running),
+                    count(crate::job::JobState::Unsettled),
+                    count(crate::job::JobState::AwaitingApproval),
+                    h.target_health.len() - down,
+                    down
+                );
+                // Only when it changes: the notify socket is not a log.
+                if status != last_status {
+                    notify::notify(&status);
+                    last_status = status;
+                }
+            }
         } else {
             tracing::error!("a worker stopped answering; withholding the watchdog heartbeat");
         }

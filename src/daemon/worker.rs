@@ -74,6 +74,9 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         supervise(async move { rt.run(&job).await })
     };
     let mut outcome = task.await.unwrap_or_else(|panic| panicked(&job, &panic));
+    if let Some(slot) = daemon.targets.get(&job.target) {
+        slot.note(&outcome);
+    }
     if let Some(pending) = outcome.pending {
         if keep_trying(daemon, &job, pending, &mut outcome).await {
             return;

@@ -31,6 +31,16 @@ impl DaemonProc {
     }
 
     fn start_with(db: &TestDb, envs: &[(&str, &Path)]) -> DaemonProc {
+        DaemonProc::start_config(db, &db.config_path, &db.config.daemon.socket, envs)
+    }
+
+    /// A daemon of another config (e.g. a second daemon on the same target).
+    fn start_config(
+        db: &TestDb,
+        config: &Path,
+        socket: &Path,
+        envs: &[(&str, &Path)],
+    ) -> DaemonProc {
         let log = db.dir.path().join(format!(
             "daemon-{}.log",
             Instant::now().elapsed().as_nanos()
@@ -47,7 +57,7 @@ impl DaemonProc {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_govsql"))
             .arg("daemon")
-            .env("GOVSQL_CONFIG", &db.config_path)
+            .env("GOVSQL_CONFIG", config)
             .env("GOVSQL_LOG", "debug")
             .envs(envs.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
@@ -58,8 +68,8 @@ impl DaemonProc {
         let d = DaemonProc {
             child: Some(child),
             log,
-            config: db.config_path.clone(),
-            socket: db.config.daemon.socket.clone(),
+            config: config.to_path_buf(),
+            socket: socket.to_path_buf(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -615,7 +625,7 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
     let notify_path = db.dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
     let mut d = DaemonProc::start_with(
         &db,
@@ -624,14 +634,26 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
             ("WATCHDOG_USEC", Path::new("400000")),
         ],
     );
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !(seen.iter().any(|m: &String| m == "READY=1") && seen.iter().any(|m| m == "WATCHDOG=1"))
-    {
-        let n = notify
-            .recv(&mut buf)
-            .expect("a notification from the daemon");
-        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    // Drained all along, as systemd does: a datagram socket queues only
+    // a few messages (net.unix.max_dgram_qlen) and the daemon never blocks.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let seen = seen.clone();
+        let notify = notify.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok(n) = notify.recv(&mut buf) {
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        })
+    };
+    let has = |what: &str| seen.lock().unwrap().iter().any(|m| m == what);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(has("READY=1") && has("WATCHDOG=1")) {
+        assert!(Instant::now() < deadline, "no READY and WATCHDOG");
+        std::thread::sleep(Duration::from_millis(20));
     }
     // self-test sees the running daemon and the database.
     let st = d.cli(None, &["self-test"]);
@@ -691,14 +713,16 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0));
     assert!(!Path::new(&db.config.daemon.socket).exists());
-    let mut stopping = false;
-    notify
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    while let Ok(n) = notify.recv(&mut buf) {
-        stopping |= &buf[..n] == b"STOPPING=1";
-    }
-    assert!(stopping, "STOPPING=1 was sent");
+    // The reader ends at its read timeout once the daemon is gone.
+    reader.join().unwrap();
+    assert!(has("STOPPING=1"), "STOPPING=1 was sent");
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.starts_with("STATUS=queued")),
+        "a STATUS= line for systemctl status"
+    );
     assert_eq!(db.count("dot_iu_command_run WHERE run_mode = 'verify' AND run_status = 'verified' AND evidence->>'job_id' = '{id}'".replace("{id}", &id).as_str()), 1);
 }
 
@@ -752,9 +776,24 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
     }
     let st = job_state(&d, &id);
     assert!(st == "queued" || st == "running", "{st}: {}", d.log_text());
+    // Health tells the truth: the target is down, and says why.
+    let health = d.cli(None, &["health"]);
+    assert_eq!(health.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&health.stdout).into_owned();
+    assert!(
+        text.contains("UNREACHABLE") && text.contains("target_unreachable"),
+        "{text}"
+    );
     s.launch();
     let done = wait_terminal(&d, &id);
     assert_eq!(done["state"], "verified", "{done}");
+    let health = d.cli(None, &["health"]);
+    assert_eq!(
+        health.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
 
     // An apply cut off mid-run while the target stays down: unsettled,
     // never reported failed; settled by its key once the target is back.
@@ -903,4 +942,47 @@ async fn after_many_jobs_no_value_is_left_in_any_file_of_the_state_dir() {
     let d = DaemonProc::start(&db);
     assert_eq!(leaks(), 0);
     drop(d);
+}
+
+#[tokio::test]
+async fn two_daemons_on_one_target_apply_each_key_once() {
+    // An HA pair (or one daemon per ops host): two state dirs, one target,
+    // the same idempotency keys submitted to both. The ledger arbitrates.
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let second = db.dir.path().join("govsql2.toml");
+    std::fs::write(
+        &second,
+        std::fs::read_to_string(&db.config_path)
+            .unwrap()
+            .replace("state_dir = \"state\"", "state_dir = \"state2\"")
+            .replace("socket = \"govsql.sock\"", "socket = \"govsql2.sock\""),
+    )
+    .unwrap();
+    govsql::switch::ApplySwitch::new(&db.dir.path().join("state2"))
+        .set(true)
+        .unwrap();
+    let d1 = DaemonProc::start(&db);
+    let d2 = DaemonProc::start_config(&db, &second, &db.dir.path().join("govsql2.sock"), &[]);
+    let n = 40;
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        for d in [&d1, &d2] {
+            let r = d.request(json!({
+                "v": 1, "op": "submit", "command": "dot_iu_create_collection", "mode": "apply",
+                "params": [["title", format!("ha-{i}")]], "idempotency_key": format!("ha-{i}")
+            }));
+            jobs.push((d, r["job"]["job_id"].as_str().unwrap().to_string()));
+        }
+    }
+    for (d, id) in &jobs {
+        let job = wait_terminal(d, id);
+        assert_eq!(job["state"], "applied", "{job}");
+    }
+    assert_eq!(db.count("iu_collection"), n);
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE run_mode = 'apply' AND run_status = 'applied'"),
+        n
+    );
 }
