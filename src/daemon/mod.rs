@@ -413,13 +413,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
     let catalog = Arc::new(Catalog::load(&config.daemon.catalog)?);
     let queue = queue::Queue::open(&config.daemon.state_dir.join("queue.db"))?;
-    let recovered = queue.recover().await?;
-    if recovered > 0 {
-        tracing::warn!(
-            jobs = recovered,
-            "jobs were running at the last stop; re-running them through the ledger to settle them"
-        );
-    }
+    // On a full disk the daemon still starts and serves status; the jobs
+    // that were running are put back as soon as the queue can write.
+    tokio::spawn(recover(queue.clone()));
     let mut targets = BTreeMap::new();
     for (name, t) in &config.targets {
         let executor = crate::transport::for_target(t, DbRole::Runtime)
@@ -496,6 +492,29 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("govsql daemon stopped");
     Ok(())
+}
+
+/// Puts the jobs that were running at the last stop back in the queue, to
+/// be settled through the same path; retried until the queue can write.
+async fn recover(queue: queue::Queue) {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match queue.recover().await {
+            Ok(0) => return,
+            Ok(n) => {
+                tracing::warn!(
+                    jobs = n,
+                    "jobs were running at the last stop; re-running them through the ledger to settle them"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot put the jobs of the last run back in the queue; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// How long SIGTERM waits for in-flight jobs.

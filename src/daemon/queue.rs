@@ -42,6 +42,9 @@ pub enum QueueError {
     /// A state transition that does not apply.
     #[error("{0}")]
     State(String),
+    /// The queue could not commit (a full disk, an I/O error).
+    #[error("the queue cannot write to disk ({0}); free space in state_dir")]
+    Commit(String),
 }
 
 type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
@@ -310,6 +313,8 @@ fn get_job(conn: &Connection, job_id: &JobId) -> rusqlite::Result<Option<Job>> {
 /// after params were erased, and the longest it defers that checkpoint.
 const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_millis(50);
 const CHECKPOINT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a failed scrub waits before it is tried again.
+const SCRUB_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The writer thread: drains every pending op into one transaction.
 ///
@@ -321,12 +326,21 @@ const CHECKPOINT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs
 fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
     let mut erased_since: Option<std::time::Instant> = None;
     let mut scrub = false;
+    // After a failed scrub (a full disk), the next try waits a while.
+    let mut scrub_not_before = std::time::Instant::now();
     let mut full = true;
     loop {
+        let wait = if erased_since.is_some() {
+            CHECKPOINT_IDLE
+        } else {
+            scrub_not_before
+                .saturating_duration_since(std::time::Instant::now())
+                .max(CHECKPOINT_IDLE)
+        };
         let (first, idle) = if erased_since.is_some_and(|t| t.elapsed() >= CHECKPOINT_MAX_DELAY) {
             (None, false)
         } else if erased_since.is_some() || scrub {
-            match rx.recv_timeout(CHECKPOINT_IDLE) {
+            match rx.recv_timeout(wait) {
                 Ok(op) => (Some(op), false),
                 Err(mpsc::RecvTimeoutError::Timeout) => (None, true),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -341,11 +355,12 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             // Idle: VACUUM rewrites every page, so no erased value stays in
             // the unallocated part of a page (secure_delete does not reach
             // it); then the WAL is emptied.
-            if idle && scrub {
+            if idle && scrub && std::time::Instant::now() >= scrub_not_before {
                 match conn.execute_batch("VACUUM") {
                     Ok(()) => scrub = false,
                     Err(e) => {
-                        tracing::warn!(cause = %e, "queue scrub (VACUUM) failed; retried when idle")
+                        scrub_not_before = std::time::Instant::now() + SCRUB_RETRY;
+                        tracing::warn!(cause = %e, retry_s = SCRUB_RETRY.as_secs(), "queue scrub (VACUUM) failed; tried again later");
                     }
                 }
             }
@@ -419,7 +434,7 @@ fn respond<T: Send + 'static>(
         let out = match (result, commit_err) {
             (Ok(v), None) => Ok(v),
             (Err(e), _) => Err(QueueError::Sqlite { path, source: e }),
-            (Ok(_), Some(e)) => Err(QueueError::State(format!("queue commit failed: {e}"))),
+            (Ok(_), Some(e)) => Err(QueueError::Commit(e.to_string())),
         };
         let _ = reply.send(out);
     })

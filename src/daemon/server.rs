@@ -360,6 +360,13 @@ async fn submit(daemon: &Daemon, peer: &Peer, job: Job) -> Result<Job, Box<Reply
             daemon.wake(&job.target);
             Ok(job)
         }
+        Err(e @ super::queue::QueueError::Commit(_)) => {
+            tracing::error!(cause = %e, "submit refused: the queue cannot write");
+            Err(Box::new(Reply::error(
+                ReplyKind::Unavailable,
+                format!("submits are refused while {e}; status and wait still work"),
+            )))
+        }
         Err(e) => Err(Box::new(internal(e))),
     }
 }

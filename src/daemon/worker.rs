@@ -82,12 +82,20 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
             return;
         }
     }
-    if let Err(e) = daemon.queue.finish(&outcome).await {
-        // The job stays `running` in the queue and is settled at the next
-        // start; the waiters still get the outcome.
-        tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue");
-    }
+    // The waiters get the outcome at once; its record in the queue is
+    // retried until it can be written (a full disk), so no job stays
+    // `running` while the daemon lives.
     daemon.deliver(&outcome);
+    let mut wait = Duration::from_millis(200);
+    while let Err(e) = daemon.queue.finish(&outcome).await {
+        tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue; retrying");
+        if daemon.is_shutting_down() {
+            // Settled through the ledger at the next start.
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// A job that is not over: nothing ran (it waits for its target, up to

@@ -986,3 +986,98 @@ async fn two_daemons_on_one_target_apply_each_key_once() {
         n
     );
 }
+
+/// A small tmpfs mounted at a path for the life of the guard.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (the disk-full drill needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_state_disk_refuses_submits_clearly_and_nothing_stays_running() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let state = db.config.daemon.state_dir.clone();
+    let _disk = Tmpfs::mount(&state, "2m");
+    db.switch(true);
+    // The daemon starts and serves status even on a full disk.
+    let filler = state.join("filler");
+    let fill = || {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", filler.display()))
+            .output();
+    };
+    let d = DaemonProc::start(&db);
+    let first = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(first["job"]["state"], "verified", "{first}");
+    // A job running when the disk fills and the daemon is killed.
+    let slow = submit(
+        &d,
+        "dot_iu_diag_sleep",
+        "verify",
+        json!([["seconds", "1"]]),
+        false,
+    );
+    let slow_id = slow["job"]["job_id"].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.request(json!({"v": 1, "op": "status", "job_id": slow_id}))["job"]["state"] != "running"
+    {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fill();
+    let refused = submit(&d, "dot_iu_healthcheck", "verify", json!([]), false);
+    assert_eq!(refused["error"]["kind"], "unavailable", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot write to disk"),
+        "{refused}"
+    );
+    let health = d.cli(None, &["health"]);
+    assert!(String::from_utf8_lossy(&health.stdout).contains("daemon pid"));
+    // Killed and started again on the full disk: it comes up.
+    drop(d);
+    let d = DaemonProc::start(&db);
+    let st = d.request(json!({"v": 1, "op": "status", "job_id": first["job"]["job_id"]}));
+    assert_eq!(st["job"]["state"], "verified", "{st}");
+    // Space again: submits work, the job that was running is settled, and
+    // nothing was left running.
+    std::fs::remove_file(&filler).unwrap();
+    let settled = d.request(json!({"v": 1, "op": "wait", "job_id": slow_id, "timeout_s": 60}));
+    assert_eq!(settled["job"]["state"], "verified", "{settled}");
+    let again = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(again["job"]["state"], "verified", "{again}");
+    let counts = d.request(json!({"v": 1, "op": "health"}))["health"]["jobs"].clone();
+    assert!(counts.get("running").is_none(), "{counts}");
+    drop(d);
+}
