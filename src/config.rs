@@ -192,6 +192,10 @@ pub struct TargetConfig {
     /// SSH identity for `migrate` (defaults to identity_file).
     #[serde(default)]
     pub admin_identity_file: Option<PathBuf>,
+    /// The largest result a job may return; over it the job fails with
+    /// `result_too_large` (rolled back, nothing truncated).
+    #[serde(default = "default_max_result_bytes")]
+    pub max_result_bytes: u64,
     /// How long a job in which nothing ran waits for its target (retried
     /// with backoff) before it fails.
     #[serde(default = "default_max_target_wait")]
@@ -231,6 +235,11 @@ fn default_max_channels() -> usize {
 }
 fn default_job_timeout() -> u64 {
     60
+}
+/// The default `max_result_bytes`: 16 MiB.
+pub const DEFAULT_MAX_RESULT_BYTES: u64 = 16 * 1024 * 1024;
+fn default_max_result_bytes() -> u64 {
+    DEFAULT_MAX_RESULT_BYTES
 }
 fn default_retention_days() -> u64 {
     30

@@ -199,6 +199,7 @@ CREATE FUNCTION public.fn_dot_iu_dispatch(
     p_actor            text,
     p_catalog_digest   text,
     p_allow_log_exposure boolean,
+    p_max_result_bytes bigint,
     p_client           jsonb
 ) RETURNS TABLE (kind text, value text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
@@ -219,6 +220,7 @@ DECLARE
     v_sql      text;
     r          record;
     v_ok       boolean := true;
+    v_bytes    bigint := 0;
 BEGIN
     PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
     SELECT * INTO c FROM public.dot_iu_command_catalog WHERE command_name = p_command AND NOT retired;
@@ -335,6 +337,10 @@ BEGIN
                 v_sql) USING p_params
             LOOP
                 v_rows := array_append(v_rows, r.t);
+                v_bytes := v_bytes + coalesce(octet_length(r.t), 0);
+                IF v_bytes > coalesce(p_max_result_bytes, 16777216) THEN
+                    RAISE EXCEPTION USING ERRCODE = 'GV092', MESSAGE = 'result too large';
+                END IF;
                 IF (p_mode = 'verify' AND (r.st IS NULL OR NOT r.st = ANY (c.expect_status)))
                    OR (p_mode = 'apply' AND r.st IS NOT NULL AND NOT r.st = ANY (c.expect_status)) THEN
                     v_ok := false;
@@ -355,6 +361,9 @@ BEGIN
             END IF;
         WHEN SQLSTATE 'GV091' THEN
             v_class := 'unexpected_status';
+            v_rows := ARRAY[]::text[];
+        WHEN SQLSTATE 'GV092' THEN
+            v_class := 'result_too_large';
             v_rows := ARRAY[]::text[];
         WHEN OTHERS THEN
             v_class := SQLSTATE;
@@ -552,7 +561,7 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb), public.fn_do
     public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb),
     public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]),
     public.fn_dot_iu_check_call(text, text, text),
-    public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, jsonb),
+    public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_catalog_resolve(text), public.fn_dot_iu_status(),
@@ -564,7 +573,7 @@ ALTER FUNCTION public.fn_dot_iu_run_row(bigint, text, text, text[], text[], bool
 ALTER FUNCTION public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_check_call(text, text, text) OWNER TO govsql_owner;
-ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_status() OWNER TO govsql_owner;
@@ -573,7 +582,7 @@ ALTER FUNCTION public.fn_dot_iu_command_resolves(text[], text[], text[]) OWNER T
 -- The runtime role: the three entries and nothing else.
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM :"runtime_role";
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM :"runtime_role";
-GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, jsonb),
+GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_status() TO :"runtime_role";

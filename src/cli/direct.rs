@@ -46,6 +46,7 @@ pub(super) async fn job(
         target.job_timeout(),
     )
     .allow_log_exposure(target.allow_server_log_exposure)
+    .max_result_bytes(target.max_result_bytes)
     .disarm_on_failure(config.daemon.disarm_on_failure);
     let job = Job::new(
         command,
@@ -81,7 +82,7 @@ pub fn print_outcome(o: &Outcome, json: bool) {
         o.command,
         o.job_id
     );
-    out!("  {}", o.message);
+    out!("  {}", printable(&o.message));
     if let Some(class) = &o.error_class {
         out!("  error class: {class}");
     }
@@ -89,7 +90,10 @@ pub fn print_outcome(o: &Outcome, json: bool) {
         out!("  closed gates: {}", o.closed_gates.join(", "));
     }
     for row in o.result.iter().flatten() {
-        let cells: Vec<&str> = row.iter().map(|c| c.as_deref().unwrap_or("NULL")).collect();
+        let cells: Vec<std::borrow::Cow<'_, str>> = row
+            .iter()
+            .map(|c| printable(c.as_deref().unwrap_or("NULL")))
+            .collect();
         out!("  result: {}", cells.join(" | "));
     }
 }

@@ -42,6 +42,23 @@ use admin::{catalog_cmd, config_cmd, migrate_cmd, reversal, self_test, switch_cm
 use direct::job;
 use remote::{health_cmd, jobs_cmd, simple_job_op, status_cmd, submit_to_daemon};
 
+/// Text for a terminal: control characters (escape sequences, carriage
+/// returns, newlines inside a value) are shown escaped, never sent raw.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes to stdout for [`out!`]; see there.
 pub fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
     use std::io::Write;

@@ -338,6 +338,7 @@ impl Daemon {
                         cfg.job_timeout(),
                     )
                     .allow_log_exposure(cfg.allow_server_log_exposure)
+                    .max_result_bytes(cfg.max_result_bytes)
                     .disarm_on_failure(self.config.daemon.disarm_on_failure);
                     *t.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rt);
                 }
@@ -428,6 +429,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             t.job_timeout(),
         )
         .allow_log_exposure(t.allow_server_log_exposure)
+        .max_result_bytes(t.max_result_bytes)
         .disarm_on_failure(config.daemon.disarm_on_failure);
         targets.insert(
             name.clone(),

@@ -313,6 +313,14 @@ fn new_job(
             "the daemon is shutting down; submit again once it is back",
         )));
     }
+    if let Some(k) = idempotency_key.as_deref() {
+        if !crate::job::valid_identifier(k) {
+            return Err(Box::new(Reply::error(
+                ReplyKind::BadRequest,
+                "idempotency keys are 1-128 characters of A-Z a-z 0-9 . _ : @ -",
+            )));
+        }
+    }
     let target = match daemon.config().target(target.as_deref()) {
         Ok((name, _)) => name.to_string(),
         Err(e) => {

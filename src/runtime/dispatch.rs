@@ -104,9 +104,10 @@ impl Runtime {
         let client = format!("{}::jsonb", jsonb_literal(&self.client_facts(ctx)));
         let call = match entry {
             Entry::Dispatch => format!(
-                "public.fn_dot_iu_dispatch({common}, {}, {}, {client})",
+                "public.fn_dot_iu_dispatch({common}, {}, {}, {}, {client})",
                 quote_plain(self.catalog.digest()),
-                self.allow_log_exposure
+                self.allow_log_exposure,
+                self.max_result_bytes
             ),
             Entry::Refuse | Entry::Fail => {
                 let name = if matches!(entry, Entry::Refuse) {
@@ -215,7 +216,12 @@ pub(super) fn written(ctx: &Ctx<'_>, answer: Answer) -> Verdict {
         (_, Some(c)) => class_message(ctx, c, run),
         (status, None) => format!("{status}"),
     };
-    let rows = (!row.replayed).then_some(answer.rows);
+    // The rows the command returned: for a run that succeeded, and for a
+    // verify whose checks answered (so the submitter sees why).
+    let has_rows = !row.replayed
+        && (matches!(row.status, RunStatus::Applied | RunStatus::Verified)
+            || class == Some(ErrorClass::VerificationFailed));
+    let rows = has_rows.then_some(answer.rows);
     Verdict::Written {
         closed: run.closed_gates.clone(),
         row,
@@ -253,6 +259,10 @@ fn class_message(ctx: &Ctx<'_>, class: &ErrorClass, run: &RunRow) -> String {
             ctx.cmd.name,
             ctx.cmd.expected_statuses().join(", ")
         ),
+        ErrorClass::ResultTooLarge => {
+            "the result was over the target's max_result_bytes; rolled back, nothing returned"
+                .into()
+        }
         ErrorClass::Sql(state) => format!(
             "the command's SQL failed with SQLSTATE {state}; nothing was committed"
         ),

@@ -121,6 +121,7 @@ pub struct Runtime {
     job_timeout: Duration,
     allow_log_exposure: bool,
     disarm_on_failure: bool,
+    max_result_bytes: u64,
 }
 
 /// Everything a job carries through its phases.
@@ -153,7 +154,14 @@ impl Runtime {
             job_timeout,
             allow_log_exposure: false,
             disarm_on_failure: false,
+            max_result_bytes: crate::config::DEFAULT_MAX_RESULT_BYTES,
         }
+    }
+
+    /// Results over this many bytes fail the job (`result_too_large`).
+    pub fn max_result_bytes(mut self, bytes: u64) -> Runtime {
+        self.max_result_bytes = bytes;
+        self
     }
 
     /// Turns the local apply switch off at any failed apply.

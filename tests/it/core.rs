@@ -264,7 +264,7 @@ async fn unknown_command_is_refused_locally_without_a_ledger_row() {
     let o = pg().psql_as(
         RUNTIME_ROLE,
         &db.name,
-        "SELECT * FROM fn_dot_iu_dispatch('plan','dot_no_such','{}','k','x','',false,'{}')",
+        "SELECT * FROM fn_dot_iu_dispatch('plan','dot_no_such','{}','k','x','',false,1000,'{}')",
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not in the catalog"));
@@ -802,4 +802,46 @@ async fn self_test_fails_when_the_runtime_role_can_do_more() {
     let text = stdout(&bad);
     assert_eq!(bad.status.code(), Some(4), "{text}");
     assert!(text.contains("is a superuser"), "{text}");
+}
+
+#[tokio::test]
+async fn a_result_over_max_result_bytes_fails_whole_and_the_terminal_sees_no_escapes() {
+    let db = test_db().await;
+    db.open_all();
+    let text = std::fs::read_to_string(&db.config_path).unwrap();
+    std::fs::write(&db.config_path, format!("{text}max_result_bytes = 4000\n")).unwrap();
+    let big = json_of(&db.govsql(&[
+        "apply",
+        "dot_iu_diag_blob",
+        "--param",
+        "bytes=5000",
+        "--direct",
+        "--json",
+    ]));
+    assert_eq!(big["status"], "failed", "{big}");
+    assert_eq!(big["error_class"], "result_too_large");
+    assert!(
+        big["result"].is_null() && big["run_id"].is_number(),
+        "{big}"
+    );
+    let small = json_of(&db.govsql(&[
+        "apply",
+        "dot_iu_diag_blob",
+        "--param",
+        "bytes=100",
+        "--direct",
+        "--json",
+    ]));
+    assert_eq!(small["status"], "applied", "{small}");
+    // A value holding a terminal escape is shown escaped, never raw.
+    let echo = db.govsql(&[
+        "apply",
+        "dot_iu_diag_echo",
+        "--param",
+        "value=\u{1b}[2Jboom\rX",
+        "--direct",
+    ]);
+    let out = stdout(&echo);
+    assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
+    assert!(out.contains("\\u{1b}[2Jboom\\rX"), "{out}");
 }

@@ -22,7 +22,7 @@ fn as_runtime(db: &TestDb, sql: &str) -> (bool, String, String) {
 fn dispatch(db: &TestDb, mode: &str, command: &str, params: &str, key: &str) -> serde_json::Value {
     let digest = db.sql("SELECT digest FROM dot_iu_catalog_state");
     let sql = format!(
-        "SELECT value FROM fn_dot_iu_dispatch('{mode}', '{command}', $p${params}$p$::jsonb, '{key}', 'mallory', '{digest}', false, '{{}}') WHERE kind = 'run'"
+        "SELECT value FROM fn_dot_iu_dispatch('{mode}', '{command}', $p${params}$p$::jsonb, '{key}', 'mallory', '{digest}', false, 16777216, '{{}}') WHERE kind = 'run'"
     );
     let (ok, out, err) = as_runtime(db, &sql);
     assert!(ok, "{sql}: {err}");

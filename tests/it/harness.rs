@@ -281,6 +281,7 @@ impl TestDb {
             ApplySwitch::new(&self.config.daemon.state_dir),
             Duration::from_secs(t.job_timeout_s),
         )
+        .max_result_bytes(t.max_result_bytes)
     }
 
     /// Admin SQL on this database.

@@ -302,7 +302,14 @@ async fn hostile_values_round_trip_under_every_login_shell() {
 
 #[tokio::test]
 async fn ten_megabyte_result_parses_exactly_over_ssh() {
-    let db = bash_db().await;
+    // Its JSON text is ~17 MB: over the 16 MiB default, so this target
+    // allows 64 MiB.
+    let s = sshd::shared();
+    let toml = format!(
+        "{}max_result_bytes = 67108864\n",
+        s.target_toml(USER, &keys().ed25519)
+    );
+    let db = ssh_db(&toml, 10).await;
     db.open_all();
     let rt = db.runtime();
     let bytes = 10 * 1024 * 1024;
