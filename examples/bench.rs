@@ -40,6 +40,11 @@ struct Args {
     /// Runtime role.
     #[arg(long, default_value = "govsql_runtime")]
     db_user: String,
+    /// The role of the bare-psql baselines: the runtime role may call
+    /// nothing but the dispatcher, so the baselines run the governed
+    /// function as the admin role.
+    #[arg(long, default_value = "postgres")]
+    baseline_user: String,
     /// sshd port.
     #[arg(long)]
     ssh_port: u16,
@@ -114,7 +119,7 @@ fn psql_words(a: &Args) -> Vec<String> {
         "-p",
         &a.pg_port.to_string(),
         "-U",
-        &a.db_user,
+        &a.baseline_user,
         "-d",
         &a.db,
         "-c",
