@@ -22,24 +22,36 @@ pub enum ClientError {
         /// The error.
         source: std::io::Error,
     },
+    /// The config naming the socket cannot be read: never a silent
+    /// default (a staging config must not reach the production daemon).
+    #[error("cannot read config {path}: {source}; pass --config FILE or set GOVSQL_CONFIG to a config you can read")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The connection broke or the reply was not understood.
     #[error("the daemon's reply was not understood ({0}); is the client up to date?")]
     Protocol(String),
 }
 
-/// The socket named by the config file (only `[daemon].socket` is read).
-pub fn socket_from_config(config_path: &Path) -> PathBuf {
-    let Ok(text) = std::fs::read_to_string(config_path) else {
-        return PathBuf::from(DEFAULT_SOCKET);
-    };
+/// The socket named by the config file (only `[daemon].socket` is read;
+/// a config without one means the default socket). A config that cannot
+/// be read is an error.
+pub fn socket_from_config(config_path: &Path) -> Result<PathBuf, ClientError> {
+    let text = std::fs::read_to_string(config_path).map_err(|source| ClientError::Config {
+        path: config_path.to_path_buf(),
+        source,
+    })?;
     let socket = toml::from_str::<toml::Value>(&text)
         .ok()
         .and_then(|v| v.get("daemon")?.get("socket")?.as_str().map(PathBuf::from));
-    match socket {
+    Ok(match socket {
         Some(p) if p.is_relative() => config_path.parent().unwrap_or(Path::new(".")).join(p),
         Some(p) => p,
         None => PathBuf::from(DEFAULT_SOCKET),
-    }
+    })
 }
 
 /// A connection to the daemon.

@@ -9,8 +9,8 @@ use crate::job::{Job, JobId, JobState, Mode, Params};
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The longest request line accepted.
-pub const MAX_LINE: usize = 1024 * 1024;
+/// The longest request line accepted: a 1 MiB value fits, JSON-escaped.
+pub const MAX_LINE: usize = 4 * 1024 * 1024;
 
 /// A client request.
 #[derive(Debug, Clone, Serialize, Deserialize)]

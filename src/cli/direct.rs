@@ -10,16 +10,13 @@ pub(super) async fn job(
     command: Option<String>,
     a: CommonJobArgs,
 ) -> anyhow::Result<ExitCode> {
-    let mut pairs = Vec::with_capacity(a.params.len());
-    for p in &a.params {
-        match params::parse_assignment(p) {
-            Ok(kv) => pairs.push(kv),
-            Err(e) => {
-                eprintln!("govsql: {e}");
-                return Ok(ExitCode::Usage);
-            }
+    let pairs = match job_params(&a) {
+        Ok(p) => p,
+        Err(msg) => {
+            eprintln!("govsql: {msg}");
+            return Ok(ExitCode::Usage);
         }
-    }
+    };
     let command = match command {
         Some(c) => c,
         None if pairs.iter().any(|(k, _)| k == "collection_id") => {
@@ -60,6 +57,54 @@ pub(super) async fn job(
     let outcome = runtime.run(&job).await;
     print_outcome(&outcome, a.json);
     Ok(outcome.exit_code())
+}
+
+/// The params of a job from `--param NAME=VALUE`, `--param NAME=@FILE` and
+/// `--params-json -`; the error names the param or file, never a value.
+fn job_params(a: &CommonJobArgs) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::with_capacity(a.params.len());
+    for p in &a.params {
+        let (name, value) = params::parse_assignment(p).map_err(|e| e.to_string())?;
+        let value = match value.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file).map_err(|e| {
+                format!("--param {name}=@{file}: cannot read the value from {file}: {e}")
+            })?,
+            None => value,
+        };
+        pairs.push((name, value));
+    }
+    match a.params_json.as_deref() {
+        None => {}
+        Some("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| format!("--params-json -: cannot read stdin: {e}"))?;
+            let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                format!(
+                    "--params-json -: stdin is not one JSON object (line {}, column {})",
+                    e.line(),
+                    e.column()
+                )
+            })?;
+            let obj = doc
+                .as_object()
+                .ok_or("--params-json -: stdin must hold one JSON object of name: value")?;
+            for (name, v) in obj {
+                let value = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(_) | serde_json::Value::Bool(_) => v.to_string(),
+                    _ => {
+                        return Err(format!(
+                            "--params-json -: param {name:?} must be a string, number or boolean"
+                        ))
+                    }
+                };
+                pairs.push((name.clone(), value));
+            }
+        }
+        Some(other) => return Err(format!("--params-json takes - (stdin), not {other:?}")),
+    }
+    Ok(pairs)
 }
 
 /// Prints an outcome as one JSON object or as lines for a person.

@@ -154,6 +154,18 @@ pub enum Cmd {
     /// Check this installation: config, catalog, state directory, every
     /// target (host key, login, runtime role, catalog digest), the daemon.
     SelfTest,
+    /// Wait until a job ends (re-attach); --timeout ends the wait (exit 5)
+    /// while the job goes on.
+    Wait {
+        /// The job.
+        job_id: String,
+        /// Give up waiting after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// A job's state and outcome.
     Status {
         /// The job.
@@ -236,9 +248,13 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 struct CommonJobArgs {
-    /// A param, NAME=VALUE (repeatable).
+    /// A param, NAME=VALUE, or NAME=@FILE to read the value from a file
+    /// (keeps secrets out of `ps`); repeatable.
     #[arg(long = "param", value_name = "NAME=VALUE")]
     params: Vec<String>,
+    /// Read all params as one JSON object from stdin (`-`).
+    #[arg(long, value_name = "-")]
+    params_json: Option<String>,
     /// The target (default: the config's default).
     #[arg(long)]
     target: Option<String>,
@@ -248,6 +264,10 @@ struct CommonJobArgs {
     /// Wait for the outcome (the daemon's jobs).
     #[arg(long)]
     wait: bool,
+    /// With --wait: give up waiting after this many seconds (exit 5; the
+    /// job goes on, `govsql wait JOB` re-attaches).
+    #[arg(long, requires = "wait")]
+    timeout: Option<u64>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -314,6 +334,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::RemoteGate(a) => Ok(gate::remote_gate(&a)),
         Cmd::SelfTest => self_test(&config_path).await,
         Cmd::Status { job_id, json } => status_cmd(&config_path, &job_id, json).await,
+        Cmd::Wait {
+            job_id,
+            timeout,
+            json,
+        } => remote::wait_cmd(&config_path, &job_id, timeout, json).await,
         Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,
         Cmd::Approve { job_id } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
@@ -336,7 +361,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Err(code) => Ok(code),
         },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
-        Cmd::Batch { file } => batch::run(&client::socket_from_config(&config_path), &file).await,
+        Cmd::Batch { file } => batch::run(&client::socket_from_config(&config_path)?, &file).await,
     }
 }
 

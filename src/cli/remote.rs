@@ -18,7 +18,7 @@ pub(super) fn print_reply_error(reply: &Reply) -> ExitCode {
 }
 
 pub(super) async fn call(config_path: &Path, req: &Request) -> anyhow::Result<Reply> {
-    let socket = client::socket_from_config(config_path);
+    let socket = client::socket_from_config(config_path)?;
     let mut c = Client::connect(&socket).await?;
     Ok(c.call(req).await?)
 }
@@ -38,7 +38,7 @@ pub(super) async fn submit_to_daemon(
         target: a.target,
         idempotency_key: a.idempotency_key,
         wait: a.wait,
-        timeout_s: None,
+        timeout_s: a.timeout,
     };
     let reply = call(config_path, &req).await?;
     let Some(job) = reply.job.as_ref().filter(|_| reply.ok) else {
@@ -111,6 +111,37 @@ pub(super) async fn status_cmd(
     .await?;
     match reply.job.as_ref().filter(|_| reply.ok) {
         Some(job) => Ok(print_job(job, json)),
+        None => Ok(print_reply_error(&reply)),
+    }
+}
+
+/// `govsql wait JOB`: re-attach to a job until it ends (or `--timeout`
+/// ends the wait: exit 5, the job goes on).
+pub(super) async fn wait_cmd(
+    config_path: &Path,
+    job_id: &str,
+    timeout: Option<u64>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let job_id = match job_id_arg(job_id) {
+        Ok(id) => id,
+        Err(code) => return Ok(code),
+    };
+    let req = Request::Wait {
+        v: PROTOCOL_VERSION,
+        job_id,
+        timeout_s: timeout,
+    };
+    let reply = call(config_path, &req).await?;
+    match reply.job.as_ref().filter(|_| reply.ok) {
+        Some(job) => {
+            let code = print_job(job, json);
+            Ok(if job.state.is_terminal() {
+                code
+            } else {
+                job.state.exit_code()
+            })
+        }
         None => Ok(print_reply_error(&reply)),
     }
 }

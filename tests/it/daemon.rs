@@ -1084,3 +1084,114 @@ async fn a_full_state_disk_refuses_submits_clearly_and_nothing_stays_running() {
     assert!(counts.get("running").is_none(), "{counts}");
     drop(d);
 }
+
+#[tokio::test]
+async fn values_stay_off_the_command_line_and_a_job_can_be_waited_for_again() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    // A collection, then a 1 MiB body read from a file, through the daemon.
+    let coll = json_of(&d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=files",
+            "--wait",
+            "--json",
+        ],
+    ));
+    let cid: Value = serde_json::from_str(coll["result"][0][0].as_str().unwrap()).unwrap();
+    let cid = cid["collection_id"].as_str().unwrap().to_string();
+    let body = db.dir.path().join("body.txt");
+    let big = "\\\"'$$~|~\u{e9}\n".repeat(1024 * 1024 / 16);
+    std::fs::write(&body, &big).unwrap();
+    let add = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_add_piece",
+            "--param",
+            &format!("collection_id={cid}"),
+            "--param",
+            &format!("body=@{}", body.display()),
+            "--wait",
+            "--json",
+        ],
+    );
+    let add = json_of(&add);
+    assert_eq!(add["status"], "applied", "{add}");
+    assert_eq!(
+        db.sql("SELECT octet_length(body) FROM iu_piece"),
+        big.len().to_string()
+    );
+    // All params as one JSON object on stdin.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .args([
+            "verify",
+            "dot_iu_collection_validate",
+            "--params-json",
+            "-",
+            "--wait",
+            "--json",
+        ])
+        .env("GOVSQL_CONFIG", &db.config_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{{\"collection_id\": \"{cid}\"}}").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(json_of(&out)["status"], "verified");
+    // A missing file names the file, never a value.
+    let missing = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=@/nonexistent/x",
+        ],
+    );
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/x"));
+    // wait re-attaches; --timeout ends the wait with 5 while the job goes on.
+    let slow = json_of(&d.cli(
+        None,
+        &[
+            "verify",
+            "dot_iu_diag_sleep",
+            "--param",
+            "seconds=2",
+            "--json",
+        ],
+    ));
+    let id = slow["job_id"].as_str().unwrap().to_string();
+    let early = d.cli(None, &["wait", &id, "--timeout", "1"]);
+    assert_eq!(
+        early.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    let done = d.cli(None, &["wait", &id, "--json"]);
+    assert_eq!(done.status.code(), Some(0));
+    assert_eq!(json_of(&done)["status"], "verified");
+    // A client whose config cannot be read fails; it never falls back to a
+    // default daemon.
+    let out = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .args(["jobs"])
+        .env("GOVSQL_CONFIG", "/nonexistent/govsql.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot read config /nonexistent/govsql.toml"));
+}
