@@ -280,6 +280,60 @@ fn invalid(command: &str, message: &str) -> CatalogError {
     }
 }
 
+/// expect_status is required for mutating commands and made of status
+/// words; no target is a govsql substrate function.
+fn check_answers_and_targets(cmd: &Command) -> Result<(), String> {
+    if cmd.mutating && cmd.expect_status.is_empty() {
+        return Err(
+            "a mutating command must list expect_status, the statuses its functions answer on success"
+                .into(),
+        );
+    }
+    if let Some(s) = cmd.expect_status.iter().find(|s| {
+        s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+    }) {
+        return Err(format!(
+            "expect_status {s:?} must be 1-32 characters of a-z and _"
+        ));
+    }
+    if let Some(t) = cmd.targets.iter().find(|t| t.starts_with("fn_dot_iu_")) {
+        return Err(format!(
+            "target {t} is a govsql substrate function; commands may only call governed functions"
+        ));
+    }
+    Ok(())
+}
+
+/// Guards every statement (rendered with sample values), records its
+/// kind and its compiled form; returns the param names the statements use.
+fn check_statements(cmd: &mut Command) -> Result<BTreeSet<String>, String> {
+    let samples: Vec<(String, String)> = cmd
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.ty.sample().to_string()))
+        .collect();
+    let valid = params::validate(&cmd.name, &cmd.params, &samples).map_err(|e| e.to_string())?;
+    let mut used = BTreeSet::new();
+    cmd.kinds.clear();
+    cmd.compiled.clear();
+    for tpl in &cmd.statements {
+        let names = params::template_placeholders(tpl).map_err(|e| e.to_string())?;
+        used.extend(names.iter().cloned());
+        let sql = params::render_template(tpl, &cmd.params, &valid).map_err(|e| e.to_string())?;
+        let kind = guard::check_statement(&sql, &cmd.targets)
+            .map_err(|e| format!("statement refused by the guard: {e}"))?;
+        if kind == StatementKind::Do && !names.is_empty() {
+            return Err(
+                "DO statements take no params (a value could close the DO body's quote)".into(),
+            );
+        }
+        cmd.kinds.push(kind);
+        cmd.compiled
+            .push(params::compile_template(tpl, &cmd.params).map_err(|e| e.to_string())?);
+    }
+    Ok(used)
+}
+
 fn check_command(
     cmd: &mut Command,
     gate_by_function: &BTreeMap<String, String>,
@@ -309,23 +363,7 @@ fn check_command(
     if cmd.statements.is_empty() || cmd.targets.is_empty() {
         return Err(bad("needs at least one statement and one target"));
     }
-    if cmd.mutating && cmd.expect_status.is_empty() {
-        return Err(bad(
-            "a mutating command must list expect_status, the statuses its functions answer on success",
-        ));
-    }
-    if let Some(s) = cmd.expect_status.iter().find(|s| {
-        s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-    }) {
-        return Err(bad(&format!(
-            "expect_status {s:?} must be 1-32 characters of a-z and _"
-        )));
-    }
-    if let Some(t) = cmd.targets.iter().find(|t| t.starts_with("fn_dot_iu_")) {
-        return Err(bad(&format!(
-            "target {t} is a govsql substrate function; commands may only call governed functions"
-        )));
-    }
+    check_answers_and_targets(cmd).map_err(|m| bad(&m))?;
     let mut seen = BTreeSet::new();
     for p in &cmd.params {
         if !ident(&p.name) || !seen.insert(p.name.clone()) {
@@ -365,31 +403,7 @@ fn check_command(
         }
     }
     cmd.gates = gates.into_iter().collect();
-    let samples: Vec<(String, String)> = cmd
-        .params
-        .iter()
-        .map(|p| (p.name.clone(), p.ty.sample().to_string()))
-        .collect();
-    let valid = params::validate(&name, &cmd.params, &samples).map_err(|e| bad(&e.to_string()))?;
-    let mut used = BTreeSet::new();
-    cmd.kinds.clear();
-    cmd.compiled.clear();
-    for tpl in &cmd.statements {
-        let names = params::template_placeholders(tpl).map_err(|e| bad(&e.to_string()))?;
-        used.extend(names.iter().cloned());
-        let sql =
-            params::render_template(tpl, &cmd.params, &valid).map_err(|e| bad(&e.to_string()))?;
-        let kind = guard::check_statement(&sql, &cmd.targets)
-            .map_err(|e| bad(&format!("statement refused by the guard: {e}")))?;
-        if kind == StatementKind::Do && !names.is_empty() {
-            return Err(bad(
-                "DO statements take no params (a value could close the DO body's quote)",
-            ));
-        }
-        cmd.kinds.push(kind);
-        cmd.compiled
-            .push(params::compile_template(tpl, &cmd.params).map_err(|e| bad(&e.to_string()))?);
-    }
+    let used = check_statements(cmd).map_err(|m| bad(&m))?;
     if let Some(p) = cmd.params.iter().find(|p| !used.contains(&p.name)) {
         return Err(bad(&format!(
             "param {} is declared but no statement uses it",

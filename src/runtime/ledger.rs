@@ -35,39 +35,7 @@ impl Runtime {
                 class,
                 closed,
                 message,
-            } => {
-                let status = match ctx.job.mode {
-                    Mode::Plan => RunStatus::Refused,
-                    _ => class.status(),
-                };
-                let ev = self.evidence(ctx, Some(&class), &closed, None);
-                match self.write_log(ctx, &class).await {
-                    // An apply that committed after all (settlement).
-                    Ok(row) if row.replayed => {
-                        let msg = format!(
-                            "{message}; the ledger shows it was applied (run {}): not run again",
-                            row.run_id
-                        );
-                        let ev = self.evidence(ctx, None, &[], None);
-                        self.outcome(ctx, Some(&row), row.status, None, Vec::new(), ev, None, msg)
-                    }
-                    Ok(row) => {
-                        let st = row.status;
-                        self.outcome(ctx, Some(&row), st, Some(class), closed, ev, None, message)
-                    }
-                    Err(fault) => {
-                        let why = fault.to_string();
-                        tracing::error!(job_id = %ctx.job.job_id, cause = %why, "could not write the ledger row");
-                        let (status, class) = match fault {
-                            PsqlResult::NotStarted { class, .. }
-                            | PsqlResult::CutOff { class, .. } => (RunStatus::Failed, class),
-                            _ => (status, class),
-                        };
-                        let msg = format!("{message}; could not write the ledger row: {why}");
-                        self.outcome(ctx, None, status, Some(class), closed, ev, None, msg)
-                    }
-                }
-            }
+            } => self.record(ctx, class, closed, message).await,
             Verdict::NotStarted { class, message } => {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, cause = %message, "target unreachable");
                 let ev = self.evidence(ctx, Some(&class), &[], None);
@@ -111,6 +79,49 @@ impl Runtime {
             Verdict::Unknown { class, message } => {
                 let settled = self.settle(ctx, &class, &message).await;
                 Box::pin(self.conclude(ctx, settled)).await
+            }
+        }
+    }
+
+    /// Records a refusal or failure through the refuse or fail entry; the
+    /// original run when the fail entry finds the apply committed after all.
+    async fn record(
+        &self,
+        ctx: &Ctx<'_>,
+        class: ErrorClass,
+        closed: Vec<String>,
+        message: String,
+    ) -> Outcome {
+        let status = match ctx.job.mode {
+            Mode::Plan => RunStatus::Refused,
+            _ => class.status(),
+        };
+        let ev = self.evidence(ctx, Some(&class), &closed, None);
+        match self.write_log(ctx, &class).await {
+            // An apply that committed after all (settlement).
+            Ok(row) if row.replayed => {
+                let msg = format!(
+                    "{message}; the ledger shows it was applied (run {}): not run again",
+                    row.run_id
+                );
+                let ev = self.evidence(ctx, None, &[], None);
+                self.outcome(ctx, Some(&row), row.status, None, Vec::new(), ev, None, msg)
+            }
+            Ok(row) => {
+                let st = row.status;
+                self.outcome(ctx, Some(&row), st, Some(class), closed, ev, None, message)
+            }
+            Err(fault) => {
+                let why = fault.to_string();
+                tracing::error!(job_id = %ctx.job.job_id, cause = %why, "could not write the ledger row");
+                let (status, class) = match fault {
+                    PsqlResult::NotStarted { class, .. } | PsqlResult::CutOff { class, .. } => {
+                        (RunStatus::Failed, class)
+                    }
+                    _ => (status, class),
+                };
+                let msg = format!("{message}; could not write the ledger row: {why}");
+                self.outcome(ctx, None, status, Some(class), closed, ev, None, msg)
             }
         }
     }
