@@ -322,28 +322,10 @@ pub fn render_template(
     specs: &[ParamSpec],
     params: &ValidParams,
 ) -> Result<String, TemplateError> {
-    let mut out = String::with_capacity(template.len() + 64);
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or(TemplateError::Unclosed)?;
-        let name = &after[..end];
-        let spec = specs
-            .iter()
-            .find(|s| s.name == name)
-            .ok_or_else(|| TemplateError::Undeclared(name.to_string()))?;
-        match params.get(name) {
-            Some((ty, value)) => out.push_str(&render_literal(ty, value)),
-            None => {
-                out.push_str("NULL::");
-                out.push_str(spec.ty.sql_type());
-            }
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    substitute(template, specs, |spec| match params.get(&spec.name) {
+        Some((ty, value)) => render_literal(ty, value),
+        None => format!("NULL::{}", spec.ty.sql_type()),
+    })
 }
 
 /// Compiles a template for the database's dispatcher: each `{{name}}`
@@ -351,6 +333,18 @@ pub fn render_template(
 /// so values are bound at run time and never spliced into SQL text. An
 /// absent optional param reads as NULL, as in [`render_template`].
 pub fn compile_template(template: &str, specs: &[ParamSpec]) -> Result<String, TemplateError> {
+    // Names are checked a-z0-9_ at catalog load: safe inside quotes.
+    substitute(template, specs, |spec| {
+        format!("($1->>'{}')::{}", spec.name, spec.ty.sql_type())
+    })
+}
+
+/// Replaces each `{{name}}` of a template with `with(its spec)`.
+fn substitute(
+    template: &str,
+    specs: &[ParamSpec],
+    with: impl Fn(&ParamSpec) -> String,
+) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(template.len() + 64);
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -362,8 +356,7 @@ pub fn compile_template(template: &str, specs: &[ParamSpec]) -> Result<String, T
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| TemplateError::Undeclared(name.to_string()))?;
-        // Names are checked a-z0-9_ at catalog load: safe inside quotes.
-        out.push_str(&format!("($1->>'{}')::{}", spec.name, spec.ty.sql_type()));
+        out.push_str(&with(spec));
         rest = &after[end + 2..];
     }
     out.push_str(rest);
