@@ -762,4 +762,49 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
+
+    #[tokio::test]
+    async fn terminal_jobs_past_retention_are_pruned_and_the_file_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let q = Queue::open(&path).unwrap();
+        for i in 0..2000 {
+            let mut j = job(&format!("p{i}"));
+            j.params = Some(crate::job::Params(vec![("title".into(), "x".repeat(200))]));
+            q.submit(j).await.unwrap();
+            let claimed = q.claim_next("main").await.unwrap().unwrap();
+            let outcome: Outcome = serde_json::from_value(serde_json::json!({
+                "job_id": claimed.job_id, "command": "dot_iu_add_piece", "mode": "apply",
+                "status": "applied", "run_id": i, "params_digest": "d", "closed_gates": [],
+                "error_class": null, "evidence": {"k": "v".repeat(300)}, "result": null, "message": "m"
+            }))
+            .unwrap();
+            q.finish(&outcome).await.unwrap();
+        }
+        // Every job ended 40 days ago but one, which is still queued.
+        q.submit(job("keep")).await.unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE jobs SET finished_at = ?1 WHERE finished_at IS NOT NULL",
+            [now() - 40 * 86_400],
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let before = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(q.prune(now() - 30 * 86_400).await.unwrap(), 2000);
+        assert_eq!(q.list(10, None).await.unwrap().len(), 1);
+        // Once idle the file is rewritten without the pruned pages.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let after = std::fs::metadata(&path).unwrap().len();
+            if after * 4 < before {
+                eprintln!(
+                    "queue file: {before} bytes with 2000 terminal jobs, {after} after pruning"
+                );
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{before} -> {after}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }

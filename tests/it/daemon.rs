@@ -893,6 +893,39 @@ async fn users_see_their_own_jobs_and_none_can_hog_the_socket() {
         String::from_utf8_lossy(&health.stderr)
     );
     drop(held);
+    // Waits on ids that do not exist, and lists asking for far too much,
+    // hold no memory once answered.
+    let rss_kb = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kb();
+    for i in 0..2000u32 {
+        let r = d.request(json!({"v": 1, "op": "wait", "job_id": format!("{i:064x}")}));
+        assert_eq!(r["error"]["kind"], "not_found", "{r}");
+    }
+    let huge = format!(
+        "{{\"v\":1,\"op\":\"wait\",\"job_id\":\"{}\"}}\n",
+        "a".repeat(1 << 20)
+    );
+    assert_eq!(
+        d.raw(huge.as_bytes()).unwrap()["error"]["kind"],
+        "bad_request"
+    );
+    for _ in 0..20 {
+        let r = d.request(json!({"v": 1, "op": "list", "limit": 10000}));
+        assert!(r["jobs"].as_array().unwrap().len() <= 1000);
+    }
+    let after = rss_kb();
+    eprintln!(
+        "daemon RSS: {before} kB before 2000 unknown-id waits and 20 oversized lists, {after} kB after"
+    );
+    assert!(after < before + 20 * 1024, "{before} kB -> {after} kB");
 }
 
 #[tokio::test]
