@@ -114,14 +114,21 @@ impl Runtime {
             Err(fault) => {
                 let why = fault.to_string();
                 tracing::error!(job_id = %ctx.job.job_id, cause = %why, "could not write the ledger row");
-                let (status, class) = match fault {
+                let (status, class) = match &fault {
                     PsqlResult::NotStarted { class, .. } | PsqlResult::CutOff { class, .. } => {
-                        (RunStatus::Failed, class)
+                        (RunStatus::Failed, class.clone())
                     }
                     _ => (status, class),
                 };
+                // Nothing reached the database: the row is owed, and the
+                // daemon keeps the job until the target answers.
+                let owed = matches!(fault, PsqlResult::NotStarted { .. });
                 let msg = format!("{message}; could not write the ledger row: {why}");
-                self.outcome(ctx, None, status, Some(class), closed, ev, None, msg)
+                let mut o = self.outcome(ctx, None, status, Some(class), closed, ev, None, msg);
+                if owed {
+                    o.pending = Some(crate::job::Pending::NothingRan);
+                }
+                o
             }
         }
     }

@@ -784,9 +784,37 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
         text.contains("UNREACHABLE") && text.contains("target_unreachable"),
         "{text}"
     );
+    // A refusal decided while the target is down (a cancel) waits too:
+    // its ledger row is written once the target is back.
+    let waiting = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", "00000000-0000-0000-0000-00000000dead"]]),
+        false,
+    );
+    let cancel_id = waiting["job"]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(waiting["job"]["state"], "awaiting_approval", "{waiting}");
+    let cancelled = d.cli(None, &["cancel", &cancel_id]);
+    assert_eq!(cancelled.status.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d
+        .log_text()
+        .lines()
+        .any(|l| l.contains("job not over yet") && l.contains(&cancel_id))
+    {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     s.launch();
     let done = wait_terminal(&d, &id);
     assert_eq!(done["state"], "verified", "{done}");
+    let done = wait_terminal(&d, &cancel_id);
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(
+        done["outcome"]["run_id"].is_number(),
+        "the refusal has its row: {done}"
+    );
     let health = d.cli(None, &["health"]);
     assert_eq!(
         health.status.code(),
