@@ -8,6 +8,7 @@ mod gate;
 mod governance;
 mod guard_table;
 mod harness;
+mod hostile;
 mod layout;
 mod seed_lock;
 mod ssh;

@@ -1,0 +1,146 @@
+//! A hostile SSH server: it accepts govsql's login, and while a job runs it
+//! tries to open agent, X11, forwarded-tcpip and session channels toward
+//! the client. govsql must refuse every one (a client that confirmed them
+//! held 20 000 per job in the first release) and still finish its job.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use govsql::psql::DbRole;
+use govsql::transport::{Exit, ScriptRequest};
+use russh::server::{self, Auth, Msg, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId};
+
+use crate::sshd::keys;
+
+/// What the hostile server tried, and how much of it the client took.
+#[derive(Default)]
+struct Tally {
+    tried: AtomicUsize,
+    opened: AtomicUsize,
+}
+
+#[derive(Clone)]
+struct Hostile {
+    tally: Arc<Tally>,
+}
+
+impl server::Handler for Hostile {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        let handle = session.handle();
+        let tally = self.tally.clone();
+        tokio::spawn(async move {
+            for i in 0..20u32 {
+                let tries = [
+                    handle.channel_open_agent().await,
+                    handle.channel_open_x11("127.0.0.1", 6000 + i).await,
+                    handle
+                        .channel_open_forwarded_tcpip("127.0.0.1", 80, "127.0.0.1", 4000 + i)
+                        .await,
+                    handle.channel_open_session().await,
+                ];
+                for t in tries {
+                    tally.tried.fetch_add(1, Ordering::SeqCst);
+                    if t.is_ok() {
+                        tally.opened.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            // Then the job "ends": no output, exit 0.
+            let _ = handle.exit_status_request(channel, 0).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn channels_the_server_opens_toward_govsql_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let host_key_path = dir.path().join("host");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let host_key = russh::keys::load_secret_key(&host_key_path, None).unwrap();
+    let fingerprint = host_key
+        .public_key()
+        .fingerprint(russh::keys::HashAlg::Sha256)
+        .to_string();
+    let config = Arc::new(server::Config {
+        keys: vec![host_key],
+        auth_rejection_time: Duration::from_millis(10),
+        ..Default::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tally = Arc::new(Tally::default());
+    let handler = Hostile {
+        tally: tally.clone(),
+    };
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let config = config.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                if let Ok(session) = server::run_stream(config, stream, handler).await {
+                    let _ = session.await;
+                }
+            });
+        }
+    });
+
+    let toml = format!(
+        "transport = \"ssh\"\nssh_host = \"127.0.0.1\"\nssh_port = {port}\nssh_user = \"x\"\n\
+         identity_file = \"{}\"\nhost_key = \"{fingerprint}\"\npsql = \"psql\"\n\
+         db_name = \"d\"\ndb_user = \"u\"\n",
+        keys().ed25519.display()
+    );
+    let target: govsql::config::TargetConfig = toml::from_str(&toml).unwrap();
+    let exec = govsql::transport::for_target(&target, DbRole::Runtime).unwrap();
+    let req = ScriptRequest {
+        text: String::new(),
+        tag: "govsql:hostile".into(),
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), exec.run(req))
+        .await
+        .expect("the job ends although the server misbehaves")
+        .expect("the job's channel works");
+    assert_eq!(out.exit, Exit::Code(0));
+    assert_eq!(tally.tried.load(Ordering::SeqCst), 80);
+    assert_eq!(
+        tally.opened.load(Ordering::SeqCst),
+        0,
+        "the client confirmed channels the server opened"
+    );
+}
