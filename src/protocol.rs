@@ -61,9 +61,12 @@ pub enum Request {
     List {
         /// Protocol version.
         v: u32,
-        /// At most this many (default 100).
+        /// At most this many (default 100, at most 1000).
         #[serde(default)]
         limit: Option<u32>,
+        /// Which page of `limit` jobs, newest first (default 0).
+        #[serde(default)]
+        page: Option<u32>,
     },
     /// Approve a job that waits for approval.
     Approve {

@@ -176,9 +176,12 @@ pub enum Cmd {
     },
     /// Recent jobs.
     Jobs {
-        /// At most this many.
+        /// At most this many (a page).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Which page, newest first (0 is the first).
+        #[arg(long, default_value_t = 0)]
+        page: u32,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -339,7 +342,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             json,
         } => remote::wait_cmd(&config_path, &job_id, timeout, json).await,
-        Cmd::Jobs { limit, json } => jobs_cmd(&config_path, limit, json).await,
+        Cmd::Jobs { limit, page, json } => jobs_cmd(&config_path, limit, page, json).await,
         Cmd::Approve { job_id } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
                 let req = Request::Approve {

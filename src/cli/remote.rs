@@ -160,6 +160,7 @@ pub(super) async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::R
 pub(super) async fn jobs_cmd(
     config_path: &Path,
     limit: u32,
+    page: u32,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let reply = call(
@@ -167,6 +168,7 @@ pub(super) async fn jobs_cmd(
         &Request::List {
             v: PROTOCOL_VERSION,
             limit: Some(limit),
+            page: Some(page),
         },
     )
     .await?;

@@ -55,7 +55,7 @@ type Deferred = Box<dyn FnOnce(Option<&rusqlite::Error>)>;
 enum Op {
     Submit(Box<Job>, Reply<Job>),
     Get(JobId, Reply<Option<Job>>),
-    List(u32, Option<u32>, Reply<Vec<Job>>),
+    List(u32, u64, Option<u32>, Reply<Vec<Job>>),
     ClaimNext(String, Reply<Option<Job>>),
     Finish(JobId, JobState, Box<Outcome>, Reply<()>),
     Retry(JobId, JobState, Reply<u32>),
@@ -174,10 +174,15 @@ impl Queue {
         self.call(|r| Op::Get(job_id.clone(), r)).await
     }
 
-    /// The newest jobs (of one submitter's uid, when given, plus every
-    /// job waiting for approval).
-    pub async fn list(&self, limit: u32, uid: Option<u32>) -> Result<Vec<Job>, QueueError> {
-        self.call(|r| Op::List(limit, uid, r)).await
+    /// The newest jobs, `limit` of them after skipping `offset` (of one
+    /// submitter's uid, when given, plus every job waiting for approval).
+    pub async fn list(
+        &self,
+        limit: u32,
+        offset: u64,
+        uid: Option<u32>,
+    ) -> Result<Vec<Job>, QueueError> {
+        self.call(|r| Op::List(limit, offset, uid, r)).await
     }
 
     /// Moves the oldest queued job of `target` to running and returns it.
@@ -446,7 +451,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
     match op {
         Op::Submit(job, reply) => respond(reply, insert(tx, &job), path),
         Op::Get(id, reply) => respond(reply, get_job(tx, &id), path),
-        Op::List(limit, uid, reply) => respond(reply, list(tx, limit, uid), path),
+        Op::List(limit, offset, uid, reply) => respond(reply, list(tx, limit, offset, uid), path),
         Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
         Op::Finish(id, state, outcome, reply) => {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -557,11 +562,13 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
     get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
-fn list(tx: &Connection, limit: u32, uid: Option<u32>) -> rusqlite::Result<Vec<Job>> {
+fn list(tx: &Connection, limit: u32, offset: u64, uid: Option<u32>) -> rusqlite::Result<Vec<Job>> {
     let mut st = tx.prepare(&format!(
-        "SELECT {COLUMNS} FROM jobs WHERE ?2 IS NULL OR actor_uid = ?2 OR state = 'awaiting_approval' ORDER BY seq DESC LIMIT ?1"
+        "SELECT {COLUMNS} FROM jobs WHERE ?2 IS NULL OR actor_uid = ?2 OR state = 'awaiting_approval' ORDER BY seq DESC LIMIT ?1 OFFSET ?3"
     ))?;
-    let rows = st.query_map(params![limit, uid], row_to_job)?.collect();
+    let rows = st
+        .query_map(params![limit, uid, offset as i64], row_to_job)?
+        .collect();
     rows
 }
 
@@ -792,7 +799,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let before = std::fs::metadata(&path).unwrap().len();
         assert_eq!(q.prune(now() - 30 * 86_400).await.unwrap(), 2000);
-        assert_eq!(q.list(10, None).await.unwrap().len(), 1);
+        assert_eq!(q.list(10, 0, None).await.unwrap().len(), 1);
         // Once idle the file is rewritten without the pruned pages.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {

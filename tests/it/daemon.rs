@@ -898,6 +898,13 @@ async fn users_see_their_own_jobs_and_none_can_hog_the_socket() {
     // root sees every job.
     let all = String::from_utf8_lossy(&d.cli(None, &["jobs", "--json"]).stdout).into_owned();
     assert!(all.contains(&theirs) && all.contains(&id), "{all}");
+    // Lists come in pages, newest first.
+    let page = |n: u32| {
+        d.request(json!({"v": 1, "op": "list", "limit": 1, "page": n}))["jobs"][0]["job_id"].clone()
+    };
+    let (p0, p1) = (page(0), page(1));
+    assert!(p0.is_string() && p1.is_string() && p0 != p1, "{p0} {p1}");
+    assert_eq!(p0, theirs.as_str());
     // An unknown command is refused at once, in every subcommand's way.
     let unknown = d.cli(None, &["apply", "dot_no_such"]);
     assert_eq!(unknown.status.code(), Some(3));
