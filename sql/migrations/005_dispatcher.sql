@@ -137,8 +137,9 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Evidence: the database's own structural facts, plus the few facts only
--- the daemon knows (job id, transport, target, host key, approver, time
--- spent before the call), each a short scalar. Never a value.
+-- the daemon knows (job id, transport, target, host key, approver, the
+-- job's submit and end times, time spent before the call), each a short
+-- scalar. Never a value.
 CREATE FUNCTION public.fn_dot_iu_evidence(
     p_mode text, p_client jsonb, p_statements int, p_class text, p_closed text[],
     p_started timestamptz, p_extra jsonb
@@ -146,7 +147,7 @@ CREATE FUNCTION public.fn_dot_iu_evidence(
 LANGUAGE sql STABLE SET search_path = public, pg_temp AS $$
     SELECT coalesce((
         SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(coalesce(p_client, '{}'::jsonb)) AS e
-        WHERE e.key IN ('job_id', 'transport', 'target', 'host_key', 'approved_by')
+        WHERE e.key IN ('job_id', 'transport', 'target', 'host_key', 'approved_by', 'submitted_at', 'ended_at')
           AND jsonb_typeof(e.value) = 'string' AND length(e.value #>> '{}') <= 200
     ), '{}'::jsonb)
     || jsonb_build_object(

@@ -57,7 +57,8 @@ enum Op {
     Get(JobId, Reply<Option<Job>>),
     List(u32, u64, Option<u32>, Reply<Vec<Job>>),
     ClaimNext(String, Reply<Option<Job>>),
-    Finish(JobId, JobState, Box<Outcome>, Reply<()>),
+    Finish(JobId, JobState, Box<Outcome>, bool, Reply<()>),
+    Owed(u32, Reply<Vec<Job>>),
     Retry(JobId, JobState, Reply<u32>),
     FirstTry(JobId, Reply<Option<i64>>),
     Prune(i64, Reply<usize>),
@@ -105,6 +106,7 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("not_before", "INTEGER"),
     ("first_try_at", "INTEGER"),
     ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("row_owed", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 impl Queue {
@@ -190,13 +192,20 @@ impl Queue {
         self.call(|r| Op::ClaimNext(target.to_string(), r)).await
     }
 
-    /// Records a job's terminal state (from its outcome); erases the params.
-    pub async fn finish(&self, outcome: &Outcome) -> Result<(), QueueError> {
+    /// Records a job's terminal state (from its outcome) and erases the
+    /// params, unless its ledger row is owed (`row_owed`: nothing reached
+    /// the database; the params are kept until the row is written).
+    pub async fn finish(&self, outcome: &Outcome, row_owed: bool) -> Result<(), QueueError> {
         let mut stored = outcome.clone();
         stored.result = None;
         let id = outcome.job_id.clone();
-        self.call(|r| Op::Finish(id, outcome.state(), Box::new(stored), r))
+        self.call(|r| Op::Finish(id, outcome.state(), Box::new(stored), row_owed, r))
             .await
+    }
+
+    /// Terminal jobs whose ledger row is still owed, oldest first.
+    pub async fn owed(&self, limit: u32) -> Result<Vec<Job>, QueueError> {
+        self.call(|r| Op::Owed(limit, r)).await
     }
 
     /// A job that is not over yet (nothing ran, or an apply unsettled)
@@ -386,6 +395,7 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             !matches!(
                 op,
                 Op::ClaimNext(..)
+                    | Op::Owed(..)
                     | Op::Get(..)
                     | Op::List(..)
                     | Op::Counts(..)
@@ -453,14 +463,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         Op::Get(id, reply) => respond(reply, get_job(tx, &id), path),
         Op::List(limit, offset, uid, reply) => respond(reply, list(tx, limit, offset, uid), path),
         Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
-        Op::Finish(id, state, outcome, reply) => {
+        Op::Finish(id, state, outcome, owed, reply) => {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
             let r = tx
                 .execute(
-                    "UPDATE jobs SET state = ?2, params = NULL, preset_message = NULL, outcome = ?3, finished_at = ?4, params_digest = ?5 WHERE job_id = ?1",
-                    params![id.as_str(), state.as_str(), json, now(), outcome.params_digest],
+                    "UPDATE jobs SET state = ?2, params = CASE WHEN ?6 THEN params END, preset_message = CASE WHEN ?6 THEN preset_message END, outcome = ?3, finished_at = coalesce(finished_at, ?4), params_digest = ?5, row_owed = ?6 WHERE job_id = ?1",
+                    params![id.as_str(), state.as_str(), json, now(), outcome.params_digest, owed],
                 )
                 .map(|_| ());
+            respond(reply, r, path)
+        }
+        Op::Owed(limit, reply) => {
+            let r = (|| {
+                let mut st = tx.prepare(&format!(
+                    "SELECT {COLUMNS} FROM jobs WHERE row_owed = 1 ORDER BY seq LIMIT ?1"
+                ))?;
+                let rows = st.query_map([limit], row_to_job)?.collect();
+                rows
+            })();
             respond(reply, r, path)
         }
         Op::Retry(id, state, reply) => {
@@ -674,7 +694,7 @@ mod tests {
             "evidence": {}, "result": [["CANARY-result"]], "message": "m"
         }))
         .unwrap();
-        q.finish(&outcome).await.unwrap();
+        q.finish(&outcome, false).await.unwrap();
         let done = q.get(&id("a")).await.unwrap().unwrap();
         assert!(done.params.is_none());
         assert_eq!(done.state, JobState::Applied);
@@ -735,7 +755,7 @@ mod tests {
                         "error_class": null, "evidence": {}, "result": null, "message": "m"
                     }))
                     .unwrap();
-                    q.finish(&outcome).await.unwrap();
+                    q.finish(&outcome, false).await.unwrap();
                     finished += 1;
                 }
             }
@@ -747,7 +767,7 @@ mod tests {
                 "error_class": null, "evidence": {}, "result": null, "message": "m"
             }))
             .unwrap();
-            q.finish(&outcome).await.unwrap();
+            q.finish(&outcome, false).await.unwrap();
         }
         let leaks = || -> usize {
             std::fs::read_dir(dir.path())
@@ -786,7 +806,7 @@ mod tests {
                 "error_class": null, "evidence": {"k": "v".repeat(300)}, "result": null, "message": "m"
             }))
             .unwrap();
-            q.finish(&outcome).await.unwrap();
+            q.finish(&outcome, false).await.unwrap();
         }
         // Every job ended 40 days ago but one, which is still queued.
         q.submit(job("keep")).await.unwrap();

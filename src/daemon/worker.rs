@@ -77,17 +77,20 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
     if let Some(slot) = daemon.targets.get(&job.target) {
         slot.note(&outcome);
     }
+    let mut row_owed = false;
     if let Some(pending) = outcome.pending {
-        if keep_trying(daemon, &job, pending, &mut outcome).await {
-            return;
+        match keep_trying(daemon, &job, pending, &mut outcome).await {
+            Next::Requeued => return,
+            Next::End { row_owed: owed } => row_owed = owed,
         }
     }
     // The waiters get the outcome at once; its record in the queue is
     // retried until it can be written (a full disk), so no job stays
-    // `running` while the daemon lives.
+    // `running` while the daemon lives. A job that gave up waiting for its
+    // target keeps its params until its ledger row is written.
     daemon.deliver(&outcome);
     let mut wait = Duration::from_millis(200);
-    while let Err(e) = daemon.queue.finish(&outcome).await {
+    while let Err(e) = daemon.queue.finish(&outcome, row_owed).await {
         tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue; retrying");
         if daemon.is_shutting_down() {
             // Settled through the ledger at the next start.
@@ -98,11 +101,22 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
     }
 }
 
+/// What happens to a job that is not over.
+enum Next {
+    /// It went back to the queue.
+    Requeued,
+    /// It ends now with its outcome (made final); its ledger row may be
+    /// owed (nothing reached the database in time).
+    End {
+        /// The row is to be written once the target answers.
+        row_owed: bool,
+    },
+}
+
 /// A job that is not over: nothing ran (it waits for its target, up to
 /// `max_target_wait_s`) or an apply is unsettled (settled by its key for
-/// as long as it takes). Returns true when the job went back to the queue;
-/// false when it is to end now with `outcome` (made final).
-async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut Outcome) -> bool {
+/// as long as it takes).
+async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut Outcome) -> Next {
     let max_wait = daemon
         .config
         .target(Some(&job.target))
@@ -121,10 +135,10 @@ async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut
             if unix_now() - first >= max_wait {
                 outcome.pending = None;
                 outcome.message = format!(
-                    "{}; gave up after waiting {max_wait} s (max_target_wait_s) for the target",
+                    "{}; gave up after waiting {max_wait} s (max_target_wait_s) for the target; its ledger row is written once the target answers",
                     outcome.message
                 );
-                return false;
+                return Next::End { row_owed: true };
             }
             JobState::Queued
         }
@@ -138,12 +152,12 @@ async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut
                 class = outcome.class().unwrap_or(""),
                 "job not over yet; it will be tried again"
             );
-            true
+            Next::Requeued
         }
         Err(e) => {
             tracing::error!(job_id = %job.job_id, cause = %e, "cannot put the job back in the queue");
             outcome.pending = None;
-            false
+            Next::End { row_owed: false }
         }
     }
 }
@@ -195,11 +209,44 @@ fn panicked(job: &Job, panic: &str) -> Outcome {
     }
 }
 
+/// Writes the ledger rows owed by jobs that gave up waiting for their
+/// target, once it answers (with the job's own times in evidence); then
+/// their params are erased.
+async fn pay_owed_rows(daemon: &Daemon) {
+    let owed = match daemon.queue.owed(20).await {
+        Ok(jobs) => jobs,
+        Err(e) => return tracing::error!(cause = %e, "cannot read the owed ledger rows"),
+    };
+    for job in owed {
+        let (Some(rt), Some(mut outcome)) = (daemon.runtime(&job.target), job.outcome.clone())
+        else {
+            continue;
+        };
+        let class = outcome
+            .error_class
+            .clone()
+            .unwrap_or(ErrorClass::TargetUnreachable);
+        match rt.record_owed(&job, class).await {
+            Some(run_id) => {
+                outcome.run_id = Some(run_id);
+                if let Err(e) = daemon.queue.finish(&outcome, false).await {
+                    tracing::error!(job_id = %job.job_id, cause = %e, "cannot note the owed row as written");
+                } else {
+                    tracing::info!(job_id = %job.job_id, run_id, "owed ledger row written");
+                }
+            }
+            None => return, // the target still does not answer
+        }
+    }
+}
+
 /// Refuses (and audits) jobs whose approval never came within the TTL,
-/// and prunes terminal jobs older than `retention_days`.
+/// writes owed ledger rows, and prunes terminal jobs older than
+/// `retention_days`.
 pub async fn sweep_approvals(daemon: Arc<Daemon>) {
     let mut pruned_at = 0;
     loop {
+        pay_owed_rows(&daemon).await;
         let now = unix_now();
         if now - pruned_at >= 60 {
             pruned_at = now;

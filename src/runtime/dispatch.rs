@@ -88,6 +88,11 @@ impl Runtime {
         if let Some(by) = &ctx.job.approved_by {
             facts["approved_by"] = json!(by);
         }
+        // The job's own times (a row written late says when it happened).
+        facts["submitted_at"] = json!(ctx.job.submitted_at.to_string());
+        if let Some(at) = ctx.job.finished_at {
+            facts["ended_at"] = json!(at.to_string());
+        }
         facts
     }
 

@@ -208,6 +208,19 @@ impl Runtime {
         outcome
     }
 
+    /// Writes the ledger row a job owes (it gave up waiting for its target):
+    /// a failed row of its class through the fail entry, with the job's own
+    /// times in evidence. The run id, or None while the target still does
+    /// not answer.
+    pub async fn record_owed(&self, job: &Job, class: ErrorClass) -> Option<i64> {
+        let ctx = self.context(job).ok()?;
+        let answer = self
+            .call(&ctx, dispatch::Entry::Fail, Some(&class))
+            .await
+            .ok()?;
+        Some(answer.run.log_row().run_id)
+    }
+
     /// The seed's STOP condition: a failed apply re-arms the kill switch.
     async fn disarm(&self, job: &Job) {
         let switch = self.switch.clone();

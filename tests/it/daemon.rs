@@ -1263,3 +1263,46 @@ async fn values_stay_off_the_command_line_and_a_job_can_be_waited_for_again() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("cannot read config /nonexistent/govsql.toml"));
 }
+
+#[tokio::test]
+async fn a_job_that_gave_up_on_its_target_gets_its_ledger_row_once_the_target_is_back() {
+    let s = sshd::Sshd::start();
+    let toml = format!(
+        "{}max_target_wait_s = 2\n",
+        s.target_toml(USER, &keys().ed25519)
+    );
+    let mut db = ssh_db(&toml, 10).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    s.stop();
+    let j = submit(&d, "dot_iu_healthcheck", "verify", json!([]), false);
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "target_unreachable");
+    assert!(done["outcome"]["run_id"].is_null());
+    assert!(done["outcome"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("written once the target answers"));
+    s.launch();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = d.request(json!({"v": 1, "op": "status", "job_id": id}));
+        if st["job"]["outcome"]["run_id"].is_number() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the owed row was never written: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT run_status || ' ' || (evidence->>'error_class') || ' ' || (evidence->>'submitted_at' IS NOT NULL) FROM dot_iu_command_run WHERE evidence->>'job_id' = '{id}'"
+        )),
+        "failed target_unreachable true"
+    );
+    s.stop();
+}
