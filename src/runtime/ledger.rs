@@ -38,49 +38,47 @@ impl Runtime {
             } => self.record(ctx, class, closed, message).await,
             Verdict::NotStarted { class, message } => {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, cause = %message, "target unreachable");
-                let ev = self.evidence(ctx, Some(&class), &[], None);
                 let msg = format!("{message}; nothing ran and no ledger row could be written");
-                let status = RunStatus::Failed;
-                let mut o = self.outcome(ctx, None, status, Some(class), Vec::new(), ev, None, msg);
-                o.pending = Some(crate::job::Pending::NothingRan);
-                o
+                let pending = Some(crate::job::Pending::NothingRan);
+                self.without_row(ctx, RunStatus::Failed, class, msg, pending)
             }
             Verdict::Unlogged { class, message } => {
-                let ev = self.evidence(ctx, Some(&class), &[], None);
-                let status = class.status();
-                self.outcome(
-                    ctx,
-                    None,
-                    status,
-                    Some(class),
-                    Vec::new(),
-                    ev,
-                    None,
-                    message,
-                )
+                self.without_row(ctx, class.status(), class, message, None)
             }
             Verdict::Unsettled { class, message } => {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, "apply outcome still unknown");
-                let ev = self.evidence(ctx, Some(&class), &[], None);
-                let status = RunStatus::Failed;
-                let mut o = self.outcome(
-                    ctx,
-                    None,
-                    status,
-                    Some(class),
-                    Vec::new(),
-                    ev,
-                    None,
-                    message,
-                );
-                o.pending = Some(crate::job::Pending::Unsettled);
-                o
+                let pending = Some(crate::job::Pending::Unsettled);
+                self.without_row(ctx, RunStatus::Failed, class, message, pending)
             }
             Verdict::Unknown { class, message } => {
                 let settled = self.settle(ctx, &class, &message).await;
                 Box::pin(self.conclude(ctx, settled)).await
             }
         }
+    }
+
+    /// An outcome for which no ledger row exists (yet).
+    fn without_row(
+        &self,
+        ctx: &Ctx<'_>,
+        status: RunStatus,
+        class: ErrorClass,
+        message: String,
+        pending: Option<crate::job::Pending>,
+    ) -> Outcome {
+        let ev = self.evidence(ctx, Some(&class), &[], None);
+        let mut o = self.outcome(
+            ctx,
+            None,
+            status,
+            Some(class),
+            Vec::new(),
+            ev,
+            None,
+            message,
+        );
+        o.pending = pending;
+        o
     }
 
     /// Records a refusal or failure through the refuse or fail entry; the
