@@ -499,7 +499,12 @@ async fn approvals_need_a_different_user_and_expire() {
 #[tokio::test]
 async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
     let s = sshd::shared();
-    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 60).await;
+    // Two channels: slow enough that the kill lands mid-run however fast
+    // the machine is (one statement per job made jobs quick).
+    let toml = s
+        .target_toml(USER, &keys().ed25519)
+        .replace("max_channels = 8", "max_channels = 2");
+    let mut db = ssh_db(&toml, 60).await;
     configure(&mut db, OPEN_ACCESS, "");
     db.open_all();
     let mut d = DaemonProc::start(&db);
