@@ -667,6 +667,26 @@ pub enum Pending {
 }
 
 impl Outcome {
+    /// The outcome of a job that ends without reaching the ledger (an
+    /// unknown command, a malformed key, a bug): its status follows from
+    /// the class.
+    pub fn without_run(job: &Job, class: ErrorClass, message: String) -> Outcome {
+        Outcome {
+            job_id: job.job_id.clone(),
+            command: job.command.clone(),
+            mode: job.mode,
+            status: class.status(),
+            run_id: None,
+            params_digest: job.params_digest.clone(),
+            closed_gates: Vec::new(),
+            evidence: serde_json::json!({ "mode": job.mode.as_str(), "error_class": class }),
+            error_class: Some(class),
+            result: None,
+            message,
+            pending: None,
+        }
+    }
+
     /// The error class's word, if any.
     pub fn class(&self) -> Option<&str> {
         self.error_class.as_ref().map(ErrorClass::as_str)

@@ -10,10 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
 use super::Daemon;
-use crate::job::{unix_now, ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal, RunStatus};
+use crate::job::{unix_now, ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal};
 
 /// The worker loop of one target.
 pub async fn run_target(daemon: Arc<Daemon>, target: String) {
@@ -193,20 +191,11 @@ fn panicked(job: &Job, panic: &str) -> Outcome {
     } else {
         String::new()
     };
-    Outcome {
-        job_id: job.job_id.clone(),
-        command: job.command.clone(),
-        mode: job.mode,
-        status: RunStatus::Failed,
-        run_id: None,
-        params_digest: job.params_digest.clone(),
-        closed_gates: Vec::new(),
-        error_class: Some(ErrorClass::Internal),
-        evidence: json!({ "mode": job.mode.as_str(), "error_class": "internal" }),
-        result: None,
-        message: format!("a bug stopped this job (panic in its task){settle}; please report it"),
-        pending: None,
-    }
+    Outcome::without_run(
+        job,
+        ErrorClass::Internal,
+        format!("a bug stopped this job (panic in its task){settle}; please report it"),
+    )
 }
 
 /// Writes the ledger rows owed by jobs that gave up waiting for their
@@ -287,7 +276,7 @@ pub async fn sweep_approvals(daemon: Arc<Daemon>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{JobState, Params};
+    use crate::job::{JobState, Params, RunStatus};
 
     fn job(mode: Mode) -> Job {
         Job::new(

@@ -75,7 +75,7 @@ impl Runtime {
     }
 
     /// Facts only the daemon knows, for the ledger's evidence.
-    fn client_facts(&self, ctx: &Ctx<'_>) -> Value {
+    pub(super) fn client_facts(&self, ctx: &Ctx<'_>) -> Value {
         let mut facts = json!({
             "job_id": ctx.job.job_id,
             "transport": self.executor.kind(),

@@ -150,25 +150,16 @@ impl Runtime {
         closed: &[String],
         rows: Option<usize>,
     ) -> Value {
-        let mut ev = json!({
-            "mode": ctx.job.mode.as_str(),
-            "job_id": ctx.job.job_id,
-            "statement_count": ctx.cmd.statements.len(),
-            "closed_gates": closed,
-            "error_class": class,
-            "duration_ms": ctx.started.elapsed().as_millis() as u64,
-            "transport": self.executor.kind(),
-            "target": self.target,
-            "catalog_digest": self.catalog.digest(),
-        });
+        // The daemon's own facts (the same the database is given), then
+        // the structural ones the database records beside them.
+        let mut ev = self.client_facts(ctx);
+        ev["mode"] = json!(ctx.job.mode.as_str());
+        ev["statement_count"] = json!(ctx.cmd.statements.len());
+        ev["closed_gates"] = json!(closed);
+        ev["error_class"] = json!(class);
+        ev["catalog_digest"] = json!(self.catalog.digest());
         if let Some(n) = rows {
             ev["row_count"] = json!(n);
-        }
-        if let Some(fp) = self.executor.host_key_fingerprint() {
-            ev["host_key"] = json!(fp);
-        }
-        if let Some(by) = &ctx.job.approved_by {
-            ev["approved_by"] = json!(by);
         }
         ev
     }
@@ -222,18 +213,5 @@ pub(super) fn log_outcome(job: &Job, outcome: &Outcome, started: Instant) {
 /// A refusal that cannot reach the ledger (unknown command, bad request).
 pub(super) fn local_refusal(job: &Job, class: ErrorClass, msg: &str) -> Outcome {
     tracing::warn!(job_id = %job.job_id, command = %job.command, class = %class, "refused locally");
-    Outcome {
-        job_id: job.job_id.clone(),
-        command: job.command.clone(),
-        mode: job.mode,
-        status: RunStatus::Refused,
-        run_id: None,
-        params_digest: job.params_digest.clone(),
-        closed_gates: Vec::new(),
-        evidence: json!({ "mode": job.mode.as_str(), "error_class": class }),
-        error_class: Some(class),
-        result: None,
-        message: msg.to_string(),
-        pending: None,
-    }
+    Outcome::without_run(job, class, msg.to_string())
 }
