@@ -572,6 +572,10 @@ pub struct Job {
     pub finished_at: Option<i64>,
     /// The outcome, once terminal (`result` only for its submitter).
     pub outcome: Option<Outcome>,
+    /// When it was first sent back to the queue, if it was (a job in which
+    /// nothing ran waits up to `max_target_wait_s` from then).
+    #[serde(skip)]
+    pub first_try_at: Option<i64>,
 }
 
 impl fmt::Debug for Job {
@@ -617,6 +621,7 @@ impl Job {
             submitted_at: unix_now(),
             finished_at: None,
             outcome: None,
+            first_try_at: None,
         }
     }
 

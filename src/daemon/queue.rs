@@ -60,7 +60,6 @@ enum Op {
     Finish(JobId, JobState, Box<Outcome>, bool, Reply<()>),
     Owed(u32, Reply<Vec<Job>>),
     Retry(JobId, JobState, Reply<u32>),
-    FirstTry(JobId, Reply<Option<i64>>),
     Prune(i64, Reply<usize>),
     Approve(JobId, String, Reply<Job>),
     Preset(JobId, Refusal, Reply<usize>),
@@ -148,6 +147,9 @@ impl Queue {
                     .map_err(sq)?;
             }
         }
+        // The sweeper looks for owed ledger rows every few seconds.
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS jobs_owed ON jobs (seq) WHERE row_owed = 1")
+            .map_err(sq)?;
         let (tx, rx) = mpsc::channel();
         let owned = path.to_path_buf();
         std::thread::Builder::new()
@@ -216,11 +218,6 @@ impl Queue {
         self.call(|r| Op::Retry(job_id.clone(), state, r)).await
     }
 
-    /// When a job was first retried (unix seconds), if it was.
-    pub async fn first_try_at(&self, job_id: &JobId) -> Result<Option<i64>, QueueError> {
-        self.call(|r| Op::FirstTry(job_id.clone(), r)).await
-    }
-
     /// Deletes terminal jobs that ended before `before` (unix seconds).
     pub async fn prune(&self, before: i64) -> Result<usize, QueueError> {
         self.call(|r| Op::Prune(before, r)).await
@@ -264,7 +261,7 @@ impl Queue {
     }
 }
 
-const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome";
+const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at";
 
 /// A column whose stored word this build does not know: an error, never
 /// a silent default.
@@ -311,6 +308,7 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         submitted_at: r.get(15)?,
         finished_at: r.get(16)?,
         outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
+        first_try_at: r.get(18)?,
     })
 }
 
@@ -400,7 +398,6 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                     | Op::List(..)
                     | Op::Counts(..)
                     | Op::Expired(..)
-                    | Op::FirstTry(..)
             )
         });
         if durable != full {
@@ -503,17 +500,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
                 "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
                 [before],
             );
-            respond(reply, r, path)
-        }
-        Op::FirstTry(id, reply) => {
-            let r = tx
-                .query_row(
-                    "SELECT first_try_at FROM jobs WHERE job_id = ?1",
-                    [id.as_str()],
-                    |r| r.get::<_, Option<i64>>(0),
-                )
-                .optional()
-                .map(Option::flatten);
             respond(reply, r, path)
         }
         Op::Approve(id, by, reply) => match get_job(tx, &id) {

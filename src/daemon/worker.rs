@@ -123,13 +123,7 @@ async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut
     let state = match pending {
         Pending::Unsettled => JobState::Unsettled,
         Pending::NothingRan => {
-            let first = daemon
-                .queue
-                .first_try_at(&job.job_id)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_else(unix_now);
+            let first = job.first_try_at.unwrap_or_else(unix_now);
             if unix_now() - first >= max_wait {
                 outcome.pending = None;
                 outcome.message = format!(
