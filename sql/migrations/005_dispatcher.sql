@@ -48,7 +48,8 @@ CREATE TABLE public.dot_iu_secret (
 INSERT INTO public.dot_iu_secret (secret) VALUES (:'secret');
 
 -- md5 hex of the secret followed by the compact JSON
--- [command, [[key, value], ...]], keys sorted bytewise, values as text.
+-- [command, [[key, value], ...]], keys sorted bytewise, values as text
+-- (params that are not a JSON object count as none).
 CREATE FUNCTION public.fn_dot_iu_params_digest(p_command text, p_params jsonb) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
     SELECT md5(
@@ -56,7 +57,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
         || '[' || to_json(p_command)::text || ',['
         || coalesce((SELECT string_agg('[' || to_json(e.key)::text || ',' || to_json(e.value)::text || ']', ','
                                        ORDER BY e.key COLLATE "C", e.value COLLATE "C")
-                     FROM jsonb_each_text(coalesce(p_params, '{}'::jsonb)) AS e), '')
+                     FROM jsonb_each_text(CASE WHEN jsonb_typeof(p_params) = 'object' THEN p_params
+                                               ELSE '{}'::jsonb END) AS e), '')
         || ']]')
 $$;
 
@@ -191,6 +193,21 @@ BEGIN
 END
 $$;
 
+-- The catalog row of a command an entry was called for. The vocabulary is
+-- fail-closed: an unknown or retired command cannot be logged (GV005).
+CREATE FUNCTION public.fn_dot_iu_entry_command(p_command text) RETURNS public.dot_iu_command_catalog
+LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
+DECLARE
+    c public.dot_iu_command_catalog%ROWTYPE;
+BEGIN
+    SELECT * INTO c FROM public.dot_iu_command_catalog WHERE command_name = p_command AND NOT retired;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'GV005', MESSAGE = 'command is not in the catalog';
+    END IF;
+    RETURN c;
+END
+$$;
+
 -- The dispatcher. One call = one job = one transaction = one ledger row.
 CREATE FUNCTION public.fn_dot_iu_dispatch(
     p_mode             text,
@@ -224,13 +241,9 @@ DECLARE
     v_bytes    bigint := 0;
 BEGIN
     PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
-    SELECT * INTO c FROM public.dot_iu_command_catalog WHERE command_name = p_command AND NOT retired;
-    IF NOT FOUND THEN
-        -- The vocabulary is fail-closed: an unknown command cannot be logged.
-        RAISE EXCEPTION USING ERRCODE = 'GV005', MESSAGE = 'command is not in the catalog';
-    END IF;
+    c := public.fn_dot_iu_entry_command(p_command);
     v_problem := public.fn_dot_iu_params_problem(c.param_specs, p_params);
-    v_digest := public.fn_dot_iu_params_digest(p_command, CASE WHEN jsonb_typeof(p_params) = 'object' THEN p_params END);
+    v_digest := public.fn_dot_iu_params_digest(p_command, p_params);
     IF v_problem IS NOT NULL THEN
         v_class := 'bad_params';
     ELSIF p_mode = 'verify' AND c.mutating THEN
@@ -402,13 +415,10 @@ BEGIN
         'approval_expired', 'rejected', 'cancelled', 'kill_switch', 'log_exposure') THEN
         RAISE EXCEPTION USING ERRCODE = 'GV006', MESSAGE = 'not a refusal class';
     END IF;
-    SELECT * INTO c FROM public.dot_iu_command_catalog WHERE command_name = p_command AND NOT retired;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'GV005', MESSAGE = 'command is not in the catalog';
-    END IF;
+    c := public.fn_dot_iu_entry_command(p_command);
     kind := 'run';
     value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor,
-        public.fn_dot_iu_params_digest(p_command, CASE WHEN jsonb_typeof(p_params) = 'object' THEN p_params END), p_key,
+        public.fn_dot_iu_params_digest(p_command, p_params), p_key,
         public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), p_class, NULL, clock_timestamp(), NULL),
         p_class, NULL, NULL);
     RETURN NEXT;
@@ -432,11 +442,8 @@ BEGIN
         'host_key', 'ssh_auth', 'internal') AND p_class !~ '^[0-9A-Z]{5}$') THEN
         RAISE EXCEPTION USING ERRCODE = 'GV006', MESSAGE = 'not a failure class';
     END IF;
-    SELECT * INTO c FROM public.dot_iu_command_catalog WHERE command_name = p_command AND NOT retired;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'GV005', MESSAGE = 'command is not in the catalog';
-    END IF;
-    v_digest := public.fn_dot_iu_params_digest(p_command, CASE WHEN jsonb_typeof(p_params) = 'object' THEN p_params END);
+    c := public.fn_dot_iu_entry_command(p_command);
+    v_digest := public.fn_dot_iu_params_digest(p_command, p_params);
     PERFORM pg_advisory_xact_lock(hashtextextended('govsql:' || p_mode || ':' || p_key, 0));
     SELECT run_id, run_status, params_digest INTO v_prior FROM public.dot_iu_command_run
      WHERE idempotency_key = p_key AND run_mode = p_mode AND run_status IN ('planned', 'applied', 'verified')
@@ -561,7 +568,7 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb), public.fn_do
     public.fn_dot_iu_log_exposure(), public.fn_dot_iu_run_row(bigint, text, text, text[], text[], boolean, text),
     public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb),
     public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]),
-    public.fn_dot_iu_check_call(text, text, text),
+    public.fn_dot_iu_check_call(text, text, text), public.fn_dot_iu_entry_command(text),
     public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
@@ -574,6 +581,7 @@ ALTER FUNCTION public.fn_dot_iu_run_row(bigint, text, text, text[], text[], bool
 ALTER FUNCTION public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_check_call(text, text, text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_entry_command(text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;

@@ -7,6 +7,7 @@ DROP FUNCTION IF EXISTS public.fn_dot_iu_command_resolves(text[], text[], text[]
 DROP FUNCTION IF EXISTS public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_entry_command(text);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_check_call(text, text, text);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb);
