@@ -204,6 +204,16 @@ pub struct TargetConfig {
     /// (default false: such applies are refused with `log_exposure`).
     #[serde(default)]
     pub allow_server_log_exposure: bool,
+    /// Session mode (default on): each channel keeps one psql running and
+    /// jobs are streamed to it one after another; off, one psql per job.
+    #[serde(default = "default_true")]
+    pub session_mode: bool,
+    /// A warm session unused this long is closed.
+    #[serde(default = "default_session_idle")]
+    pub session_idle_s: u64,
+    /// A session is replaced after this many jobs.
+    #[serde(default = "default_session_max_jobs")]
+    pub session_max_jobs: u64,
 }
 
 fn default_socket() -> PathBuf {
@@ -229,6 +239,15 @@ fn default_db_port() -> u16 {
 }
 fn default_admin_db_user() -> String {
     "postgres".to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_session_idle() -> u64 {
+    300
+}
+fn default_session_max_jobs() -> u64 {
+    10_000
 }
 fn default_max_channels() -> usize {
     7
@@ -399,6 +418,8 @@ impl TargetConfig {
             ("job_timeout_s", self.job_timeout_s),
             ("keepalive_interval_s", self.keepalive_interval_s),
             ("keepalive_max", self.keepalive_max as u64),
+            ("session_idle_s", self.session_idle_s),
+            ("session_max_jobs", self.session_max_jobs),
         ] {
             if value == 0 {
                 return Err(format!("{key} must be at least 1"));

@@ -8,6 +8,7 @@
 //! terminated through a second, short script.
 
 pub mod local;
+pub mod session;
 pub mod ssh;
 
 use std::future::Future;
@@ -19,6 +20,7 @@ use crate::config::{TargetConfig, TransportKind};
 use crate::job::ErrorClass;
 use crate::psql::{quote_plain, DbRole, FinishedScript, PsqlResult, Script};
 pub use crate::psql::{Exit, ScriptOutput};
+use session::{run_once, Launch, Pool, SessionSettings};
 
 /// A boxed, sendable future (the trait is used as `dyn Executor`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -28,8 +30,63 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct ScriptRequest {
     /// The script for psql's stdin.
     pub text: String,
+    /// The nonce of its markers (session mode reads up to its end marker).
+    pub nonce: String,
     /// The `application_name` the script sets (for cancellation).
     pub tag: String,
+}
+
+impl ScriptRequest {
+    /// The request for a finished script.
+    pub fn new(script: &FinishedScript, tag: &str) -> ScriptRequest {
+        ScriptRequest {
+            text: script.text.clone(),
+            nonce: script.nonce.clone(),
+            tag: tag.to_string(),
+        }
+    }
+}
+
+/// How an executor runs scripts: one psql per script, or warm sessions
+/// (session mode, the runtime role's default).
+pub struct Runner {
+    launch: Arc<dyn Launch>,
+    pool: Option<Arc<Pool>>,
+}
+
+impl Runner {
+    /// A runner for a target and role: session mode when the target has
+    /// it on and the role is the runtime's (migrate runs its own psql).
+    pub fn new(launch: Arc<dyn Launch>, target: &TargetConfig, role: DbRole) -> Runner {
+        let pool = (target.session_mode && role == DbRole::Runtime).then(|| {
+            Pool::new(SessionSettings {
+                max_sessions: target.max_channels,
+                idle: Duration::from_secs(target.session_idle_s.max(1)),
+                max_jobs: target.session_max_jobs.max(1),
+            })
+        });
+        Runner { launch, pool }
+    }
+
+    /// Runs one script.
+    pub async fn run(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
+        match &self.pool {
+            Some(pool) => pool.run(self.launch.as_ref(), &req).await,
+            None => run_once(self.launch.launch().await?, req.text.as_bytes()).await,
+        }
+    }
+
+    /// The warm sessions' pool, in session mode.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_deref()
+    }
+
+    /// Closes the warm sessions.
+    pub async fn close(&self) {
+        if let Some(pool) = &self.pool {
+            pool.close().await;
+        }
+    }
 }
 
 /// A transport failure: either nothing was sent (the target could not be
@@ -117,10 +174,7 @@ pub async fn run_script(
     tag: &str,
     deadline: Duration,
 ) -> PsqlResult {
-    let req = ScriptRequest {
-        text: script.text.clone(),
-        tag: tag.to_string(),
-    };
+    let req = ScriptRequest::new(script, tag);
     match run_with_deadline(exec, req, deadline).await {
         Ok(out) => PsqlResult::read(&out, script),
         Err(e) if e.nothing_ran() => PsqlResult::NotStarted {
@@ -162,10 +216,7 @@ pub async fn cancel_tagged(exec: &dyn Executor, tag: &str) -> Result<(), Transpo
     script.sql(&format!(
         "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE application_name = {t} AND pid <> pg_backend_pid()"
     ));
-    let req = ScriptRequest {
-        text: script.finish().text,
-        tag: format!("{tag}:cancel"),
-    };
+    let req = ScriptRequest::new(&script.finish(), &format!("{tag}:cancel"));
     let out = tokio::time::timeout(Duration::from_secs(15), exec.run(req))
         .await
         .map_err(|_| TransportError::Lost("the cancel script timed out".into()))??;

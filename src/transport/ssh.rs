@@ -1,6 +1,7 @@
-//! The SSH executor: one persistent russh session per target, one channel
-//! per job, the psql command line as ONE shell-quoted string, the script on
-//! stdin, then EOF.
+//! The SSH executor: one persistent russh session per target; each channel
+//! runs the psql command line as ONE shell-quoted string, with scripts on
+//! its stdin: one job then EOF (per-job mode), or job after job (session
+//! mode, see [`super::session`]).
 //!
 //! Host keys fail closed: the server key must match the known_hosts file
 //! (hashed entries and `[host]:port` included) or the pinned fingerprint,
@@ -19,9 +20,10 @@ use rand::Rng;
 use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::ChannelMsg;
-use tokio::sync::{oneshot, Mutex, Semaphore};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
-use super::{BoxFuture, Executor, Exit, ScriptOutput, ScriptRequest, TransportError};
+use super::session::{Event, Input, Launch, Process};
+use super::{BoxFuture, Executor, Exit, Runner, ScriptOutput, ScriptRequest, TransportError};
 use crate::config::TargetConfig;
 use crate::psql::{command_line, command_words, DbRole};
 
@@ -305,8 +307,15 @@ struct SessionSlot {
     failures: u32,
 }
 
-/// The SSH executor of one target.
+/// The SSH executor of one target: its link (the session, channels) and
+/// how scripts run over it (per job or warm sessions).
 pub struct SshExecutor {
+    link: Arc<SshLink>,
+    runner: Runner,
+}
+
+/// One target's SSH session and its channel slots.
+struct SshLink {
     settings: Arc<SshSettings>,
     config: Arc<client::Config>,
     cmd: String,
@@ -324,6 +333,21 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 impl SshExecutor {
     /// An executor for `target` whose scripts run as `role`.
     pub fn new(target: &TargetConfig, role: DbRole) -> Result<SshExecutor, TransportError> {
+        let link = Arc::new(SshLink::new(target, role)?);
+        Ok(SshExecutor {
+            runner: Runner::new(link.clone(), target, role),
+            link,
+        })
+    }
+
+    /// How scripts are run (session mode's pool, for tests).
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+}
+
+impl SshLink {
+    fn new(target: &TargetConfig, role: DbRole) -> Result<SshLink, TransportError> {
         let settings = Arc::new(SshSettings::from_target(target, role)?);
         let config = client::Config {
             nodelay: true,
@@ -332,7 +356,7 @@ impl SshExecutor {
             keepalive_max: settings.keepalive_max,
             ..Default::default()
         };
-        Ok(SshExecutor {
+        Ok(SshLink {
             settings,
             config: Arc::new(config),
             cmd: command_line(&command_words(target, role)),
@@ -517,7 +541,9 @@ impl SshExecutor {
         }
     }
 
-    async fn run_channel(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
+    /// Opens a channel running the psql command: a slot first (held until
+    /// the channel is gone), then the channel, then exec.
+    async fn start(&self) -> Result<Process, TransportError> {
         let permit = self
             .channels
             .clone()
@@ -525,116 +551,104 @@ impl SshExecutor {
             .await
             .map_err(|_| TransportError::Unreachable("executor closed".into()))?;
         let channel = self.open_channel().await?;
-        let cmd = self.cmd.clone();
-        // The channel lives in its own task, drained to its close even if
-        // this job is abandoned at its deadline; `abandon` tells it to
-        // close the channel early.
-        let (abandon_tx, abandon_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(drive_channel(
-            channel,
-            cmd,
-            req.text.into_bytes(),
-            abandon_rx,
-            permit,
-        ));
-        let _guard = AbandonOnDrop(Some(abandon_tx));
-        task.await
-            .map_err(|e| TransportError::Lost(format!("channel task failed: {e}")))?
-    }
-}
-
-/// Sends the abandon signal when the job's future is dropped.
-struct AbandonOnDrop(Option<oneshot::Sender<()>>);
-
-impl Drop for AbandonOnDrop {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-async fn drive_channel(
-    channel: russh::Channel<client::Msg>,
-    cmd: String,
-    stdin: Vec<u8>,
-    mut abandon: oneshot::Receiver<()>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-) -> Result<ScriptOutput, TransportError> {
-    let broken = |what: &str, e: russh::Error| {
-        TransportError::Lost(format!("SSH channel {what} failed: {e}"))
-    };
-    channel
-        .exec(true, cmd.into_bytes())
-        .await
-        .map_err(|e| TransportError::Unreachable(format!("SSH channel exec failed: {e}")))?;
-    let (mut rd, wr) = channel.split();
-    let writer = async {
-        wr.data(stdin.as_slice())
+        channel
+            .exec(true, self.cmd.clone().into_bytes())
             .await
-            .map_err(|e| broken("write", e))?;
-        wr.eof().await.map_err(|e| broken("eof", e))
-    };
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    let mut exit: Option<Exit> = None;
-    let mut refused = false;
-    let reader = async {
-        let mut abandoned = false;
-        // After we close an abandoned channel, the server's Close may never
-        // reach us (russh 0.65): wait for it a little, then let the channel
-        // and its slot go on our own deadline.
-        let close_grace = tokio::time::sleep(Duration::from_secs(3600));
-        tokio::pin!(close_grace);
-        loop {
-            let msg = tokio::select! {
-                m = rd.wait() => m,
-                _ = &mut abandon, if !abandoned => {
-                    abandoned = true;
-                    let _ = wr.close().await;
-                    close_grace
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + CLOSE_GRACE);
-                    continue;
-                }
-                _ = &mut close_grace, if abandoned => {
-                    tracing::debug!("no Close for an abandoned channel; releasing its slot");
-                    break;
-                }
-            };
-            match msg {
-                Some(ChannelMsg::Data { data }) => stdout.extend_from_slice(&data),
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => stderr.extend_from_slice(&data),
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    exit = Some(Exit::Code(exit_status as i32))
-                }
-                Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
-                    exit = Some(Exit::Signal(format!("{signal_name:?}")))
-                }
-                Some(ChannelMsg::Failure) => refused = true,
-                Some(ChannelMsg::Close) | None => break,
-                Some(_) => {}
+            .map_err(|e| TransportError::Unreachable(format!("SSH channel exec failed: {e}")))?;
+        let (rd, wr) = channel.split();
+        let wr = Arc::new(wr);
+        let (tx, rx) = mpsc::channel(64);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        // The channel is drained in its own task to its close, even when
+        // the job that opened it was abandoned at its deadline.
+        tokio::spawn(drive_channel(rd, wr.clone(), tx, stop_rx, permit));
+        Ok(Process {
+            input: Box::new(ChannelInput(wr)),
+            events: rx,
+            stop: stop_tx,
+        })
+    }
+}
+
+impl Launch for SshLink {
+    fn launch(&self) -> BoxFuture<'_, Result<Process, TransportError>> {
+        Box::pin(self.start())
+    }
+}
+
+type WriteHalf = russh::ChannelWriteHalf<client::Msg>;
+
+/// A channel's stdin; `finish` sends EOF.
+struct ChannelInput(Arc<WriteHalf>);
+
+impl Input for ChannelInput {
+    fn write<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.0.data(data).await.map_err(|e| e.to_string()) })
+    }
+
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.0.eof().await;
+        })
+    }
+}
+
+/// Forwards a channel's messages as events until its close. When the stop
+/// handle is dropped (a job abandoned, a session ended) the channel is
+/// closed; the server's Close may never reach us (russh 0.65), so after a
+/// grace the channel and its slot are let go on our own deadline.
+async fn drive_channel(
+    mut rd: russh::ChannelReadHalf,
+    wr: Arc<WriteHalf>,
+    tx: mpsc::Sender<Event>,
+    mut stop: oneshot::Receiver<()>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut abandoned = false;
+    let close_grace = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(close_grace);
+    loop {
+        let msg = tokio::select! {
+            m = rd.wait() => m,
+            _ = &mut stop, if !abandoned => {
+                abandoned = true;
+                let _ = wr.close().await;
+                close_grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                continue;
             }
+            _ = &mut close_grace, if abandoned => {
+                tracing::debug!("no Close for an abandoned channel; releasing its slot");
+                break;
+            }
+        };
+        let event = match msg {
+            Some(ChannelMsg::Data { data }) => Event::Out(data.to_vec()),
+            Some(ChannelMsg::ExtendedData { data, ext: 1 }) => Event::Err(data.to_vec()),
+            Some(ChannelMsg::ExitStatus { exit_status }) => {
+                Event::Exit(Exit::Code(exit_status as i32))
+            }
+            Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                Event::Exit(Exit::Signal(format!("{signal_name:?}")))
+            }
+            Some(ChannelMsg::Failure) => Event::Refused,
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => continue,
+        };
+        if abandoned {
+            continue;
         }
-    };
-    let (written, ()) = tokio::join!(writer, reader);
-    if refused && exit.is_none() {
-        return Err(TransportError::Unreachable(
-            "the server refused to run the command".into(),
-        ));
-    }
-    if let Err(e) = written {
-        // psql may stop reading early (ON_ERROR_STOP); only a run that
-        // never ended is a transport failure.
-        if exit.is_none() {
-            return Err(e);
+        let gone = tokio::select! {
+            r = tx.send(event) => r.is_err(),
+            _ = &mut stop => true,
+        };
+        if gone {
+            abandoned = true;
+            let _ = wr.close().await;
+            close_grace
+                .as_mut()
+                .reset(tokio::time::Instant::now() + CLOSE_GRACE);
         }
     }
-    Ok(ScriptOutput {
-        stdout,
-        stderr,
-        exit: exit.unwrap_or(Exit::Unknown),
-    })
 }
 
 fn read_passphrase(file: Option<&std::path::Path>) -> Result<Option<String>, TransportError> {
@@ -659,11 +673,11 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Executor for SshExecutor {
     fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>> {
-        Box::pin(self.run_channel(req))
+        Box::pin(self.runner.run(req))
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), TransportError>> {
-        Box::pin(async { self.session().await.map(|_| ()) })
+        Box::pin(async { self.link.session().await.map(|_| ()) })
     }
 
     fn kind(&self) -> &'static str {
@@ -672,7 +686,8 @@ impl Executor for SshExecutor {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {
-            let live = self.slot.lock().await.live.take();
+            self.runner.close().await;
+            let live = self.link.slot.lock().await.live.take();
             if let Some(live) = live {
                 let _ = live
                     .handle
@@ -683,7 +698,8 @@ impl Executor for SshExecutor {
     }
 
     fn host_key_fingerprint(&self) -> Option<String> {
-        self.seen
+        self.link
+            .seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .fingerprint

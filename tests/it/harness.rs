@@ -203,7 +203,17 @@ pub async fn ssh_db(transport_toml: &str, job_timeout_s: u64) -> TestDb {
     build_db(&text, job_timeout_s, transport_toml).await
 }
 
+/// Whether the suite runs in session mode (the default) or per-job mode
+/// (`GOVSQL_TEST_SESSION_MODE=false`): both must pass.
+pub fn session_mode() -> bool {
+    std::env::var("GOVSQL_TEST_SESSION_MODE").map_or(true, |v| v != "false")
+}
+
 fn db_keys(name: &str) -> String {
+    format!("{}session_mode = {}\n", db_keys_base(name), session_mode())
+}
+
+fn db_keys_base(name: &str) -> String {
     let pg = pg();
     format!(
         "psql = \"{psql}\"\ndb_host = \"{host}\"\ndb_port = {port}\ndb_name = \"{name}\"\ndb_user = \"{RUNTIME_ROLE}\"\nadmin_db_user = \"postgres\"\n",
@@ -259,6 +269,26 @@ impl TestDb {
     fn local(&self, role: DbRole) -> LocalExecutor {
         let toml = format!("transport = \"local\"\n{}", db_keys(&self.name));
         LocalExecutor::new(&toml::from_str(&toml).unwrap(), role)
+    }
+
+    /// A local executor of this database as the runtime role, in session
+    /// mode whatever the suite's mode, with extra target keys.
+    pub fn session_executor(&self, extra: &str) -> LocalExecutor {
+        let toml = format!(
+            "transport = \"local\"\nsession_mode = true\n{extra}\n{}",
+            db_keys_base(&self.name)
+        );
+        LocalExecutor::new(&toml::from_str(&toml).unwrap(), DbRole::Runtime)
+    }
+
+    /// A local executor of this database as the runtime role, in the
+    /// given mode.
+    pub fn executor_with_mode(&self, session: bool) -> LocalExecutor {
+        let toml = format!(
+            "transport = \"local\"\nsession_mode = {session}\n{}",
+            db_keys_base(&self.name)
+        );
+        LocalExecutor::new(&toml::from_str(&toml).unwrap(), DbRole::Runtime)
     }
 
     /// The executor the config names (local or SSH).

@@ -128,10 +128,8 @@ async fn channels_the_server_opens_toward_govsql_are_refused() {
     );
     let target: govsql::config::TargetConfig = toml::from_str(&toml).unwrap();
     let exec = govsql::transport::for_target(&target, DbRole::Runtime).unwrap();
-    let req = ScriptRequest {
-        text: String::new(),
-        tag: "govsql:hostile".into(),
-    };
+    let script = govsql::psql::Script::new("govsql:hostile", 1000).finish();
+    let req = ScriptRequest::new(&script, "govsql:hostile");
     let out = tokio::time::timeout(Duration::from_secs(60), exec.run(req))
         .await
         .expect("the job ends although the server misbehaves")
