@@ -135,13 +135,22 @@ impl TargetSlot {
     }
 }
 
+/// Who waits for which job, and the outcomes handed out but not yet
+/// written to the queue (a wait that arrives in between gets its outcome
+/// from here, not a `running` row that will never wake it).
+#[derive(Default)]
+struct Waiting {
+    waiters: HashMap<JobId, Vec<oneshot::Sender<Outcome>>>,
+    delivered: HashMap<JobId, Outcome>,
+}
+
 /// The daemon's shared state.
 pub struct Daemon {
     config: Config,
     queue: queue::Queue,
     catalog: RwLock<Arc<Catalog>>,
     targets: BTreeMap<String, TargetSlot>,
-    waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<Outcome>>>>,
+    waiting: Mutex<Waiting>,
     started: Instant,
     heartbeat_at: AtomicU64,
     /// Cancelled once, at SIGTERM; every task watches it.
@@ -205,36 +214,45 @@ impl Daemon {
         }
     }
 
-    /// Registers a waiter for a job's outcome.
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a waiter for a job's outcome. A job whose outcome was
+    /// already handed out (its queue row not yet written) answers at once.
     pub fn add_waiter(&self, job_id: &JobId) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(job_id.clone())
-            .or_default()
-            .push(tx);
+        let mut w = self.waiting();
+        match w.delivered.get(job_id) {
+            Some(outcome) => {
+                let _ = tx.send(outcome.clone());
+            }
+            None => w.waiters.entry(job_id.clone()).or_default().push(tx),
+        }
         rx
     }
 
     /// Drops the waiters of a job (a wait that ended another way).
     pub fn forget_waiters(&self, job_id: &JobId) {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(job_id);
+        self.waiting().waiters.remove(job_id);
     }
 
-    /// Hands a finished job's outcome (result included) to its waiters.
+    /// Hands a finished job's outcome (result included) to its waiters,
+    /// and keeps it for later waiters until [`Daemon::recorded`].
     pub fn deliver(&self, outcome: &Outcome) {
-        let waiters = self
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&outcome.job_id);
+        let waiters = {
+            let mut w = self.waiting();
+            w.delivered.insert(outcome.job_id.clone(), outcome.clone());
+            w.waiters.remove(&outcome.job_id)
+        };
         for w in waiters.into_iter().flatten() {
             let _ = w.send(outcome.clone());
         }
+    }
+
+    /// The job's end is in the queue: waiters read it there from now on.
+    pub fn recorded(&self, job_id: &JobId) {
+        self.waiting().delivered.remove(job_id);
     }
 
     /// A connection slot for `uid`, unless it has too many open.
@@ -449,7 +467,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         queue,
         catalog: RwLock::new(catalog),
         targets,
-        waiters: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(Waiting::default()),
         started: Instant::now(),
         heartbeat_at: AtomicU64::new(unix_now() as u64),
         shutdown: CancellationToken::new(),

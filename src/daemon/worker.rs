@@ -87,6 +87,13 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
     // `running` while the daemon lives. A job that gave up waiting for its
     // target keeps its params until its ledger row is written.
     daemon.deliver(&outcome);
+    if let Some(ms) = std::env::var("GOVSQL_TEST_RECORD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // A test widens the window between delivery and the queue's record.
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mut wait = Duration::from_millis(200);
     while let Err(e) = daemon.queue.finish(&outcome, row_owed).await {
         tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue; retrying");
@@ -97,6 +104,7 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(10));
     }
+    daemon.recorded(&job.job_id);
 }
 
 /// What happens to a job that is not over.

@@ -755,6 +755,31 @@ async fn batch_submits_many_and_summarises() {
     assert_eq!(db.count("iu_collection"), 5);
 }
 
+#[tokio::test]
+async fn a_wait_that_arrives_after_delivery_but_before_the_record_is_answered() {
+    // The worker hands the outcome to waiters, then writes the queue row;
+    // a wait arriving in between used to find `running` and sleep for an
+    // hour (a 10 000-job batch hung on it). The hook widens the window.
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start_with(&db, &[("GOVSQL_TEST_RECORD_DELAY_MS", Path::new("3000"))]);
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), false);
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    // The job runs in milliseconds; its record waits 3 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while db.count("dot_iu_command_run") == 0 {
+        assert!(Instant::now() < deadline, "the job did not run");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(job_state(&d, &id), "running", "the window is open");
+    let started = Instant::now();
+    let r = d.request(json!({"v": 1, "op": "wait", "job_id": id, "timeout_s": 10}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["job"]["state"], "verified");
+    assert!(started.elapsed() < Duration::from_secs(2), "the wait slept");
+}
+
 fn job_state(d: &DaemonProc, id: &str) -> String {
     let r = d.request(json!({"v": 1, "op": "status", "job_id": id}));
     r["job"]["state"].as_str().unwrap_or("?").to_string()
