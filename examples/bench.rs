@@ -1,10 +1,15 @@
 //! The govsql benchmark (run by `scripts/bench`, which starts the servers
-//! and the daemon): throughput and latency of verify jobs through the
-//! daemon over SSH at concurrency 1 and 8, against three baselines measured
-//! in the same run on the same servers (psql run locally per job, OpenSSH
-//! `ssh host psql` with a fresh connection per job, OpenSSH with
-//! ControlMaster), then the daemon's submit rate and peak RSS with 10 000
-//! jobs queued. Medians of several rounds; ratios against the baselines.
+//! and the daemon): throughput and latency of governed verify jobs
+//! (dot_iu_healthcheck) and apply jobs (dot_iu_add_piece, each with its
+//! ledger row) through the daemon over SSH, in session mode (target
+//! `main`) and per-job mode (target `perjob`), at concurrency 1 and 8,
+//! against baselines measured in the same run on the same servers (bare
+//! psql run locally per job, the same governed job with local psql per job
+//! and no daemon, OpenSSH `ssh host psql` with a fresh connection per job,
+//! OpenSSH with ControlMaster); then a 10 000-line `govsql batch` of
+//! applies end to end, the daemon's submit rate and its peak RSS with
+//! 10 000 jobs queued. Medians of several rounds; ratios against the
+//! baselines.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,6 +74,33 @@ struct Args {
     /// Jobs queued for the RSS measurement.
     #[arg(long, default_value_t = 10_000)]
     queued: usize,
+    /// Lines of the `govsql batch` measurement.
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
+    /// The govsql binary (for `govsql batch`).
+    #[arg(long)]
+    govsql: PathBuf,
+    /// The collection the apply jobs add pieces to.
+    #[arg(long)]
+    collection: String,
+}
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    /// dot_iu_healthcheck, verify.
+    Verify,
+    /// dot_iu_add_piece, apply.
+    Apply,
+}
+
+impl Work {
+    fn label(self) -> &'static str {
+        match self {
+            Work::Verify => "verify",
+            Work::Apply => "apply",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,23 +109,26 @@ enum Method {
     SshFresh,
     SshControlMaster,
     RuntimeLocal,
+    DaemonPerJob,
     Daemon,
 }
 
 impl Method {
     fn label(self) -> &'static str {
         match self {
-            Method::LocalPsql => "psql locally, per job",
+            Method::LocalPsql => "bare psql locally, per job",
             Method::SshFresh => "OpenSSH, new connection per job",
-            Method::SshControlMaster => "OpenSSH ControlMaster",
-            Method::RuntimeLocal => "same governed job, local psql, no daemon",
-            Method::Daemon => "govsql daemon over SSH (russh)",
+            Method::SshControlMaster => "OpenSSH ControlMaster, per job",
+            Method::RuntimeLocal => "governed job, local psql per job, no daemon",
+            Method::DaemonPerJob => "govsql daemon over SSH, per-job mode",
+            Method::Daemon => "govsql daemon over SSH, session mode",
         }
     }
 
     fn jobs(self, concurrency: usize) -> usize {
         let base = match self {
             Method::SshFresh => 30,
+            Method::Daemon => 1000,
             _ => 150,
         };
         if concurrency > 1 {
@@ -104,9 +139,17 @@ impl Method {
     }
 }
 
-const QUERY: &str = "SELECT public.fn_iu_collection_healthcheck()";
+fn query(a: &Args, w: Work) -> String {
+    match w {
+        Work::Verify => "SELECT public.fn_iu_collection_healthcheck()".into(),
+        Work::Apply => format!(
+            "SELECT public.fn_iu_add_piece('{}'::uuid, 'bench piece')",
+            a.collection
+        ),
+    }
+}
 
-fn psql_words(a: &Args) -> Vec<String> {
+fn psql_words(a: &Args, w: Work) -> Vec<String> {
     [
         a.psql.as_str(),
         "-X",
@@ -123,14 +166,14 @@ fn psql_words(a: &Args) -> Vec<String> {
         "-d",
         &a.db,
         "-c",
-        QUERY,
+        &query(a, w),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-fn ssh_base(a: &Args, control: bool) -> Vec<String> {
+fn ssh_base(a: &Args, control: bool, work: Work) -> Vec<String> {
     let mut w: Vec<String> = [
         "ssh",
         "-F",
@@ -162,7 +205,7 @@ fn ssh_base(a: &Args, control: bool) -> Vec<String> {
         ]);
     }
     w.push(format!("{}@127.0.0.1", a.ssh_user));
-    let remote: Vec<String> = psql_words(a)
+    let remote: Vec<String> = psql_words(a, work)
         .iter()
         .map(|s| shell_escape::unix::escape(s.as_str().into()).into_owned())
         .collect();
@@ -184,7 +227,7 @@ async fn run_process(words: &[String]) -> bool {
 
 fn local_runtime(a: &Args) -> govsql::runtime::Runtime {
     let toml = format!(
-        "transport = \"local\"\npsql = \"{}\"\ndb_host = \"{}\"\ndb_port = {}\ndb_name = \"{}\"\ndb_user = \"{}\"\n",
+        "transport = \"local\"\nsession_mode = false\npsql = \"{}\"\ndb_host = \"{}\"\ndb_port = {}\ndb_name = \"{}\"\ndb_user = \"{}\"\n",
         a.psql, a.pg_host, a.pg_port, a.db, a.db_user
     );
     let target: govsql::config::TargetConfig = toml::from_str(&toml).expect("local target");
@@ -196,22 +239,49 @@ fn local_runtime(a: &Args) -> govsql::runtime::Runtime {
             govsql::psql::DbRole::Runtime,
         )),
         "bench-local",
-        govsql::switch::ApplySwitch::new(&a.work),
+        govsql::switch::ApplySwitch::new(&a.work.join("state")),
         Duration::from_secs(60),
     )
 }
 
-async fn runtime_job(rt: &govsql::runtime::Runtime) -> bool {
+/// A job's command, mode and params.
+fn job_parts(a: &Args, w: Work) -> (String, Mode, Params) {
+    match w {
+        Work::Verify => ("dot_iu_healthcheck".into(), Mode::Verify, Params::default()),
+        Work::Apply => (
+            "dot_iu_add_piece".into(),
+            Mode::Apply,
+            Params(
+                [
+                    ("collection_id".to_string(), a.collection.clone()),
+                    ("body".to_string(), "bench piece".to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            ),
+        ),
+    }
+}
+
+fn done(w: Work) -> JobState {
+    match w {
+        Work::Verify => JobState::Verified,
+        Work::Apply => JobState::Applied,
+    }
+}
+
+async fn runtime_job(a: &Args, rt: &govsql::runtime::Runtime, w: Work) -> bool {
+    let (command, mode, params) = job_parts(a, w);
     let job = Job::new(
-        "dot_iu_healthcheck".into(),
-        Mode::Verify,
+        command,
+        mode,
         "bench-local".into(),
-        Params::default(),
+        params,
         None,
         "bench".into(),
         0,
     );
-    rt.run(&job).await.status == govsql::runtime::RunStatus::Verified
+    rt.run(&job).await.state() == done(w)
 }
 
 /// A verify of dot_iu_healthcheck, answered at once or when it ends.
@@ -228,19 +298,33 @@ fn healthcheck(wait: bool) -> Request {
     }
 }
 
-async fn daemon_job(client: &mut Client) -> bool {
-    match client.call(&healthcheck(true)).await {
-        Ok(r) => r
-            .job
-            .map(|j| j.state == JobState::Verified)
-            .unwrap_or(false),
+async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> bool {
+    let (command, mode, params) = job_parts(a, w);
+    let req = Request::Submit {
+        v: PROTOCOL_VERSION,
+        command,
+        mode,
+        params,
+        target: Some(target.to_string()),
+        idempotency_key: None,
+        wait: true,
+        timeout_s: Some(120),
+    };
+    match client.call(&req).await {
+        Ok(r) => r.job.map(|j| j.state == done(w)).unwrap_or(false),
         Err(_) => false,
     }
 }
 
 /// One round: `jobs` jobs by `concurrency` workers. Returns (jobs/s,
 /// latencies in ms, failures).
-async fn round(a: &Args, m: Method, concurrency: usize, jobs: usize) -> (f64, Vec<f64>, usize) {
+async fn round(
+    a: &Args,
+    w: Work,
+    m: Method,
+    concurrency: usize,
+    jobs: usize,
+) -> (f64, Vec<f64>, usize) {
     let next = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -251,23 +335,28 @@ async fn round(a: &Args, m: Method, concurrency: usize, jobs: usize) -> (f64, Ve
         let failures = failures.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let mut client = if m == Method::Daemon {
+            let target = if m == Method::Daemon {
+                "main"
+            } else {
+                "perjob"
+            };
+            let mut client = if matches!(m, Method::Daemon | Method::DaemonPerJob) {
                 Some(Client::connect(&a.socket).await.expect("daemon socket"))
             } else {
                 None
             };
             let runtime = (m == Method::RuntimeLocal).then(|| local_runtime(&a));
             let words = match m {
-                Method::LocalPsql => psql_words(&a),
-                Method::SshFresh => ssh_base(&a, false),
-                Method::SshControlMaster => ssh_base(&a, true),
-                Method::RuntimeLocal | Method::Daemon => Vec::new(),
+                Method::LocalPsql => psql_words(&a, w),
+                Method::SshFresh => ssh_base(&a, false, w),
+                Method::SshControlMaster => ssh_base(&a, true, w),
+                Method::RuntimeLocal | Method::Daemon | Method::DaemonPerJob => Vec::new(),
             };
             while next.fetch_add(1, Ordering::SeqCst) < jobs {
                 let t = Instant::now();
                 let ok = match (client.as_mut(), runtime.as_ref()) {
-                    (Some(c), _) => daemon_job(c).await,
-                    (None, Some(rt)) => runtime_job(rt).await,
+                    (Some(c), _) => daemon_job(&a, c, w, target).await,
+                    (None, Some(rt)) => runtime_job(&a, rt, w).await,
                     (None, None) => run_process(&words).await,
                 };
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -300,6 +389,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 struct Row {
+    work: Work,
     method: Method,
     concurrency: usize,
     rate: f64,
@@ -319,54 +409,96 @@ fn rss_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Measures one workload by one method at one concurrency (median of the
+/// rounds; latency percentiles over every job of every round).
+async fn measure(a: &Args, w: Work, m: Method, concurrency: usize) -> Row {
+    let mut rates = Vec::new();
+    let mut lats = Vec::new();
+    let mut failures = 0;
+    for _ in 0..a.rounds {
+        let (rate, lat, f) = round(a, w, m, concurrency, m.jobs(concurrency)).await;
+        rates.push(rate);
+        lats.extend(lat);
+        failures += f;
+    }
+    lats.sort_by(|x, y| x.total_cmp(y));
+    let row = Row {
+        work: w,
+        method: m,
+        concurrency,
+        rate: median(rates),
+        p50: percentile(&lats, 0.5),
+        p95: percentile(&lats, 0.95),
+        failures,
+    };
+    eprintln!(
+        "measured {:<6} {:<44} c={} {:>7.1} jobs/s p50 {:>6.2} ms p95 {:>6.2} ms failures {}",
+        w.label(),
+        m.label(),
+        concurrency,
+        row.rate,
+        row.p50,
+        row.p95,
+        row.failures
+    );
+    row
+}
+
+/// A `govsql batch` of `n` applies, end to end (submit all, wait for
+/// each): seconds, and the CLI's summary line.
+async fn batch(a: &Args) -> (f64, String) {
+    let file = a.work.join("batch.jsonl");
+    let line = format!(
+        "{{\"command\": \"dot_iu_add_piece\", \"mode\": \"apply\", \"params\": {{\"collection_id\": \"{}\", \"body\": \"batch piece\"}}}}\n",
+        a.collection
+    );
+    std::fs::write(&file, line.repeat(a.batch)).expect("batch file");
+    let started = Instant::now();
+    let out = tokio::process::Command::new(&a.govsql)
+        .arg("batch")
+        .arg(&file)
+        .output()
+        .await
+        .expect("govsql batch");
+    let secs = started.elapsed().as_secs_f64();
+    let summary = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (secs, summary)
+}
+
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
     // Warm up: the ControlMaster connection, the daemon's SSH session.
-    run_process(&ssh_base(&a, true)).await;
+    run_process(&ssh_base(&a, true, Work::Verify)).await;
     let mut c = Client::connect(&a.socket).await.expect("daemon socket");
     for _ in 0..5 {
-        daemon_job(&mut c).await;
+        daemon_job(&a, &mut c, Work::Verify, "main").await;
+        daemon_job(&a, &mut c, Work::Verify, "perjob").await;
     }
     let mut rows = Vec::new();
-    for concurrency in [1usize, 8] {
-        for m in [
-            Method::LocalPsql,
-            Method::SshFresh,
-            Method::SshControlMaster,
-            Method::RuntimeLocal,
-            Method::Daemon,
-        ] {
-            let mut rates = Vec::new();
-            let mut lats = Vec::new();
-            let mut failures = 0;
-            for _ in 0..a.rounds {
-                let (rate, lat, f) = round(&a, m, concurrency, m.jobs(concurrency)).await;
-                rates.push(rate);
-                lats.extend(lat);
-                failures += f;
+    for w in [Work::Verify, Work::Apply] {
+        for concurrency in [1usize, 8] {
+            for m in [
+                Method::LocalPsql,
+                Method::SshFresh,
+                Method::SshControlMaster,
+                Method::RuntimeLocal,
+                Method::DaemonPerJob,
+                Method::Daemon,
+            ] {
+                if w == Work::Apply && m == Method::SshFresh {
+                    continue;
+                }
+                rows.push(measure(&a, w, m, concurrency).await);
             }
-            lats.sort_by(|x, y| x.total_cmp(y));
-            let row = Row {
-                method: m,
-                concurrency,
-                rate: median(rates),
-                p50: percentile(&lats, 0.5),
-                p95: percentile(&lats, 0.95),
-                failures,
-            };
-            eprintln!(
-                "measured {:<34} c={} {:>7.1} jobs/s p50 {:>6.1} ms p95 {:>6.1} ms failures {}",
-                m.label(),
-                concurrency,
-                row.rate,
-                row.p50,
-                row.p95,
-                row.failures
-            );
-            rows.push(row);
         }
     }
+
+    let (batch_secs, batch_summary) = batch(&a).await;
+    eprintln!(
+        "measured batch of {} applies: {batch_secs:.1} s ({batch_summary})",
+        a.batch
+    );
 
     // Submit rate and RSS with many jobs queued.
     let before_hwm = rss_kb(a.daemon_pid, "VmHWM:");
@@ -388,7 +520,6 @@ async fn main() {
         let _ = t.await;
     }
     let submit_rate = a.queued as f64 / started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut health = Client::connect(&a.socket).await.expect("socket");
     let h = health
         .call(&Request::Health {
@@ -404,21 +535,21 @@ async fn main() {
     let hwm = rss_kb(a.daemon_pid, "VmHWM:");
     let rss = rss_kb(a.daemon_pid, "VmRSS:");
 
-    let get = |m: Method, c: usize| {
+    let get = |w: Work, m: Method, c: usize| {
         rows.iter()
-            .find(|r| r.method == m && r.concurrency == c)
-            .map(|r| r.rate)
-            .unwrap_or(f64::NAN)
+            .find(|r| r.work == w && r.method == m && r.concurrency == c)
     };
+    let rate = |w: Work, m: Method, c: usize| get(w, m, c).map(|r| r.rate).unwrap_or(f64::NAN);
     println!();
     println!(
-        "| method | concurrency | jobs/s (median of {}) | p50 ms | p95 ms | failures |",
+        "| work | method | concurrency | jobs/s (median of {}) | p50 ms | p95 ms | failures |",
         a.rounds
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {} |",
+            r.work.label(),
             r.method.label(),
             r.concurrency,
             r.rate,
@@ -428,33 +559,74 @@ async fn main() {
         );
     }
     println!();
-    println!("| ratio (daemon jobs/s ÷ baseline) | c=1 | c=8 | target |");
+    println!("| ratio (daemon jobs/s ÷ baseline) | mode | c=1 | c=8 |");
     println!("|---|---|---|---|");
-    for (m, target) in [
-        (Method::LocalPsql, "≥ 0.9×"),
-        (Method::SshFresh, "≥ 10×"),
-        (Method::SshControlMaster, "≥ 1.5×"),
-        (Method::RuntimeLocal, "(transport + daemon cost)"),
-    ] {
-        println!(
-            "| vs {} | {:.2}× | {:.2}× | {target} |",
-            m.label(),
-            get(Method::Daemon, 1) / get(m, 1),
-            get(Method::Daemon, 8) / get(m, 8)
-        );
+    for w in [Work::Verify, Work::Apply] {
+        for (daemon, mode) in [
+            (Method::Daemon, "session"),
+            (Method::DaemonPerJob, "per-job"),
+        ] {
+            for m in [
+                Method::LocalPsql,
+                Method::SshFresh,
+                Method::SshControlMaster,
+                Method::RuntimeLocal,
+            ] {
+                if get(w, m, 1).is_none() {
+                    continue;
+                }
+                println!(
+                    "| {} vs {} | {mode} | {:.2}× | {:.2}× |",
+                    w.label(),
+                    m.label(),
+                    rate(w, daemon, 1) / rate(w, m, 1),
+                    rate(w, daemon, 8) / rate(w, m, 8)
+                );
+            }
+        }
     }
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    let v8 = rate(Work::Verify, Method::Daemon, 8);
+    let v_ratio = v8 / rate(Work::Verify, Method::LocalPsql, 8);
+    let a_ratio = rate(Work::Apply, Method::Daemon, 8) / rate(Work::Apply, Method::LocalPsql, 8);
+    let p50 = get(Work::Verify, Method::Daemon, 1)
+        .map(|r| r.p50)
+        .unwrap_or(f64::NAN);
+    let hwm_mb = hwm as f64 / 1024.0;
     println!();
-    println!("| daemon memory and submits | value | target |");
-    println!("|---|---|---|");
+    println!("| target (session mode) | measured | target | |");
+    println!("|---|---|---|---|");
     println!(
-        "| submit rate ({} submits, 8 connections) | {:.0} submits/s | ≥ 2000/s |",
-        a.queued, submit_rate
+        "| verify c=8 ÷ bare local psql per job | {v_ratio:.1}× | ≥ 10× | {} |",
+        verdict(v_ratio >= 10.0)
     );
-    println!("| jobs still queued at the reading | {queued} | |");
-    println!("| daemon RSS now | {:.1} MB | |", rss as f64 / 1024.0);
     println!(
-        "| daemon peak RSS (VmHWM) | {:.1} MB (before the submits: {:.1} MB) | ≤ 30 MB |",
-        hwm as f64 / 1024.0,
-        before_hwm as f64 / 1024.0
+        "| verify c=8 | {v8:.0} jobs/s | ≥ 1000 | {} |",
+        verdict(v8 >= 1000.0)
+    );
+    println!(
+        "| apply c=8 ÷ bare local psql per job | {a_ratio:.1}× | ≥ 5× | {} |",
+        verdict(a_ratio >= 5.0)
+    );
+    println!(
+        "| batch of {} applies, end to end | {batch_secs:.1} s ({batch_summary}) | ≤ 20 s | {} |",
+        a.batch,
+        verdict(batch_secs <= 20.0)
+    );
+    println!(
+        "| verify c=1 p50 latency (loopback) | {p50:.2} ms | ≤ 2 ms | {} |",
+        verdict(p50 <= 2.0)
+    );
+    println!(
+        "| submit rate ({} submits, 8 connections) | {submit_rate:.0}/s | ≥ 2000/s | {} |",
+        a.queued,
+        verdict(submit_rate >= 2000.0)
+    );
+    println!(
+        "| daemon peak RSS (VmHWM; 8 warm sessions, {} submitted, {queued} still queued at the reading; before the submits {:.1} MB; now {:.1} MB) | {hwm_mb:.1} MB | ≤ 30 MB | {} |",
+        a.queued,
+        before_hwm as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        verdict(hwm_mb <= 30.0)
     );
 }
