@@ -845,3 +845,28 @@ async fn a_result_over_max_result_bytes_fails_whole_and_the_terminal_sees_no_esc
     assert!(!out.contains('\u{1b}') && !out.contains('\r'), "{out:?}");
     assert!(out.contains("\\u{1b}[2Jboom\\rX"), "{out}");
 }
+
+#[tokio::test]
+async fn each_statement_runs_once_per_job() {
+    // The dispatcher wraps a statement to read its status; a flattened
+    // wrapper ran a STABLE function once per mention (three times).
+    let db = test_db().await;
+    pg().admin(
+        "postgres",
+        &format!("ALTER DATABASE {} SET track_functions = 'all'", db.name),
+    );
+    let rt = db.runtime_with(std::sync::Arc::new(db.executor_with_mode(false)));
+    let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert_eq!(o.status, RunStatus::Verified, "{o:?}");
+    let calls = || {
+        pg().admin(
+            &db.name,
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = 'fn_iu_collection_healthcheck'",
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while calls() == "0" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(calls(), "1", "the job's one statement ran more than once");
+}
