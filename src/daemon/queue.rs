@@ -330,10 +330,15 @@ const SCRUB_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The writer thread: drains every pending op into one transaction.
 ///
-/// Batches that only claim or read skip the fsync (synchronous NORMAL): a
-/// claim lost in a crash leaves the job queued, which recovery treats
-/// exactly like running. Submits, finishes, approvals and cancels are
-/// durable (FULL). After params are erased, the WAL is checkpointed with
+/// Batches that only claim, finish or read skip the fsync (synchronous
+/// NORMAL; WAL mode keeps the file consistent either way). A process crash
+/// loses none of them (the commit is in the OS already); a power loss may
+/// lose the last ones: a lost claim leaves the job queued, which recovery
+/// treats exactly like running, and a lost finish leaves it running, so
+/// recovery runs it again under its idempotency key and the dispatcher
+/// answers with the original run (never a second one). That fsync was half
+/// of a warm job's latency. Submits, retries, approvals and cancels are
+/// durable (FULL): a job accepted is never lost. After params are erased, the WAL is checkpointed with
 /// TRUNCATE as soon as the writer is idle, and at least once a second.
 fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
     let mut erased_since: Option<std::time::Instant> = None;
@@ -393,6 +398,7 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             !matches!(
                 op,
                 Op::ClaimNext(..)
+                    | Op::Finish(..)
                     | Op::Owed(..)
                     | Op::Get(..)
                     | Op::List(..)
