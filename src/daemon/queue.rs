@@ -312,8 +312,26 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
+/// Runs a statement through the connection's statement cache (the queue
+/// runs the same few statements for every job; parsing them each time was
+/// most of the writer thread's work).
+fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(p)
+}
+
+/// One row of a cached statement.
+fn one_row<T>(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    conn.prepare_cached(sql)?.query_row(p, f)
+}
+
 fn get_job(conn: &Connection, job_id: &JobId) -> rusqlite::Result<Option<Job>> {
-    conn.query_row(
+    one_row(
+        conn,
         &format!("SELECT {COLUMNS} FROM jobs WHERE job_id = ?1"),
         [job_id.as_str()],
         row_to_job,
@@ -468,8 +486,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
         Op::Finish(id, state, outcome, owed, reply) => {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
-            let r = tx
-                .execute(
+            let r = exec(tx,
                     "UPDATE jobs SET state = ?2, params = CASE WHEN ?6 THEN params END, preset_message = CASE WHEN ?6 THEN preset_message END, outcome = ?3, finished_at = coalesce(finished_at, ?4), params_digest = ?5, row_owed = ?6 WHERE job_id = ?1",
                     params![id.as_str(), state.as_str(), json, now(), outcome.params_digest, owed],
                 )
@@ -478,7 +495,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         }
         Op::Owed(limit, reply) => {
             let r = (|| {
-                let mut st = tx.prepare(&format!(
+                let mut st = tx.prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM jobs WHERE row_owed = 1 ORDER BY seq LIMIT ?1"
                 ))?;
                 let rows = st.query_map([limit], row_to_job)?.collect();
@@ -487,13 +504,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             respond(reply, r, path)
         }
         Op::Retry(id, state, reply) => {
-            let r = tx
-                .execute(
+            let r = exec(tx,
                     "UPDATE jobs SET state = ?2, not_before = ?3 + min(30, 1 << min(attempts, 5)), first_try_at = coalesce(first_try_at, ?3), attempts = attempts + 1 WHERE job_id = ?1",
                     params![id.as_str(), state.as_str(), now()],
                 )
                 .and_then(|_| {
-                    tx.query_row(
+                    one_row(tx,
                         "SELECT attempts FROM jobs WHERE job_id = ?1",
                         [id.as_str()],
                         |r| r.get::<_, u32>(0),
@@ -502,7 +518,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             respond(reply, r, path)
         }
         Op::Prune(before, reply) => {
-            let r = tx.execute(
+            let r = exec(
+                tx,
                 "DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1",
                 [before],
             );
@@ -527,14 +544,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             Err(e) => respond(reply, Err(e), path),
         },
         Op::Preset(id, refusal, reply) => {
-            let r = tx.execute(
+            let r = exec(tx,
                 "UPDATE jobs SET state = 'queued', preset_class = ?2, preset_message = ?3 WHERE job_id = ?1 AND state IN ('queued', 'awaiting_approval')",
                 params![id.as_str(), refusal.class.as_str(), refusal.message],
             );
             respond(reply, r, path)
         }
         Op::Recover(reply) => {
-            let r = tx.execute(
+            let r = exec(
+                tx,
                 "UPDATE jobs SET state = 'queued' WHERE state = 'running'",
                 [],
             );
@@ -552,7 +570,7 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
         .as_ref()
         .map(|p| (p.class.as_str().to_string(), p.message.clone()))
         .unzip();
-    tx.execute(
+    exec(tx,
         "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         params![
@@ -575,7 +593,7 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
 }
 
 fn list(tx: &Connection, limit: u32, offset: u64, uid: Option<u32>) -> rusqlite::Result<Vec<Job>> {
-    let mut st = tx.prepare(&format!(
+    let mut st = tx.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM jobs WHERE ?2 IS NULL OR actor_uid = ?2 OR state = 'awaiting_approval' ORDER BY seq DESC LIMIT ?1 OFFSET ?3"
     ))?;
     let rows = st
@@ -585,8 +603,7 @@ fn list(tx: &Connection, limit: u32, offset: u64, uid: Option<u32>) -> rusqlite:
 }
 
 fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
-    let job = tx
-        .query_row(
+    let job = one_row(tx,
             &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state IN ('queued', 'unsettled') AND coalesce(not_before, 0) <= ?2 ORDER BY seq LIMIT 1"),
             params![target, now()],
             row_to_job,
@@ -595,7 +612,8 @@ fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
     let Some(mut j) = job else {
         return Ok(None);
     };
-    tx.execute(
+    exec(
+        tx,
         "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
         params![j.job_id.as_str(), now()],
     )?;
@@ -604,7 +622,8 @@ fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
 }
 
 fn approve(tx: &Connection, id: &JobId, by: &str) -> rusqlite::Result<Job> {
-    tx.execute(
+    exec(
+        tx,
         "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3 WHERE job_id = ?1",
         params![id.as_str(), by, now()],
     )?;
@@ -612,7 +631,7 @@ fn approve(tx: &Connection, id: &JobId, by: &str) -> rusqlite::Result<Job> {
 }
 
 fn counts(tx: &Connection) -> rusqlite::Result<BTreeMap<JobState, i64>> {
-    let mut st = tx.prepare("SELECT state, count(*) FROM jobs GROUP BY state")?;
+    let mut st = tx.prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")?;
     let rows = st
         .query_map([], |r| {
             let state = r.get::<_, String>(0)?;
@@ -624,7 +643,7 @@ fn counts(tx: &Connection) -> rusqlite::Result<BTreeMap<JobState, i64>> {
 }
 
 fn expired(tx: &Connection, before: i64) -> rusqlite::Result<Vec<JobId>> {
-    let mut st = tx.prepare(
+    let mut st = tx.prepare_cached(
         "SELECT job_id FROM jobs WHERE state = 'awaiting_approval' AND submitted_at < ?1",
     )?;
     let rows = st
