@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod guard;
 pub mod job;
+pub mod logging;
 pub mod migrate;
 pub mod params;
 pub mod protocol;

@@ -294,7 +294,7 @@ pub fn main_with(cli: Cli) -> i32 {
     match rt.block_on(dispatch(cli)) {
         Ok(code) => code.code(),
         Err(e) => {
-            eprintln!("govsql: {e}");
+            crate::logging::fatal(e);
             ExitCode::Error.code()
         }
     }
@@ -377,18 +377,10 @@ fn load(config_path: &Path) -> anyhow::Result<(Config, Catalog)> {
 /// Logs to stderr (journald keeps it); `GOVSQL_LOG` sets the filter.
 /// The daemon logs every job at `info`; one-shot commands only warnings.
 pub fn init_tracing(cli: &Cli) {
-    use std::io::IsTerminal;
     let default = if matches!(cli.command, Cmd::Daemon) {
         "info"
     } else {
         "warn"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GOVSQL_LOG")
-        .unwrap_or_else(|_| default.into());
-    // Plain text (no colour codes) when journald or a file takes stderr.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    crate::logging::init(default);
 }

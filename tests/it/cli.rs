@@ -161,3 +161,65 @@ fn a_daemon_refuses_a_state_dir_others_can_write_or_a_symlinked_file() {
     assert_eq!(st.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&st.stdout).contains("symlink"));
 }
+
+#[test]
+fn under_the_journal_lines_carry_their_priority_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let log = dir.path().join("journal.log");
+    let meta = std::fs::File::create(&log).unwrap().metadata().unwrap();
+    let run = |journal: bool, args: &[&str], envs: &[(&str, &str)]| {
+        let file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_govsql"));
+        c.args(args)
+            .env("GOVSQL_CONFIG", &cfg)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(file);
+        if journal {
+            c.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        } else {
+            c.env("JOURNAL_STREAM", "1:1");
+        }
+        let code = c.status().unwrap().code();
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::write(&log, "").unwrap();
+        (code, text)
+    };
+    let check = |text: &str| {
+        for l in text.lines() {
+            assert!(
+                l.len() > 3
+                    && l.starts_with('<')
+                    && l[1..2].parse::<u8>().is_ok()
+                    && &l[2..3] == ">",
+                "a line without its priority: {l}"
+            );
+            assert!(
+                !l[3..].starts_with("20"),
+                "a line with its own timestamp: {l}"
+            );
+            assert!(!l.contains('\u{1b}'), "ANSI codes: {l}");
+        }
+    };
+    // A tracing warning (the switch changed) and a fatal error.
+    let (code, text) = run(true, &["switch", "on"], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    check(&text);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("<4>") && l.contains("apply switch changed")),
+        "{text}"
+    );
+    let (code, text) = run(true, &["daemon"], &[("GOVSQL_TEST_FAIL_SIGNALS", "1")]);
+    assert_eq!(code, Some(1));
+    check(&text);
+    assert!(text
+        .lines()
+        .any(|l| l.starts_with("<3>") && l.contains("cannot install signal handlers")));
+    // A JOURNAL_STREAM that names another stream is not the journal.
+    let (_, text) = run(false, &["switch", "off"], &[]);
+    assert!(text.lines().all(|l| !l.starts_with('<')), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("20")), "{text}");
+}
