@@ -79,9 +79,12 @@ pub fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
     }
 }
 
+/// The version with the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GOVSQL_COMMIT"), ")");
+
 /// govsql: a governed remote psql executor.
 #[derive(Debug, Parser)]
-#[command(name = "govsql", version, about, long_about = None)]
+#[command(name = "govsql", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// Config file (else $GOVSQL_CONFIG, else /etc/govsql/govsql.toml).
     #[arg(long, global = true)]
@@ -201,6 +204,17 @@ pub enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (govsql.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
     },
     /// Submit many jobs from a JSON-lines file, wait for them, summarise.
     Batch {
@@ -325,6 +339,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Switch { state, for_, once } => {
             switch_cmd(&config_path, &state, for_.as_deref(), once)
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "govsql", &mut std::io::stdout());
+            Ok(ExitCode::Ok)
+        }
+        Cmd::Man { out_dir } => {
+            std::fs::create_dir_all(&out_dir)?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::generate_to(cmd, &out_dir)?;
+            Ok(ExitCode::Ok)
         }
         Cmd::Daemon => {
             let config = Config::load(&config_path)?;
