@@ -94,6 +94,10 @@ pub struct DaemonConfig {
     /// Terminal jobs are pruned from the queue after this many days.
     #[serde(default = "default_retention_days")]
     pub retention_days: u64,
+    /// Serve the metrics over HTTP on this loopback address (off when
+    /// unset), e.g. "127.0.0.1:9187".
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// The `[access]` table. Entries are unix user names, `@group`, or `*`.
@@ -386,6 +390,16 @@ impl DaemonConfig {
             return Err("[daemon] approval_ttl_s must be at least 1".into());
         }
         self.socket_mode()?;
+        if let Some(addr) = &self.metrics_listen {
+            let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
+                format!("[daemon] metrics_listen {addr:?} is not an address:port such as \"127.0.0.1:9187\"")
+            })?;
+            if !parsed.ip().is_loopback() {
+                return Err(format!(
+                    "[daemon] metrics_listen {addr:?} is not a loopback address; the metrics are served on loopback only (scrape them through node_exporter's textfile collector from other hosts)"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -530,6 +544,14 @@ db_user = "govsql_runtime"
         let text = LOCAL.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0999\"\n");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("socket_mode"), "{err}");
+        for bad in ["0.0.0.0:9187", "localhost", "10.0.0.1:1"] {
+            let text = LOCAL.replace(
+                "[daemon]\n",
+                &format!("[daemon]\nmetrics_listen = \"{bad}\"\n"),
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("metrics_listen"), "{err}");
+        }
         let ok = LOCAL.replace("[daemon]\n", "[daemon]\nsocket_mode = \"0o640\"\n");
         assert_eq!(parse(&ok).unwrap().daemon.socket_mode(), Ok(0o640));
     }

@@ -96,7 +96,7 @@ pub fn valid_identifier(s: &str) -> bool {
 }
 
 /// plan, apply or verify.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Resolve and audit; never runs the command's SQL.

@@ -87,6 +87,11 @@ pub enum Request {
         /// Protocol version.
         v: u32,
     },
+    /// The metrics, in the Prometheus text exposition format.
+    Metrics {
+        /// Protocol version.
+        v: u32,
+    },
 }
 
 /// The daemon's health.
@@ -149,6 +154,9 @@ pub struct Reply {
     /// health.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    /// metrics: the text exposition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 /// What kind of failure a reply reports.
@@ -219,6 +227,7 @@ impl Reply {
             job: None,
             jobs: None,
             health: None,
+            metrics: None,
         }
     }
 

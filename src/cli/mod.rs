@@ -40,7 +40,7 @@ pub use direct::print_outcome;
 
 use admin::{catalog_cmd, config_cmd, migrate_cmd, reversal, self_test, switch_cmd};
 use direct::job;
-use remote::{health_cmd, jobs_cmd, simple_job_op, status_cmd, submit_to_daemon};
+use remote::{health_cmd, jobs_cmd, metrics_cmd, simple_job_op, status_cmd, submit_to_daemon};
 
 /// Text for a terminal: control characters (escape sequences, carriage
 /// returns, newlines inside a value) are shown escaped, never sent raw.
@@ -205,6 +205,8 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the daemon's metrics (Prometheus text format; for node_exporter's textfile collector).
+    Metrics,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -389,6 +391,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Err(code) => Ok(code),
         },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
+        Cmd::Metrics => metrics_cmd(&config_path).await,
         Cmd::Batch { file } => batch::run(&client::socket_from_config(&config_path)?, &file).await,
     }
 }

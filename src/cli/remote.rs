@@ -206,6 +206,24 @@ pub(super) async fn jobs_cmd(
     Ok(ExitCode::Ok)
 }
 
+/// `govsql metrics`: the daemon's metrics, as served.
+pub(super) async fn metrics_cmd(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let reply = call(
+        config_path,
+        &Request::Metrics {
+            v: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    match reply.metrics.as_deref().filter(|_| reply.ok) {
+        Some(text) => {
+            out_raw!("{text}");
+            Ok(ExitCode::Ok)
+        }
+        None => Ok(print_reply_error(&reply)),
+    }
+}
+
 pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let reply = call(
         config_path,

@@ -10,6 +10,7 @@
 //! in-flight jobs drain (bounded), then the daemon exits 0.
 
 pub mod fscheck;
+pub mod metrics;
 pub mod notify;
 pub mod peer;
 pub mod queue;
@@ -78,6 +79,9 @@ pub enum DaemonError {
     /// The state or socket directory is not the daemon's own.
     #[error(transparent)]
     NotPrivate(#[from] fscheck::NotPrivate),
+    /// The metrics listener could not bind.
+    #[error("cannot listen for metrics on {0}: {1} (metrics_listen in [daemon])")]
+    Metrics(String, std::io::Error),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -152,6 +156,10 @@ pub struct Daemon {
     targets: BTreeMap<String, TargetSlot>,
     waiting: Mutex<Waiting>,
     started: Instant,
+    /// Unix time of the start, for metrics.
+    started_at: i64,
+    /// What jobs did since the start.
+    pub metrics: metrics::Metrics,
     heartbeat_at: AtomicU64,
     /// Cancelled once, at SIGTERM; every task watches it.
     shutdown: CancellationToken,
@@ -330,6 +338,39 @@ impl Daemon {
         })
     }
 
+    /// The metrics scrape: counters since the start, the queue by state,
+    /// each target's transport. A queue that cannot be read leaves its
+    /// gauges out (the scrape still answers).
+    pub async fn metrics_text(&self) -> String {
+        let queue = match self.queue.counts().await {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::warn!(cause = %e, "metrics: cannot read the queue");
+                BTreeMap::new()
+            }
+        };
+        let targets = self
+            .targets
+            .iter()
+            .map(|(n, t)| {
+                let r = t.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                metrics::TargetSnapshot {
+                    name: n.clone(),
+                    transport: t.executor.kind().to_string(),
+                    stats: t.executor.stats(),
+                    reachable: r.reachable(),
+                    last_ok_at: r.last_ok_at,
+                    last_error: r.last_error,
+                }
+            })
+            .collect();
+        self.metrics.render(&metrics::Snapshot {
+            queue,
+            targets,
+            started_at: self.started_at,
+        })
+    }
+
     async fn reload_catalog(&self) {
         let path = self.config.daemon.catalog.clone();
         let loaded = tokio::task::spawn_blocking(move || Catalog::load(&path)).await;
@@ -462,6 +503,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     }
     let listener = server::bind(&config.daemon)?;
+    let metrics_listener = match &config.daemon.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr.as_str())
+                .await
+                .map_err(|e| DaemonError::Metrics(addr.clone(), e))?,
+        ),
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
         config,
         queue,
@@ -469,6 +518,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         targets,
         waiting: Mutex::new(Waiting::default()),
         started: Instant::now(),
+        started_at: unix_now(),
+        metrics: metrics::Metrics::default(),
         heartbeat_at: AtomicU64::new(unix_now() as u64),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
@@ -482,6 +533,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     loops.spawn(worker::sweep_approvals(daemon.clone()));
     loops.spawn(heartbeat(daemon.clone()));
     loops.spawn(server::serve(listener, daemon.clone()));
+    if let Some(listener) = metrics_listener {
+        let d = daemon.clone();
+        let render = move || {
+            let d = d.clone();
+            Box::pin(async move { d.metrics_text().await })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>
+        };
+        loops.spawn(metrics::serve(listener, render, daemon.shutdown.clone()));
+    }
     notify::notify("READY=1");
     tracing::info!(
         socket = %daemon.config.daemon.socket.display(),

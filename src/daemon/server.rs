@@ -268,6 +268,10 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
         }
         Request::Approve { job_id, .. } => approve(daemon, peer, &job_id).await,
         Request::Cancel { job_id, .. } => cancel(daemon, peer, &job_id).await,
+        Request::Metrics { .. } => Reply {
+            metrics: Some(daemon.metrics_text().await),
+            ..Reply::ok()
+        },
         Request::Health { .. } => match daemon.health().await {
             Ok(h) => Reply {
                 health: Some(h),

@@ -56,6 +56,7 @@ pub async fn run_target(daemon: Arc<Daemon>, target: String) {
 
 /// Runs one claimed job to its terminal state.
 pub async fn run_job(daemon: &Daemon, mut job: Job) {
+    let started = std::time::Instant::now();
     let Some(rt) = daemon.runtime(&job.target) else {
         tracing::error!(job_id = %job.job_id, target = %job.target, "job names a target that no longer exists");
         return;
@@ -86,6 +87,9 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
     // retried until it can be written (a full disk), so no job stays
     // `running` while the daemon lives. A job that gave up waiting for its
     // target keeps its params until its ledger row is written.
+    daemon
+        .metrics
+        .job_ended(job.mode, &outcome, started.elapsed());
     daemon.deliver(&outcome);
     if let Some(ms) = std::env::var("GOVSQL_TEST_RECORD_DELAY_MS")
         .ok()

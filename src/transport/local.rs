@@ -156,4 +156,13 @@ impl Executor for LocalExecutor {
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.runner.close())
     }
+
+    fn stats(&self) -> super::TransportStats {
+        let (warm_sessions, psql_started) = self.runner.counts();
+        super::TransportStats {
+            warm_sessions,
+            psql_started,
+            ..Default::default()
+        }
+    }
 }

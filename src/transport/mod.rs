@@ -13,6 +13,7 @@ pub mod ssh;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,20 @@ impl ScriptRequest {
 pub struct Runner {
     launch: Arc<dyn Launch>,
     pool: Option<Arc<Pool>>,
+    started: Arc<AtomicU64>,
+}
+
+/// Counts the processes a launcher starts.
+struct Counted {
+    inner: Arc<dyn Launch>,
+    started: Arc<AtomicU64>,
+}
+
+impl Launch for Counted {
+    fn launch(&self) -> BoxFuture<'_, Result<session::Process, TransportError>> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.inner.launch()
+    }
 }
 
 impl Runner {
@@ -65,7 +80,26 @@ impl Runner {
                 max_jobs: target.session_max_jobs.max(1),
             })
         });
-        Runner { launch, pool }
+        let started = Arc::new(AtomicU64::new(0));
+        let launch = Arc::new(Counted {
+            inner: launch,
+            started: started.clone(),
+        });
+        Runner {
+            launch,
+            pool,
+            started,
+        }
+    }
+
+    /// Warm sessions idle now, and psql processes started so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let warm = self.pool.as_ref().map_or(0, |p| p.idle_count() as u64);
+        (warm, self.started())
+    }
+
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Runs one script.
@@ -145,6 +179,23 @@ pub fn for_target(
     })
 }
 
+/// What a transport has done since it was built, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Whether an SSH session is up now (SSH only).
+    pub session_up: bool,
+    /// SSH sessions established.
+    pub connects: u64,
+    /// SSH connection attempts that failed.
+    pub connect_failures: u64,
+    /// Channel opens the server refused.
+    pub channel_open_failures: u64,
+    /// Warm psql sessions idle in the pool (session mode).
+    pub warm_sessions: u64,
+    /// psql processes started (sessions or per-job runs).
+    pub psql_started: u64,
+}
+
 /// Runs psql scripts on one target.
 pub trait Executor: Send + Sync {
     /// Runs one script to completion (no deadline: see [`run_with_deadline`]).
@@ -163,6 +214,10 @@ pub trait Executor: Send + Sync {
     /// Ends the executor's sessions cleanly (SSH: disconnect) at shutdown.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+    /// What it has done since it was built.
+    fn stats(&self) -> TransportStats {
+        TransportStats::default()
     }
 }
 

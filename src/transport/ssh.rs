@@ -13,6 +13,7 @@
 //! the job that opened it was abandoned at its deadline.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -316,6 +317,10 @@ pub struct SshExecutor {
 
 /// One target's SSH session and its channel slots.
 struct SshLink {
+    up: AtomicBool,
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+    channel_open_failures: AtomicU64,
     settings: Arc<SshSettings>,
     config: Arc<client::Config>,
     cmd: String,
@@ -357,6 +362,10 @@ impl SshLink {
             ..Default::default()
         };
         Ok(SshLink {
+            up: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            channel_open_failures: AtomicU64::new(0),
             settings,
             config: Arc::new(config),
             cmd: command_line(&command_words(target, role)),
@@ -375,11 +384,14 @@ impl SshLink {
                 return Ok(live.handle.clone());
             }
             tracing::warn!(host = %self.settings.host, "SSH session is closed; reconnecting");
+            self.up.store(false, Ordering::Relaxed);
             slot.live = None;
         }
         loop {
             match self.connect().await {
                 Ok(handle) => {
+                    self.connects.fetch_add(1, Ordering::Relaxed);
+                    self.up.store(true, Ordering::Relaxed);
                     slot.failures = 0;
                     let handle = Arc::new(handle);
                     slot.live = Some(Live {
@@ -387,8 +399,12 @@ impl SshLink {
                     });
                     return Ok(handle);
                 }
-                Err(e @ (TransportError::HostKey(_) | TransportError::Auth(_))) => return Err(e),
+                Err(e @ (TransportError::HostKey(_) | TransportError::Auth(_))) => {
+                    self.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
                 Err(e) => {
+                    self.connect_failures.fetch_add(1, Ordering::Relaxed);
                     slot.failures += 1;
                     if slot.failures >= MAX_ATTEMPTS {
                         slot.failures = MAX_ATTEMPTS - 1;
@@ -518,6 +534,7 @@ impl SshLink {
             match handle.channel_open_session().await {
                 Ok(ch) => return Ok(ch),
                 Err(e) => {
+                    self.channel_open_failures.fetch_add(1, Ordering::Relaxed);
                     attempt += 1;
                     if attempt >= MAX_ATTEMPTS {
                         return Err(TransportError::Unreachable(format!(
@@ -531,6 +548,7 @@ impl SshLink {
                             .as_ref()
                             .is_some_and(|l| Arc::ptr_eq(&l.handle, &handle))
                         {
+                            self.up.store(false, Ordering::Relaxed);
                             slot.live = None;
                         }
                     }
@@ -688,6 +706,7 @@ impl Executor for SshExecutor {
         Box::pin(async {
             self.runner.close().await;
             let live = self.link.slot.lock().await.live.take();
+            self.link.up.store(false, Ordering::Relaxed);
             if let Some(live) = live {
                 let _ = live
                     .handle
@@ -695,6 +714,19 @@ impl Executor for SshExecutor {
                     .await;
             }
         })
+    }
+
+    fn stats(&self) -> super::TransportStats {
+        let (warm_sessions, psql_started) = self.runner.counts();
+        let session_up = self.link.up.load(Ordering::Relaxed);
+        super::TransportStats {
+            session_up,
+            connects: self.link.connects.load(Ordering::Relaxed),
+            connect_failures: self.link.connect_failures.load(Ordering::Relaxed),
+            channel_open_failures: self.link.channel_open_failures.load(Ordering::Relaxed),
+            warm_sessions,
+            psql_started,
+        }
     }
 
     fn host_key_fingerprint(&self) -> Option<String> {

@@ -1336,3 +1336,135 @@ async fn a_job_that_gave_up_on_its_target_gets_its_ledger_row_once_the_target_is
     );
     s.stop();
 }
+
+/// Parses Prometheus text with the `prometheus_client` package's parser;
+/// returns `name{label="v",…} value` per sample, labels sorted.
+fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let script = r#"
+import sys, json
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        out["%s{%s}" % (s.name, labels)] = s.value
+print(json.dumps(out))
+"#;
+    // Debian's python3 (python3-prometheus-client), not a user's pyenv.
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the text: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut db = test_db().await;
+    configure(
+        &mut db,
+        OPEN_ACCESS,
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+    );
+    let d = DaemonProc::start(&db);
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(r["job"]["state"], "verified", "{r}");
+    // The switch is off: a refusal with its class.
+    let r = submit(
+        &d,
+        "dot_iu_add_piece",
+        "apply",
+        json!([
+            ["collection_id", "00000000-0000-0000-0000-000000000001"],
+            ["body", "x"]
+        ]),
+        true,
+    );
+    assert_eq!(r["job"]["state"], "refused", "{r}");
+    let out = d.cli(None, &["metrics"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let m = parse_prometheus(&text);
+    let get = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("no sample {k} in\n{text}"))
+    };
+    assert_eq!(
+        get(r#"govsql_jobs_total{mode="verify",state="verified"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"govsql_jobs_total{mode="apply",state="refused"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"govsql_job_errors_total{class="kill_switch",mode="apply"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"govsql_job_duration_seconds_count{mode="verify"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"govsql_job_duration_seconds_bucket{le="+Inf",mode="verify"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"govsql_target_reachable{target="main",transport="local"}"#),
+        1.0
+    );
+    assert!(
+        get(r#"govsql_target_last_success_timestamp_seconds{target="main",transport="local"}"#)
+            > 1.7e9
+    );
+    assert_eq!(get("govsql_unsettled_jobs{}"), 0.0);
+    assert!(get("govsql_start_time_seconds{}") > 1.7e9);
+    assert!(m.keys().any(|k| k.starts_with("govsql_build_info{commit=")));
+    assert!(get(r#"govsql_psql_started_total{target="main",transport="local"}"#) >= 1.0);
+    // No param value in any sample.
+    assert!(!text.contains("00000000-0000-0000-0000-000000000001"));
+    // The same over the loopback HTTP listener; anything else is 404.
+    let http = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let reply = http("/metrics");
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(reply.contains("Content-Type: text/plain; version=0.0.4"));
+    let body = reply.split_once("\r\n\r\n").unwrap().1;
+    let m2 = parse_prometheus(body);
+    assert_eq!(
+        m2[r#"govsql_jobs_total{mode="verify",state="verified"}"#],
+        1.0
+    );
+    assert!(http("/").starts_with("HTTP/1.1 404"));
+}
