@@ -63,7 +63,7 @@ pub struct Config {
 }
 
 /// The `[daemon]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// The Unix socket the daemon listens on and clients connect to.
@@ -101,7 +101,7 @@ pub struct DaemonConfig {
 }
 
 /// The `[access]` table. Entries are unix user names, `@group`, or `*`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessConfig {
     /// May submit plan jobs.
@@ -133,7 +133,7 @@ pub enum TransportKind {
 }
 
 /// One `[targets.NAME]` table: a PostgreSQL database and how to reach it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     /// SSH or local.
@@ -290,6 +290,42 @@ impl Config {
     }
 
     /// Reads, parses and checks a config file.
+    /// What in `new` a running daemon cannot take without a restart: the
+    /// socket, state directory, socket mode and group, metrics listener,
+    /// the set of targets and how each is reached. Access lists, approval
+    /// and retention settings, the catalog and each target's job timeout,
+    /// result limit, target wait and log-exposure setting reload live.
+    pub fn restart_needed(&self, new: &Config) -> Vec<String> {
+        let (a, b) = (&self.daemon, &new.daemon);
+        let mut keys: Vec<String> = [
+            ("socket", a.socket != b.socket),
+            ("state_dir", a.state_dir != b.state_dir),
+            ("socket_mode", a.socket_mode != b.socket_mode),
+            ("socket_group", a.socket_group != b.socket_group),
+            ("metrics_listen", a.metrics_listen != b.metrics_listen),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(k, _)| format!("[daemon] {k}"))
+        .collect();
+        let names = |c: &Config| c.targets.keys().cloned().collect::<Vec<_>>();
+        if names(self) != names(new) {
+            keys.push("the set of [targets]".into());
+            return keys;
+        }
+        for (name, old) in &self.targets {
+            let mut tuned = new.targets[name].clone();
+            tuned.job_timeout_s = old.job_timeout_s;
+            tuned.max_result_bytes = old.max_result_bytes;
+            tuned.max_target_wait_s = old.max_target_wait_s;
+            tuned.allow_server_log_exposure = old.allow_server_log_exposure;
+            if tuned != *old {
+                keys.push(format!("[targets.{name}] connection settings"));
+            }
+        }
+        keys
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

@@ -355,7 +355,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Daemon => {
             let config = Config::load(&config_path)?;
-            crate::daemon::run(config).await?;
+            crate::daemon::run(config, config_path.clone()).await?;
             Ok(ExitCode::Ok)
         }
         Cmd::Config {

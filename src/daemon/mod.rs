@@ -4,8 +4,9 @@
 //!
 //! Lifecycle: one daemon per state directory (lock file), crash recovery
 //! at start (running jobs are re-run through the same path; the ledger
-//! settles them), sd_notify READY and WATCHDOG, SIGHUP reloads the catalog
-//! (keeping the old one if the new one is invalid). Every task is tracked
+//! settles them), sd_notify READY and WATCHDOG, SIGHUP reloads the config
+//! and the catalog (keeping the running ones when the new ones are invalid
+//! or need a restart). Every task is tracked
 //! (mini-redis' shape): SIGTERM cancels one token, the listener stops,
 //! in-flight jobs drain (bounded), then the daemon exits 0.
 
@@ -150,7 +151,10 @@ struct Waiting {
 
 /// The daemon's shared state.
 pub struct Daemon {
-    config: Config,
+    /// The config in force (replaced by a reload).
+    config: RwLock<Arc<Config>>,
+    /// Where it was read from (SIGHUP reads it again).
+    config_path: PathBuf,
     queue: queue::Queue,
     catalog: RwLock<Arc<Catalog>>,
     targets: BTreeMap<String, TargetSlot>,
@@ -206,8 +210,11 @@ impl Daemon {
     }
 
     /// The config.
-    pub fn config(&self) -> &Config {
-        &self.config
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The queue.
@@ -303,7 +310,7 @@ impl Daemon {
         let now = unix_now() as u64;
         let alive = self.workers_alive(now);
         let jobs = self.queue.counts().await?;
-        let switch = ApplySwitch::new(&self.config.daemon.state_dir);
+        let switch = ApplySwitch::new(&self.config().daemon.state_dir);
         let apply_switch = tokio::task::spawn_blocking(move || switch.is_on())
             .await
             .unwrap_or(false);
@@ -371,8 +378,42 @@ impl Daemon {
         })
     }
 
+    /// SIGHUP (`systemctl reload`): reads the config again, then the
+    /// catalog. A config that does not load, or that changes what only a
+    /// restart can change, is refused and the running one kept; the refusal
+    /// is logged as an error and shown in `systemctl status`.
+    async fn reload(&self) {
+        notify::notify("RELOADING=1");
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let refused = match loaded {
+            Ok(Ok(new)) => {
+                let keys = self.config().restart_needed(&new);
+                if keys.is_empty() {
+                    *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+                    tracing::info!(path = %self.config_path.display(), "config reloaded");
+                    None
+                } else {
+                    Some(format!(
+                        "{} changed, which needs a restart (systemctl restart govsql)",
+                        keys.join(", ")
+                    ))
+                }
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = &refused {
+            tracing::error!(cause = %why, "config reload refused; the running config is kept");
+            notify::notify(&format!("STATUS=config reload refused: {why}"));
+        }
+        self.reload_catalog().await;
+        notify::notify("READY=1");
+    }
+
     async fn reload_catalog(&self) {
-        let path = self.config.daemon.catalog.clone();
+        let config = self.config();
+        let path = config.daemon.catalog.clone();
         let loaded = tokio::task::spawn_blocking(move || Catalog::load(&path)).await;
         let loaded = match loaded {
             Ok(l) => l,
@@ -385,7 +426,7 @@ impl Daemon {
             Ok(new) => {
                 let new = Arc::new(new);
                 for (name, t) in &self.targets {
-                    let (_, cfg) = match self.config.target(Some(name)) {
+                    let (_, cfg) = match config.target(Some(name)) {
                         Ok(x) => x,
                         Err(_) => continue,
                     };
@@ -393,12 +434,12 @@ impl Daemon {
                         new.clone(),
                         t.executor.clone(),
                         name,
-                        ApplySwitch::new(&self.config.daemon.state_dir),
+                        ApplySwitch::new(&config.daemon.state_dir),
                         cfg.job_timeout(),
                     )
                     .allow_log_exposure(cfg.allow_server_log_exposure)
                     .max_result_bytes(cfg.max_result_bytes)
-                    .disarm_on_failure(self.config.daemon.disarm_on_failure);
+                    .disarm_on_failure(config.daemon.disarm_on_failure);
                     *t.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rt);
                 }
                 tracing::info!(
@@ -462,7 +503,7 @@ fn lock_state_dir(state_dir: &Path) -> Result<Flock<File>, DaemonError> {
 }
 
 /// Runs the daemon until SIGTERM (or SIGINT). Returns once drained.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     // Installed first: a daemon that could not be stopped cleanly must not
     // start at all.
     let signals = Signals::install().map_err(DaemonError::Signals)?;
@@ -512,7 +553,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         None => None,
     };
     let daemon = Arc::new(Daemon {
-        config,
+        config: RwLock::new(Arc::new(config)),
+        config_path,
         queue,
         catalog: RwLock::new(catalog),
         targets,
@@ -544,7 +586,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     notify::notify("READY=1");
     tracing::info!(
-        socket = %daemon.config.daemon.socket.display(),
+        socket = %daemon.config().daemon.socket.display(),
         targets = daemon.targets.len(),
         catalog = daemon.catalog().digest(),
         "govsql daemon ready"
@@ -555,7 +597,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // jobs drain (bounded), connections get their last replies.
     notify::notify("STOPPING=1");
     daemon.shutdown.cancel();
-    let _ = std::fs::remove_file(&daemon.config.daemon.socket);
+    let _ = std::fs::remove_file(&daemon.config().daemon.socket);
     daemon.tasks.close();
     if tokio::time::timeout(DRAIN_LIMIT, daemon.tasks.wait())
         .await
@@ -628,7 +670,7 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => { tracing::info!("SIGTERM: draining"); return; }
                 _ = self.int.recv() => { tracing::info!("SIGINT: draining"); return; }
-                _ = self.hup.recv() => daemon.reload_catalog().await,
+                _ = self.hup.recv() => daemon.reload().await,
             }
         }
     }

@@ -249,7 +249,8 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             job_id, timeout_s, ..
         } => wait(daemon, peer, &job_id, timeout_s).await,
         Request::List { limit, page, .. } => {
-            let access = &daemon.config().access;
+            let config = daemon.config();
+            let access = &config.access;
             let everyone = peer.uid == 0 || peer.admitted_by(&access.admin);
             let limit = limit.unwrap_or(100).clamp(1, MAX_LIST);
             let offset = u64::from(page.unwrap_or(0)) * u64::from(limit);
@@ -384,7 +385,8 @@ async fn submit(daemon: &Daemon, peer: &Peer, job: Job) -> Result<Job, Box<Reply
 async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u64>) -> Reply {
     // Register first, then look: a job finishing in between still reaches us.
     let rx = daemon.add_waiter(job_id);
-    let access = &daemon.config().access;
+    let config = daemon.config();
+    let access = &config.access;
     let job = match daemon.queue().get(job_id).await {
         Ok(Some(j)) if !j.state.is_terminal() && peer.may_see(access, &j) => j,
         other => {

@@ -61,7 +61,7 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         tracing::error!(job_id = %job.job_id, target = %job.target, "job names a target that no longer exists");
         return;
     };
-    let ttl = daemon.config.daemon.approval_ttl_s as i64;
+    let ttl = daemon.config().daemon.approval_ttl_s as i64;
     if job.preset.is_none() && job.approved_at.is_some_and(|at| unix_now() - at > ttl) {
         job.preset = Some(Refusal {
             class: ErrorClass::ApprovalExpired,
@@ -128,7 +128,7 @@ enum Next {
 /// as long as it takes).
 async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut Outcome) -> Next {
     let max_wait = daemon
-        .config
+        .config()
         .target(Some(&job.target))
         .map(|(_, t)| t.max_target_wait_s as i64)
         .unwrap_or(600);
@@ -245,14 +245,14 @@ pub async fn sweep_approvals(daemon: Arc<Daemon>) {
         let now = unix_now();
         if now - pruned_at >= 60 {
             pruned_at = now;
-            let before = now - (daemon.config.daemon.retention_days as i64) * 86_400;
+            let before = now - (daemon.config().daemon.retention_days as i64) * 86_400;
             match daemon.queue.prune(before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "pruned terminal jobs past retention_days"),
                 Err(e) => tracing::error!(cause = %e, "queue prune failed"),
             }
         }
-        let ttl = daemon.config.daemon.approval_ttl_s as i64;
+        let ttl = daemon.config().daemon.approval_ttl_s as i64;
         let before = unix_now() - ttl;
         match daemon.queue.expired_approvals(before).await {
             Ok(ids) => {

@@ -1468,3 +1468,59 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     );
     assert!(http("/").starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_and_refuses_what_needs_a_restart() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(r["job"]["state"], "verified", "{r}");
+    let text = std::fs::read_to_string(&db.config_path).unwrap();
+    let wait_log = |d: &DaemonProc, what: &str, times: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.log_text().matches(what).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in the log: {}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // [access] reloads live: nobody may verify any more.
+    let closed = text.replacen("verify = [\"*\"]", "verify = []", 1);
+    assert_ne!(closed, text);
+    std::fs::write(&db.config_path, &closed).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_log(&d, "config reloaded", 1);
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(r["job"]["state"], "refused", "{r}");
+    assert_eq!(r["job"]["outcome"]["error_class"], "not_allowed", "{r}");
+    // A change that needs a restart is refused whole, naming the key; the
+    // running config (verify closed) stays.
+    let moved = text.replacen(
+        "socket = ",
+        "socket = \"/tmp/elsewhere.sock\"\nx_old_socket = ",
+        1,
+    );
+    let moved = moved.replacen("\nx_old_socket = ", "\n# ", 1);
+    std::fs::write(&db.config_path, &moved).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_log(&d, "config reload refused", 1);
+    assert!(d
+        .log_text()
+        .contains("[daemon] socket changed, which needs a restart"));
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(r["job"]["state"], "refused", "{r}");
+    // A config that does not parse is refused too.
+    std::fs::write(&db.config_path, "this is not toml [").unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_log(&d, "config reload refused", 2);
+    // And the original comes back.
+    std::fs::write(&db.config_path, &text).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_log(&d, "config reloaded", 2);
+    let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+    assert_eq!(r["job"]["state"], "verified", "{r}");
+}
