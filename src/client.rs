@@ -22,6 +22,23 @@ pub enum ClientError {
         /// The error.
         source: std::io::Error,
     },
+    /// The socket exists but this user may not open it.
+    #[error("not allowed to talk to the govsql daemon at {socket}: {hint}")]
+    Denied {
+        /// The socket path.
+        socket: PathBuf,
+        /// Which group to join.
+        hint: String,
+    },
+    /// The config naming the socket is not valid TOML: never a silent
+    /// default either.
+    #[error("cannot use config {path}: {message}; fix it or pass another with --config FILE")]
+    ConfigParse {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong (line number included).
+        message: String,
+    },
     /// The config naming the socket cannot be read: never a silent
     /// default (a staging config must not reach the production daemon).
     #[error("cannot read config {path}: {source}; pass --config FILE or set GOVSQL_CONFIG to a config you can read")]
@@ -44,14 +61,54 @@ pub fn socket_from_config(config_path: &Path) -> Result<PathBuf, ClientError> {
         path: config_path.to_path_buf(),
         source,
     })?;
-    let socket = toml::from_str::<toml::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("daemon")?.get("socket")?.as_str().map(PathBuf::from));
+    let value = toml::from_str::<toml::Value>(&text).map_err(|e| ClientError::ConfigParse {
+        path: config_path.to_path_buf(),
+        message: match e.span() {
+            Some(span) => format!(
+                "line {}: {}",
+                text[..span.start.min(text.len())].matches('\n').count() + 1,
+                e.message()
+            ),
+            None => e.message().to_string(),
+        },
+    })?;
+    let socket = value
+        .get("daemon")
+        .and_then(|d| d.get("socket"))
+        .and_then(|s| s.as_str())
+        .map(PathBuf::from);
     Ok(match socket {
         Some(p) if p.is_relative() => config_path.parent().unwrap_or(Path::new(".")).join(p),
         Some(p) => p,
         None => PathBuf::from(DEFAULT_SOCKET),
     })
+}
+
+/// Which group a user must join to open the socket: the group of the
+/// socket file, or of its directory when the file cannot be seen.
+fn join_hint(socket: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let gid = std::fs::metadata(socket)
+        .or_else(|_| std::fs::metadata(socket.parent().unwrap_or(Path::new("/"))))
+        .map(|m| m.gid())
+        .ok();
+    let group = gid.and_then(|g| {
+        nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(g))
+            .ok()
+            .flatten()
+            .map(|g| g.name)
+    });
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "YOUR_USER".into());
+    match group {
+        Some(g) => format!(
+            "the socket belongs to group {g}; ask an admin to add you (usermod -aG {g} {user}), then log in again"
+        ),
+        None => "ask an admin to add you to the socket's group (govsql by default), then log in again".into(),
+    }
 }
 
 /// A connection to the daemon.
@@ -63,13 +120,19 @@ pub struct Client {
 impl Client {
     /// Connects to the socket.
     pub async fn connect(socket: &Path) -> Result<Client, ClientError> {
-        let stream =
-            UnixStream::connect(socket)
-                .await
-                .map_err(|source| ClientError::Unreachable {
+        let stream = UnixStream::connect(socket).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                ClientError::Denied {
+                    socket: socket.to_path_buf(),
+                    hint: join_hint(socket),
+                }
+            } else {
+                ClientError::Unreachable {
                     socket: socket.to_path_buf(),
                     source,
-                })?;
+                }
+            }
+        })?;
         let (r, w) = stream.into_split();
         Ok(Client {
             reader: BufReader::new(r),

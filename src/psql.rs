@@ -552,8 +552,9 @@ impl std::fmt::Display for PsqlResult {
     }
 }
 
-/// Why psql ended before its first marker, with its own last stderr line
-/// (a connection error: no script was read yet, so no value is in it).
+/// Why psql ended before its first marker: the cause, in words an admin
+/// can act on, then psql's own last stderr line (a connection error: no
+/// script was read yet, so no value is in it).
 fn not_started(out: &ScriptOutput) -> String {
     let text = String::from_utf8_lossy(&out.stderr);
     let last = text
@@ -570,14 +571,59 @@ fn not_started(out: &ScriptOutput) -> String {
         Exit::Code(c) => c,
         _ => -1,
     };
-    let hint = match code {
-        127 | 126 => "psql not found or not executable at the configured `psql` path",
-        _ => "psql could not reach the database; check db_host, db_port, db_name, db_user and pg_hba.conf",
-    };
+    let cause = diagnose(code, &text, &String::from_utf8_lossy(&out.stdout));
     match last {
-        Some(line) => format!("{hint} (exit {code}): {line}"),
-        None => format!("{hint} (exit {code})"),
+        Some(line) => format!("{cause} (psql exit {code}: {line})"),
+        None => format!("{cause} (psql exit {code})"),
     }
+}
+
+/// The cause of a psql that never started its script, read from its exit
+/// code and its (or the login shell's) own words.
+pub fn diagnose(code: i32, stderr: &str, stdout: &str) -> String {
+    let quoted = |marker: &str| -> Option<String> {
+        let i = stderr.find(marker)? + marker.len();
+        let rest = &stderr[i..];
+        let end = rest.find('"')?;
+        Some(rest[..end].chars().take(64).collect())
+    };
+    if stdout.contains("account is currently not available") {
+        return "the SSH login user has no login shell (nologin): give it a real shell (usermod -s /bin/bash USER) and keep it safe with `restrict` and `command=\"govsql remote-gate …\"` in authorized_keys".into();
+    }
+    if code == 127 || code == 126 || (stderr.contains("not found") && stderr.contains("psql")) {
+        return "psql was not found or is not executable at the configured `psql` path on the database host (on Debian: /usr/lib/postgresql/15/bin/psql)".into();
+    }
+    if stderr.contains("Peer authentication failed") {
+        let role = quoted("for user \"").unwrap_or_else(|| "db_user".into());
+        return format!(
+            "PostgreSQL refused peer login as role {role}: the SSH login user must be mapped to {role} (pg_ident.conf, and a pg_hba.conf line `local DB {role} peer map=govsql` placed ABOVE the `local all all` lines), then reload PostgreSQL"
+        );
+    }
+    if stderr.contains("no pg_hba.conf entry") {
+        return "no pg_hba.conf line admits this role to this database: add one ABOVE the `local all all` lines and reload PostgreSQL".into();
+    }
+    if stderr.contains("no password supplied") || stderr.contains("password authentication failed")
+    {
+        return "PostgreSQL asked for a password, and govsql never sends one (-w): use peer authentication for this role in pg_hba.conf".into();
+    }
+    if stderr.contains("authentication failed") {
+        let role = quoted("for user \"").unwrap_or_else(|| "db_user".into());
+        return format!("PostgreSQL refused the login as role {role}: check its pg_hba.conf line and authentication method");
+    }
+    if let Some(db) = quoted("database \"").filter(|_| stderr.contains("does not exist")) {
+        return format!("database {db} does not exist on that server: check db_name (and db_port: another cluster?)");
+    }
+    if let Some(role) = quoted("role \"").filter(|_| stderr.contains("does not exist")) {
+        return format!("role {role} does not exist on that server: check db_user, or run `govsql migrate`, which creates the runtime role");
+    }
+    if stderr.contains("Connection refused")
+        || stderr.contains("No such file or directory")
+        || stderr.contains("could not connect")
+    {
+        return "nothing accepts connections at db_host/db_port: is PostgreSQL running there, and are db_host (socket directory) and db_port right?".into();
+    }
+    "psql could not reach the database; check db_host, db_port, db_name, db_user and pg_hba.conf"
+        .into()
 }
 
 #[cfg(test)]
@@ -658,6 +704,25 @@ db_user = "govsql_runtime""#,
         );
         assert!(copy_rows(0, b"no newline").is_err());
         assert!(copy_rows(0, b"bad\\\n").is_err());
+    }
+
+    #[test]
+    fn a_psql_that_never_started_is_given_its_cause() {
+        let cases = [
+            (2, "psql: error: connection to server on socket \"/run/postgresql/.s.PGSQL.5432\" failed: FATAL:  Peer authentication failed for user \"govsql_runtime\"", "", "peer login as role govsql_runtime"),
+            (2, "psql: error: connection to server on socket \"/x/.s.PGSQL.5432\" failed: FATAL:  no pg_hba.conf entry for host \"[local]\", user \"u\", database \"d\"", "", "ABOVE the `local all all`"),
+            (2, "psql: error: connection to server on socket \"/x/.s.PGSQL.1\" failed: FATAL:  database \"nope\" does not exist", "", "database nope does not exist"),
+            (2, "psql: error: connection to server on socket \"/x/.s.PGSQL.1\" failed: FATAL:  role \"ghost\" does not exist", "", "role ghost does not exist"),
+            (2, "psql: error: connection to server on socket \"/x/.s.PGSQL.9\" failed: No such file or directory\n\tIs the server running locally and accepting connections on that socket?", "", "nothing accepts connections"),
+            (2, "psql: error: connection to server on socket \"/x\" failed: fe_sendauth: no password supplied", "", "never sends one"),
+            (127, "sh: 1: /opt/psql: not found", "", "psql was not found"),
+            (1, "", "This account is currently not available.\n", "no login shell"),
+            (2, "something else", "", "could not reach the database"),
+        ];
+        for (code, stderr, stdout, want) in cases {
+            let got = diagnose(code, stderr, stdout);
+            assert!(got.contains(want), "{stderr:?}: {got}");
+        }
     }
 
     #[test]

@@ -679,9 +679,46 @@ async fn a_database_that_went_away_fails_clearly_and_nothing_runs() {
         assert_eq!(j["error_class"], "db_unavailable");
         assert!(j["run_id"].is_null());
         let msg = j["message"].as_str().unwrap();
-        assert!(msg.contains("could not reach the database"), "{msg}");
+        assert!(
+            msg.contains("database gone_away does not exist on that server: check db_name"),
+            "{msg}"
+        );
+        // psql's own line is there too.
+        assert!(msg.contains("FATAL"), "{msg}");
     }
     assert_eq!(db.count("iu_collection"), 0);
+}
+
+#[tokio::test]
+async fn a_target_psql_cannot_reach_is_told_its_cause() {
+    let db = test_db().await;
+    let original = std::fs::read_to_string(&db.config_path).unwrap();
+    let port = format!("db_port = {}", pg().port);
+    for (from, to, want) in [
+        (
+            port.as_str(),
+            "db_port = 1",
+            "nothing accepts connections at db_host/db_port",
+        ),
+        (
+            "db_user = \"govsql_runtime\"",
+            "db_user = \"ghost\"",
+            "role ghost does not exist on that server",
+        ),
+        (
+            "psql = \"",
+            "psql = \"/nonexistent/bin/psql\"\n# was: \"",
+            "cannot start /nonexistent/bin/psql",
+        ),
+    ] {
+        assert!(original.contains(from), "{from} not in the config");
+        std::fs::write(&db.config_path, original.replacen(from, to, 1)).unwrap();
+        let out = db.govsql(&["verify", "--direct", "--json"]);
+        let j = json_of(&out);
+        assert_eq!(j["status"], "failed", "{j}");
+        let msg = j["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{to}: {msg}");
+    }
 }
 
 #[tokio::test]

@@ -1524,3 +1524,41 @@ async fn sighup_reloads_the_config_and_refuses_what_needs_a_restart() {
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified", "{r}");
 }
+
+#[tokio::test]
+async fn a_user_who_may_not_open_the_socket_is_told_which_group_to_join() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let text = std::fs::read_to_string(&db.config_path).unwrap().replacen(
+        "socket_mode = \"0666\"",
+        "socket_mode = \"0660\"",
+        1,
+    );
+    std::fs::write(&db.config_path, text).unwrap();
+    let d = DaemonProc::start(&db);
+    let out = d.cli(Some("nobody"), &["health"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not allowed to talk to the govsql daemon"),
+        "{err}"
+    );
+    assert!(err.contains("belongs to group root"), "{err}");
+    assert!(err.contains("usermod -aG root nobody"), "{err}");
+    assert!(!err.contains("--direct"), "{err}");
+    // A config that is not TOML is an error, never the default socket.
+    let bad = db.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[daemon\nsocket = 1").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .args(["health", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot use config") && err.contains("line 1"),
+        "{err}"
+    );
+}
