@@ -24,6 +24,34 @@ pub const RUNTIME_ROLE: &str = "govsql_runtime";
 
 /// The shipped catalog.
 pub fn catalog_path() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let shipped = std::fs::read_to_string(shipped_catalog_path()).unwrap();
+        let diag = std::fs::read_to_string(root.join("tests/diag-commands.toml")).unwrap();
+        let (gates, commands) = diag
+            .split_once("# [[command]]s")
+            .expect("tests/diag-commands.toml: gates, then commands");
+        let gates: String = gates
+            .lines()
+            .filter(|l| l.starts_with("fn_"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = shipped.replacen(
+            "[gate_by_function]\n",
+            &format!("[gate_by_function]\n{gates}"),
+            1,
+        );
+        let text = format!("{text}\n{commands}");
+        let path = std::env::temp_dir().join(format!("govsql-test-catalog-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    })
+    .clone()
+}
+
+/// The catalog the package ships (no test-only commands).
+pub fn shipped_catalog_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config/catalog.toml")
 }
 
