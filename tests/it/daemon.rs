@@ -499,8 +499,8 @@ async fn approvals_need_a_different_user_and_expire() {
 #[tokio::test]
 async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
     let s = sshd::shared();
-    // Two channels: slow enough that the kill lands mid-run however fast
-    // the machine is (one statement per job made jobs quick).
+    // Two channels, and the applies held on a lock while they are
+    // submitted (below), so that the kill lands mid-run.
     let toml = s
         .target_toml(USER, &keys().ed25519)
         .replace("max_channels = 8", "max_channels = 2");
@@ -508,6 +508,20 @@ async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
     configure(&mut db, OPEN_ACCESS, "");
     db.open_all();
     let mut d = DaemonProc::start(&db);
+    // The applies wait on a lock while they are submitted, so that the
+    // kill lands mid-run however fast the jobs are (session mode runs
+    // hundreds a second).
+    let mut locker = pg().session(&db.name);
+    let mut lock_in = locker.stdin.take().unwrap();
+    let mut lock_out = BufReader::new(locker.stdout.take().unwrap());
+    writeln!(
+        lock_in,
+        "BEGIN; LOCK TABLE iu_collection IN EXCLUSIVE MODE; SELECT 'locked';"
+    )
+    .unwrap();
+    let mut line = String::new();
+    lock_out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
     let n = 300;
     let mut ids = Vec::new();
     for i in 0..n {
@@ -517,6 +531,8 @@ async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
         }));
         ids.push(r["job"]["job_id"].as_str().unwrap().to_string());
     }
+    writeln!(lock_in, "COMMIT;").unwrap();
+    drop(lock_in);
     // Kill it while jobs are running.
     let deadline = Instant::now() + Duration::from_secs(60);
     while db.count("dot_iu_command_run WHERE run_status = 'applied'") < 3 {
@@ -548,6 +564,7 @@ async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
         n.to_string()
     );
     assert_eq!(db.count("iu_collection"), n as i64, "no job ran twice");
+    let _ = locker.wait();
     eprintln!("crash test: {at_kill} of {n} applied at SIGKILL; {n} of {n} applied exactly once after restart");
 }
 

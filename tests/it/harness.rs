@@ -43,7 +43,8 @@ pub fn catalog_path() -> PathBuf {
             1,
         );
         let text = format!("{text}\n{commands}");
-        let path = std::env::temp_dir().join(format!("govsql-test-catalog-{}.toml", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("govsql-test-catalog-{}.toml", std::process::id()));
         std::fs::write(&path, text).unwrap();
         path
     })
@@ -182,6 +183,19 @@ impl Pg {
     }
 
     /// Runs SQL as `user` on `db` (does not panic).
+    /// A psql session as the admin, kept open: its stdin takes statements
+    /// (e.g. a transaction that holds a lock until COMMIT is written).
+    pub fn session(&self, db: &str) -> std::process::Child {
+        Command::new(&self.psql)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn psql_as(&self, user: &str, db: &str, sql: &str) -> Output {
         Command::new(&self.psql)
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
