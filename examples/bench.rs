@@ -287,6 +287,7 @@ async fn runtime_job(a: &Args, rt: &govsql::runtime::Runtime, w: Work) -> bool {
 /// A verify of dot_iu_healthcheck, answered at once or when it ends.
 fn healthcheck(wait: bool) -> Request {
     Request::Submit {
+        check: false,
         v: PROTOCOL_VERSION,
         command: "dot_iu_healthcheck".into(),
         mode: Mode::Verify,
@@ -301,6 +302,7 @@ fn healthcheck(wait: bool) -> Request {
 async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> bool {
     let (command, mode, params) = job_parts(a, w);
     let req = Request::Submit {
+        check: false,
         v: PROTOCOL_VERSION,
         command,
         mode,

@@ -39,6 +39,10 @@ pub enum Request {
         /// With `wait`: give up waiting after this long (the job goes on).
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// Only check it (command, target, access, params): nothing is
+        /// queued; the reply's job is what would have been submitted.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        check: bool,
     },
     /// A job's state.
     Status {

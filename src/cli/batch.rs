@@ -1,17 +1,25 @@
-//! `govsql batch FILE.jsonl`: submits many jobs over one connection, waits
-//! for each, shows a progress bar on a terminal and ends with a summary by
-//! status. Each line: `{"command": …, "mode": "plan|apply|verify",
-//! "params": {"name": "value", …}, "target": …, "idempotency_key": …}`.
+//! `govsql batch FILE.jsonl`: many jobs from one file. Each line:
+//! `{"command": …, "mode": "plan|apply|verify", "params": {"name": "value",
+//! …}, "target": …, "idempotency_key": …}`.
+//!
+//! Every line is read and parsed before anything is sent. `--check` asks
+//! the daemon to check each line (command, target, access, params) and
+//! submits nothing. A real run submits every line over one connection,
+//! then waits for each job, reconnecting if the daemon restarts (the jobs
+//! are in its durable queue), and reports per line: line number, job id,
+//! status, error class and message; `--json` prints the same as one JSON
+//! object. The exit code is the worst outcome's.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, IsTerminal};
+use std::io::IsTerminal;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
-use crate::job::{ExitCode, Mode, Params};
-use crate::protocol::{Request, PROTOCOL_VERSION};
+use crate::job::{ExitCode, JobId, Mode, Params};
+use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,87 +34,240 @@ struct Line {
     idempotency_key: Option<String>,
 }
 
-/// Runs a batch; the exit code is the worst outcome's.
-pub async fn run(socket: &Path, file: &Path) -> anyhow::Result<ExitCode> {
-    let reader = std::io::BufReader::new(
-        std::fs::File::open(file)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
-    );
-    let mut jobs = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
+/// What became of one line.
+#[derive(Debug, Serialize)]
+struct LineReport {
+    /// The line number in the file (1-based).
+    line: usize,
+    /// The job, once submitted.
+    job_id: Option<JobId>,
+    /// The job's final state, `checked` (with --check), or `rejected` when
+    /// it never became a job.
+    status: String,
+    /// The error class of a refused or failed job.
+    error_class: Option<String>,
+    /// Why, in words (never a param value).
+    message: Option<String>,
+    #[serde(skip)]
+    code: ExitCode,
+}
+
+/// How long a wait keeps reconnecting to a daemon that went away.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// Runs a batch (or checks it); the exit code is the worst outcome's.
+pub async fn run(socket: &Path, file: &Path, check: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let mut lines = Vec::new();
+    let mut bad = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
             continue;
         }
-        // serde's message could quote a value; name the line only.
-        let parsed: Line = serde_json::from_str(&line).map_err(|e| {
-            anyhow::anyhow!(
+        // serde's message could quote a value; name the line and column only.
+        match serde_json::from_str::<Line>(raw) {
+            Ok(l) => lines.push((n + 1, l)),
+            Err(e) => bad.push(format!(
                 "{}:{}: not a job line (column {}); expected {{\"command\", \"mode\", \"params\"}}",
                 file.display(),
                 n + 1,
                 e.column()
-            )
-        })?;
-        jobs.push(parsed);
+            )),
+        }
+    }
+    if !bad.is_empty() {
+        for b in &bad {
+            eprintln!("govsql: {b}");
+        }
+        eprintln!(
+            "govsql: {} of {} lines are not job lines; nothing was submitted",
+            bad.len(),
+            bad.len() + lines.len()
+        );
+        return Ok(ExitCode::Usage);
     }
     let mut client = Client::connect(socket).await?;
-    let bar = if std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(jobs.len() as u64 * 2);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_message("submitting");
-    let mut ids = Vec::with_capacity(jobs.len());
-    let mut summary: BTreeMap<String, usize> = BTreeMap::new();
-    for j in jobs {
+    let bar = progress(lines.len() as u64 * if check { 1 } else { 2 }, json);
+    let mut reports = Vec::with_capacity(lines.len());
+    for (n, l) in lines {
         let reply = client
             .call(&Request::Submit {
                 v: PROTOCOL_VERSION,
-                command: j.command,
-                mode: j.mode,
-                params: Params(j.params.into_iter().collect()),
-                target: j.target,
-                idempotency_key: j.idempotency_key,
+                command: l.command,
+                mode: l.mode,
+                params: Params(l.params.into_iter().collect()),
+                target: l.target,
+                idempotency_key: l.idempotency_key,
                 wait: false,
                 timeout_s: None,
+                check,
             })
             .await?;
-        match reply.job {
-            Some(job) if reply.ok => ids.push(job.job_id),
-            _ => *summary.entry("rejected".into()).or_default() += 1,
-        }
+        reports.push(submitted(n, &reply, check));
         bar.inc(1);
     }
-    bar.set_message("waiting");
-    let mut worst = ExitCode::Ok;
-    for id in &ids {
-        let reply = client
-            .call(&Request::Wait {
-                v: PROTOCOL_VERSION,
-                job_id: id.clone(),
-                timeout_s: None,
-            })
-            .await?;
-        let (state, code) = match reply.job.as_ref() {
-            Some(j) => (j.state.as_str(), j.state.exit_code()),
-            None => ("unknown", ExitCode::Error),
-        };
-        worst = worse(worst, code);
-        *summary.entry(state.to_string()).or_default() += 1;
-        bar.inc(1);
+    if !check {
+        bar.set_message("waiting");
+        for r in reports.iter_mut() {
+            let Some(id) = r.job_id.clone() else {
+                continue;
+            };
+            let reply = wait_for(socket, &mut client, &id).await?;
+            finished(r, &reply);
+            bar.inc(1);
+        }
     }
     bar.finish_and_clear();
-    let parts: Vec<String> = summary.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    out!("batch of {} jobs: {}", ids.len(), parts.join(", "));
-    if summary.contains_key("rejected") {
-        worst = worse(worst, ExitCode::Error);
+    Ok(report(&reports, check, json))
+}
+
+fn progress(len: u64, json: bool) -> indicatif::ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
     }
-    Ok(worst)
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// The report of a line after its submit (or check).
+fn submitted(line: usize, reply: &Reply, check: bool) -> LineReport {
+    match (&reply.job, &reply.error) {
+        (Some(job), _) if reply.ok => {
+            let refusal = job.preset.as_ref();
+            LineReport {
+                line,
+                job_id: (!check).then(|| job.job_id.clone()),
+                status: match (check, refusal) {
+                    (true, Some(_)) => "refused".into(),
+                    (true, None) => "checked".into(),
+                    (false, _) => job.state.as_str().to_string(),
+                },
+                error_class: refusal.map(|r| r.class.as_str().to_string()),
+                message: refusal.map(|r| r.message.clone()),
+                code: match (check, refusal) {
+                    (true, Some(_)) => ExitCode::Refused,
+                    _ => ExitCode::Ok,
+                },
+            }
+        }
+        (_, Some(e)) => LineReport {
+            line,
+            job_id: None,
+            status: "rejected".into(),
+            error_class: None,
+            message: Some(e.message.clone()),
+            code: e.kind.exit_code(),
+        },
+        _ => LineReport {
+            line,
+            job_id: None,
+            status: "rejected".into(),
+            error_class: None,
+            message: Some("the daemon's reply carried nothing".into()),
+            code: ExitCode::Error,
+        },
+    }
+}
+
+/// Waits for one job, reconnecting while the daemon restarts.
+async fn wait_for(socket: &Path, client: &mut Client, id: &JobId) -> anyhow::Result<Reply> {
+    let req = Request::Wait {
+        v: PROTOCOL_VERSION,
+        job_id: id.clone(),
+        timeout_s: None,
+    };
+    let started = Instant::now();
+    loop {
+        match client.call(&req).await {
+            Ok(reply) => return Ok(reply),
+            Err(e) if started.elapsed() < RECONNECT_FOR => {
+                tracing::warn!(cause = %e, "lost the daemon while waiting; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Ok(c) = Client::connect(socket).await {
+                    *client = c;
+                }
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "{e}; the jobs are in the daemon's queue: `govsql wait JOB` for each, or `govsql jobs`"
+                ))
+            }
+        }
+    }
+}
+
+/// The report of a line after its job ended.
+fn finished(r: &mut LineReport, reply: &Reply) {
+    match (&reply.job, &reply.error) {
+        (Some(job), _) if reply.ok => {
+            r.status = job.state.as_str().to_string();
+            r.code = job.state.exit_code();
+            if let Some(o) = &job.outcome {
+                r.error_class = o.error_class.as_ref().map(|c| c.as_str().to_string());
+                if r.error_class.is_some() {
+                    r.message = Some(o.message.clone());
+                }
+            }
+        }
+        (_, Some(e)) => {
+            r.status = "unknown".into();
+            r.message = Some(e.message.clone());
+            r.code = e.kind.exit_code();
+        }
+        _ => {
+            r.status = "unknown".into();
+            r.code = ExitCode::Error;
+        }
+    }
+}
+
+/// Prints the per-line report and the summary; the worst exit code.
+fn report(reports: &[LineReport], check: bool, json: bool) -> ExitCode {
+    let mut summary: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in reports {
+        *summary.entry(r.status.as_str()).or_default() += 1;
+    }
+    let worst = reports.iter().map(|r| r.code).fold(ExitCode::Ok, worse);
+    if json {
+        let v = serde_json::json!({
+            "lines": reports,
+            "summary": summary,
+            "checked_only": check,
+        });
+        out!("{v}");
+        return worst;
+    }
+    for r in reports.iter().filter(|r| r.code != ExitCode::Ok || check) {
+        out!(
+            "line {:<6} {:<20} {:<18} {}{}",
+            r.line,
+            r.job_id.as_ref().map(|j| j.as_str()).unwrap_or("-"),
+            r.status,
+            r.error_class
+                .as_deref()
+                .map(|c| format!("{c}: "))
+                .unwrap_or_default(),
+            super::printable(r.message.as_deref().unwrap_or(""))
+        );
+    }
+    let parts: Vec<String> = summary.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    out!(
+        "batch of {} line{}{}: {}",
+        reports.len(),
+        if reports.len() == 1 { "" } else { "s" },
+        if check {
+            " checked, nothing submitted"
+        } else {
+            ""
+        },
+        parts.join(", ")
+    );
+    worst
 }
 
 /// The worse of two exit codes: failed over refused over pending over

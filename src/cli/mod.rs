@@ -222,6 +222,12 @@ pub enum Cmd {
     Batch {
         /// One job per line: {"command": …, "mode": …, "params": {…}, "target"?, "idempotency_key"?}.
         file: PathBuf,
+        /// Check every line with the daemon (command, target, access, params); submit nothing.
+        #[arg(long)]
+        check: bool,
+        /// Print the per-line report and the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -392,7 +398,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
         Cmd::Metrics => metrics_cmd(&config_path).await,
-        Cmd::Batch { file } => batch::run(&client::socket_from_config(&config_path)?, &file).await,
+        Cmd::Batch { file, check, json } => {
+            batch::run(
+                &client::socket_from_config(&config_path)?,
+                &file,
+                check,
+                json,
+            )
+            .await
+        }
     }
 }
 

@@ -31,6 +31,7 @@ pub(super) async fn submit_to_daemon(
     a: CommonJobArgs,
 ) -> anyhow::Result<ExitCode> {
     let req = Request::Submit {
+        check: false,
         v: PROTOCOL_VERSION,
         command,
         mode,

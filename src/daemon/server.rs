@@ -216,12 +216,16 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             idempotency_key,
             wait,
             timeout_s,
+            check,
             ..
         } => {
             let job = match new_job(daemon, peer, command, mode, params, target, idempotency_key) {
                 Ok(job) => job,
                 Err(reply) => return *reply,
             };
+            if check {
+                return check_job(daemon, job);
+            }
             // Registered before the job can run, so its result cannot slip by.
             let rx = wait.then(|| daemon.add_waiter(&job.job_id));
             let job_id = job.job_id.clone();
@@ -362,6 +366,17 @@ fn new_job(
         }
     }
     Ok(job)
+}
+
+/// A submit that only checks: the params against the command's specs too
+/// (the worker would refuse them with bad_params); nothing is stored.
+fn check_job(daemon: &Daemon, job: Job) -> Reply {
+    if let Ok(cmd) = daemon.catalog().get(&job.command) {
+        if let Err(e) = crate::params::validate(&cmd.name, &cmd.params, job.param_pairs()) {
+            return Reply::error(ReplyKind::BadRequest, e.to_string());
+        }
+    }
+    Reply::job(job)
 }
 
 async fn submit(daemon: &Daemon, peer: &Peer, job: Job) -> Result<Job, Box<Reply>> {

@@ -749,8 +749,9 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
 }
 
 #[tokio::test]
-async fn batch_submits_many_and_summarises() {
-    let mut db = test_db().await;
+async fn batch_checks_first_reports_per_line_and_summarises_over_ssh() {
+    let s = sshd::shared();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 30).await;
     configure(&mut db, OPEN_ACCESS, "");
     db.open_all();
     let d = DaemonProc::start(&db);
@@ -761,15 +762,67 @@ async fn batch_submits_many_and_summarises() {
     }
     lines.push_str("{\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n");
     lines.push_str("{\"command\":\"dot_iu_add_piece\",\"mode\":\"apply\",\"params\":{\"collection_id\":\"nope\",\"body\":\"x\"}}\n");
-    std::fs::write(&file, lines).unwrap();
-    let out = d.cli(None, &["batch", file.to_str().unwrap()]);
+    std::fs::write(&file, &lines).unwrap();
+    let path = file.to_str().unwrap();
+
+    // --check: every line checked by the daemon, nothing queued.
+    let out = d.cli(None, &["batch", "--check", path]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("line 1 "), "{text}");
+    assert!(
+        text.contains("line 7 ") && text.contains("rejected"),
+        "{text}"
+    );
+    assert!(
+        text.contains("collection_id"),
+        "the bad param is named: {text}"
+    );
+    assert!(!text.contains("nope"), "a param value was printed: {text}");
+    assert!(
+        text.contains("batch of 7 lines checked, nothing submitted: checked 6, rejected 1"),
+        "{text}"
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let h = d.request(json!({"v": 1, "op": "health"}));
+    assert_eq!(h["health"]["jobs"], json!({}), "--check queued a job");
+
+    // A line that is not JSON: nothing is submitted at all.
+    let broken = db.dir.path().join("broken.jsonl");
+    std::fs::write(&broken, format!("{lines}not json\n")).unwrap();
+    let out = d.cli(None, &["batch", broken.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(":8: not a job line"), "{err}");
+    assert_eq!(
+        d.request(json!({"v": 1, "op": "health"}))["health"]["jobs"],
+        json!({})
+    );
+
+    // The real run: per-line report of what did not succeed, the summary
+    // counts lines, the exit code is the worst outcome's.
+    let out = d.cli(None, &["batch", path]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("batch of 7 jobs: applied 5, refused 1, verified 1"),
+        text.contains("batch of 7 lines: applied 5, refused 1, verified 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 7 ") && text.contains("bad_params"),
         "{text}"
     );
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(db.count("iu_collection"), 5);
+    // --json: one object, a line per job with its id and status.
+    let two = db.dir.path().join("two.jsonl");
+    std::fs::write(&two, "{\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n\n{\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n").unwrap();
+    let out = d.cli(None, &["batch", "--json", two.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["summary"], json!({"verified": 2}));
+    assert_eq!(j["lines"][0]["line"], 1);
+    assert_eq!(j["lines"][1]["line"], 3);
+    assert!(j["lines"][1]["job_id"].is_string());
+    assert_eq!(j["lines"][1]["status"], "verified");
 }
 
 #[tokio::test]
