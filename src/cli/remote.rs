@@ -30,6 +30,8 @@ pub(super) async fn submit_to_daemon(
     params: Vec<(String, String)>,
     a: CommonJobArgs,
 ) -> anyhow::Result<ExitCode> {
+    // Submitted first, so the job id is known at once; a --wait then
+    // waits for it on the same connection.
     let req = Request::Submit {
         check: false,
         v: PROTOCOL_VERSION,
@@ -38,14 +40,42 @@ pub(super) async fn submit_to_daemon(
         params: Params(params),
         target: a.target,
         idempotency_key: a.idempotency_key,
-        wait: a.wait,
-        timeout_s: a.timeout,
+        wait: false,
+        timeout_s: None,
     };
-    let reply = call(config_path, &req).await?;
+    let socket = client::socket_from_config(config_path)?;
+    let mut c = Client::connect(&socket).await?;
+    let reply = c.call(&req).await?;
     let Some(job) = reply.job.as_ref().filter(|_| reply.ok) else {
         return Ok(print_reply_error(&reply));
     };
-    Ok(print_job(job, a.json))
+    if !a.wait || job.state.is_terminal() {
+        return Ok(print_job(job, a.json));
+    }
+    let id = job.job_id.clone();
+    if job.state == JobState::AwaitingApproval {
+        eprintln!(
+            "govsql: job {id} is awaiting approval by another member of the approve list (`govsql approve {id}`); waiting"
+        );
+    } else {
+        eprintln!("govsql: job {id} submitted; waiting (Ctrl-C stops waiting, not the job)");
+    }
+    let wait = Request::Wait {
+        v: PROTOCOL_VERSION,
+        job_id: id.clone(),
+        timeout_s: a.timeout,
+    };
+    let reply = tokio::select! {
+        r = c.call(&wait) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("govsql: stopped waiting; job {id} goes on: `govsql wait {id}` waits for it again, `govsql status {id}` shows it");
+            return Ok(ExitCode::Pending);
+        }
+    };
+    match reply.job.as_ref().filter(|_| reply.ok) {
+        Some(job) => Ok(print_job(job, a.json)),
+        None => Ok(print_reply_error(&reply)),
+    }
 }
 
 /// Prints a job; returns the exit code its state implies (a job not yet

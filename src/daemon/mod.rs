@@ -140,13 +140,49 @@ impl TargetSlot {
     }
 }
 
-/// Who waits for which job, and the outcomes handed out but not yet
-/// written to the queue (a wait that arrives in between gets its outcome
-/// from here, not a `running` row that will never wake it).
+/// Who waits for which job, and the outcomes handed out: kept until the
+/// queue has the job's end (a wait that arrives in between gets its
+/// outcome here, not a `running` row that will never wake it), then for
+/// [`RESULT_GRACE`] more, so that a client that submits and then waits, or
+/// re-attaches at once, still gets the result (which the queue never
+/// stores). Bounded by [`RESULT_BUDGET`] bytes of results.
 #[derive(Default)]
 struct Waiting {
     waiters: HashMap<JobId, Vec<oneshot::Sender<Outcome>>>,
     delivered: HashMap<JobId, Outcome>,
+    /// Recorded outcomes, oldest first, with when they were recorded.
+    expiry: std::collections::VecDeque<(Instant, JobId)>,
+    /// Bytes of result rows held in `delivered`.
+    bytes: usize,
+}
+
+/// How long a recorded job's outcome (result included) stays in memory.
+const RESULT_GRACE: Duration = Duration::from_secs(60);
+/// The most result bytes held for late waiters.
+const RESULT_BUDGET: usize = 64 << 20;
+
+fn result_bytes(o: &Outcome) -> usize {
+    o.result
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|f| f.as_ref().map_or(0, String::len))
+        .sum()
+}
+
+impl Waiting {
+    /// Drops recorded outcomes past their grace, or over the budget.
+    fn expire(&mut self) {
+        while let Some((at, id)) = self.expiry.front() {
+            if at.elapsed() < RESULT_GRACE && self.bytes <= RESULT_BUDGET {
+                break;
+            }
+            if let Some(o) = self.delivered.remove(id) {
+                self.bytes -= result_bytes(&o);
+            }
+            self.expiry.pop_front();
+        }
+    }
 }
 
 /// The daemon's shared state.
@@ -253,11 +289,15 @@ impl Daemon {
     }
 
     /// Hands a finished job's outcome (result included) to its waiters,
-    /// and keeps it for later waiters until [`Daemon::recorded`].
+    /// and keeps it for later waiters (see [`Waiting`]).
     pub fn deliver(&self, outcome: &Outcome) {
         let waiters = {
             let mut w = self.waiting();
-            w.delivered.insert(outcome.job_id.clone(), outcome.clone());
+            w.bytes += result_bytes(outcome);
+            if let Some(old) = w.delivered.insert(outcome.job_id.clone(), outcome.clone()) {
+                w.bytes -= result_bytes(&old);
+            }
+            w.expire();
             w.waiters.remove(&outcome.job_id)
         };
         for w in waiters.into_iter().flatten() {
@@ -265,9 +305,12 @@ impl Daemon {
         }
     }
 
-    /// The job's end is in the queue: waiters read it there from now on.
+    /// The job's end is in the queue: its outcome stays for late waiters
+    /// for [`RESULT_GRACE`] only.
     pub fn recorded(&self, job_id: &JobId) {
-        self.waiting().delivered.remove(job_id);
+        let mut w = self.waiting();
+        w.expiry.push_back((Instant::now(), job_id.clone()));
+        w.expire();
     }
 
     /// A connection slot for `uid`, unless it has too many open.

@@ -402,44 +402,58 @@ async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u6
     let rx = daemon.add_waiter(job_id);
     let config = daemon.config();
     let access = &config.access;
-    let job = match daemon.queue().get(job_id).await {
-        Ok(Some(j)) if !j.state.is_terminal() && peer.may_see(access, &j) => j,
+    let mut rx = rx;
+    match daemon.queue().get(job_id).await {
+        Ok(Some(j)) if peer.may_see(access, &j) => {
+            if !j.state.is_terminal() {
+                return await_outcome(peer, j, rx, timeout_s).await;
+            }
+            // Ended: with its result when it ended moments ago (the queue
+            // never stores results).
+            match rx.try_recv() {
+                Ok(outcome) => with_outcome(peer, j, outcome),
+                Err(_) => {
+                    daemon.forget_waiters(job_id);
+                    Reply::job(j)
+                }
+            }
+        }
         other => {
             daemon.forget_waiters(job_id);
-            return match other {
-                Ok(Some(j)) if peer.may_see(access, &j) => Reply::job(j),
+            match other {
                 Ok(_) => not_found(job_id),
                 Err(e) => internal(e),
-            };
+            }
         }
-    };
-    await_outcome(peer, job, rx, timeout_s).await
+    }
+}
+
+/// A job with its outcome; the result goes to its submitter only.
+fn with_outcome(peer: &Peer, mut job: Job, mut outcome: Outcome) -> Reply {
+    if peer.uid != job.actor_uid {
+        outcome.result = None;
+    }
+    job.state = outcome.state();
+    job.finished_at = job.finished_at.or(Some(unix_now()));
+    // An approval given while this wait was open is in the evidence.
+    if let Some(by) = outcome.evidence["approved_by"].as_str() {
+        job.approved_by = Some(by.to_string());
+    }
+    job.outcome = Some(outcome);
+    Reply::job(job)
 }
 
 /// Waits for a registered job's outcome; the result goes to its submitter
 /// only.
 async fn await_outcome(
     peer: &Peer,
-    mut job: Job,
+    job: Job,
     rx: tokio::sync::oneshot::Receiver<Outcome>,
     timeout_s: Option<u64>,
 ) -> Reply {
     let limit = Duration::from_secs(timeout_s.unwrap_or(3600).min(86_400));
     match tokio::time::timeout(limit, rx).await {
-        Ok(Ok(mut outcome)) => {
-            // Results go to the submitter only.
-            if peer.uid != job.actor_uid {
-                outcome.result = None;
-            }
-            job.state = outcome.state();
-            job.finished_at = Some(unix_now());
-            // An approval given while this wait was open is in the evidence.
-            if let Some(by) = outcome.evidence["approved_by"].as_str() {
-                job.approved_by = Some(by.to_string());
-            }
-            job.outcome = Some(outcome);
-            Reply::job(job)
-        }
+        Ok(Ok(outcome)) => with_outcome(peer, job, outcome),
         Ok(Err(_)) => Reply::error(
             ReplyKind::Internal,
             "the job's worker went away; ask `govsql status` later",

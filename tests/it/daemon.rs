@@ -1632,3 +1632,53 @@ async fn a_user_who_may_not_open_the_socket_is_told_which_group_to_join() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_waiting_submit_names_its_job_at_once_and_says_when_it_needs_approval() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    // A command that needs approval: the id and who must act, then the
+    // wait ends at --timeout (exit 5) and the job stays.
+    let started = Instant::now();
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_purge_piece",
+            "--param",
+            "piece_id=00000000-0000-0000-0000-000000000001",
+            "--wait",
+            "--timeout",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        err.contains("is awaiting approval by another member of the approve list"),
+        "{err}"
+    );
+    let id = err
+        .split_whitespace()
+        .find(|w| {
+            w.len() > 10 && w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        })
+        .expect("the job id is printed")
+        .to_string();
+    assert_eq!(job_state(&d, &id), "awaiting_approval");
+    // A job that runs at once still hands its result to the --wait.
+    let out = d.cli(None, &["verify", "dot_iu_healthcheck", "--wait", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "verified", "{j}");
+    assert!(j["result"].to_string().contains("collections"), "{j}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("submitted; waiting"));
+}
