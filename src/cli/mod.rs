@@ -79,12 +79,21 @@ pub fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
     }
 }
 
+/// The exit codes, for `--help` (the README has the same table).
+pub const EXIT_CODES: &str = "Exit codes:
+  0  planned, applied, verified, or queued without --wait
+  1  error: daemon unreachable, config unreadable, internal
+  2  usage: unknown flag, malformed --param, unknown target, bad job id
+  3  refused (an unknown command too, in every subcommand)
+  4  failed
+  5  still pending when a --timeout ended the wait (the job goes on)";
+
 /// The version with the commit it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GOVSQL_COMMIT"), ")");
 
 /// govsql: a governed remote psql executor.
 #[derive(Debug, Parser)]
-#[command(name = "govsql", version = VERSION, about, long_about = None)]
+#[command(name = "govsql", version = VERSION, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
     /// Config file (else $GOVSQL_CONFIG, else /etc/govsql/govsql.toml).
     #[arg(long, global = true)]

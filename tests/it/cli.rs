@@ -223,3 +223,32 @@ fn under_the_journal_lines_carry_their_priority_and_no_timestamp() {
     assert!(text.lines().all(|l| !l.starts_with('<')), "{text}");
     assert!(text.lines().any(|l| l.starts_with("20")), "{text}");
 }
+
+#[test]
+fn every_exit_code_is_in_help_and_in_the_readme() {
+    let out = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for code in [
+        govsql::job::ExitCode::Ok,
+        govsql::job::ExitCode::Error,
+        govsql::job::ExitCode::Usage,
+        govsql::job::ExitCode::Refused,
+        govsql::job::ExitCode::Failed,
+        govsql::job::ExitCode::Pending,
+    ] {
+        let c = code.code();
+        assert!(
+            help.contains(&format!("\n  {c}  ")),
+            "--help lacks exit code {c}:\n{help}"
+        );
+        assert!(
+            readme.contains(&format!("\n| {c} | ")),
+            "the README lacks exit code {c}"
+        );
+    }
+}
