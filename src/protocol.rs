@@ -71,6 +71,9 @@ pub enum Request {
         /// Which page of `limit` jobs, newest first (default 0).
         #[serde(default)]
         page: Option<u32>,
+        /// Only the jobs that match.
+        #[serde(default)]
+        filter: ListFilter,
     },
     /// Approve a job that waits for approval.
     Approve {
@@ -96,6 +99,30 @@ pub enum Request {
         /// Protocol version.
         v: u32,
     },
+}
+
+/// Which jobs a list shows (every field optional; all must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListFilter {
+    /// The job's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+    /// plan, apply or verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// The catalog command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The submitting user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Submitted at or after this Unix time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
 }
 
 /// The daemon's health.

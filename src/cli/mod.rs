@@ -194,6 +194,24 @@ pub enum Cmd {
         /// Which page, newest first (0 is the first).
         #[arg(long, default_value_t = 0)]
         page: u32,
+        /// Only jobs in this state (queued, running, awaiting_approval, applied, refused, …).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only plan, apply or verify jobs.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Only this catalog command.
+        #[arg(long)]
+        command: Option<String>,
+        /// Only this user's jobs.
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this target's jobs.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only jobs submitted since: a duration ago (30m, 1h, 2d) or a UTC date (2026-11-01).
+        #[arg(long)]
+        since: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -384,7 +402,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             json,
         } => remote::wait_cmd(&config_path, &job_id, timeout, json).await,
-        Cmd::Jobs { limit, page, json } => jobs_cmd(&config_path, limit, page, json).await,
+        Cmd::Jobs {
+            limit,
+            page,
+            state,
+            mode,
+            command,
+            actor,
+            target,
+            since,
+            json,
+        } => {
+            let filter = match remote::list_filter(state, mode, command, actor, target, since) {
+                Ok(f) => f,
+                Err(code) => return Ok(code),
+            };
+            jobs_cmd(&config_path, limit, page, filter, json).await
+        }
         Cmd::Approve { job_id } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
                 let req = Request::Approve {

@@ -188,10 +188,55 @@ pub(super) async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::R
     }
 }
 
+/// The filter of `jobs` from its flags, or a usage error.
+pub(super) fn list_filter(
+    state: Option<String>,
+    mode: Option<String>,
+    command: Option<String>,
+    actor: Option<String>,
+    target: Option<String>,
+    since: Option<String>,
+) -> Result<crate::protocol::ListFilter, ExitCode> {
+    let usage = |what: String| {
+        eprintln!("govsql: {what}");
+        ExitCode::Usage
+    };
+    let state = match state.as_deref().map(|s| (s, JobState::parse(s))) {
+        None => None,
+        Some((_, Some(st))) => Some(st),
+        Some((s, None)) => return Err(usage(format!("--state {s:?} is not a job state (queued, running, awaiting_approval, planned, applied, verified, refused, failed, cancelled, unsettled)"))),
+    };
+    let mode = match mode.as_deref().map(|m| (m, Mode::parse(m))) {
+        None => None,
+        Some((_, Some(m))) => Some(m),
+        Some((m, None)) => return Err(usage(format!("--mode {m:?} is not plan, apply or verify"))),
+    };
+    let since = match since.as_deref() {
+        None => None,
+        Some(s) => match crate::job::parse_since(s, crate::job::unix_now()) {
+            Some(t) => Some(t),
+            None => {
+                return Err(usage(format!(
+                    "--since {s:?} is neither a duration (30m, 1h, 2d) nor a date (2026-11-01)"
+                )))
+            }
+        },
+    };
+    Ok(crate::protocol::ListFilter {
+        state,
+        mode,
+        command,
+        actor,
+        target,
+        since,
+    })
+}
+
 pub(super) async fn jobs_cmd(
     config_path: &Path,
     limit: u32,
     page: u32,
+    filter: crate::protocol::ListFilter,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let reply = call(
@@ -200,6 +245,7 @@ pub(super) async fn jobs_cmd(
             v: PROTOCOL_VERSION,
             limit: Some(limit),
             page: Some(page),
+            filter,
         },
     )
     .await?;
@@ -211,8 +257,11 @@ pub(super) async fn jobs_cmd(
         return Ok(ExitCode::Ok);
     }
     out!(
-        "{:<20} {:<18} {:<7} {:<32} {:<12} RUN",
+        "{:<20} {:<20} {:>7} {:<10} {:<18} {:<7} {:<32} {:<12} RUN",
         "JOB",
+        "SUBMITTED (UTC)",
+        "TOOK",
+        "TARGET",
         "STATE",
         "MODE",
         "COMMAND",
@@ -225,9 +274,16 @@ pub(super) async fn jobs_cmd(
             .and_then(|o| o.run_id)
             .map(|r| r.to_string())
             .unwrap_or_default();
+        let took = j
+            .finished_at
+            .map(|f| format!("{}s", (f - j.submitted_at).max(0)))
+            .unwrap_or_else(|| "-".into());
         out!(
-            "{:<20} {:<18} {:<7} {:<32} {:<12} {run}",
+            "{:<20} {:<20} {:>7} {:<10} {:<18} {:<7} {:<32} {:<12} {run}",
             j.job_id.as_str(),
+            crate::job::utc_text(j.submitted_at),
+            took,
+            j.target,
             j.state.as_str(),
             j.mode.as_str(),
             j.command,

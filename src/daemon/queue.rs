@@ -16,6 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use crate::job::{unix_now as now, ErrorClass, Job, JobId, JobState, Mode, Outcome, Refusal};
+use crate::protocol::ListFilter;
 
 /// A queue failure.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +56,7 @@ type Deferred = Box<dyn FnOnce(Option<&rusqlite::Error>)>;
 enum Op {
     Submit(Box<Job>, Reply<Job>),
     Get(JobId, Reply<Option<Job>>),
-    List(u32, u64, Option<u32>, Reply<Vec<Job>>),
+    List(u32, u64, Option<u32>, Box<ListFilter>, Reply<Vec<Job>>),
     ClaimNext(String, Reply<Option<Job>>),
     Finish(JobId, JobState, Box<Outcome>, bool, Reply<()>),
     Owed(u32, Reply<Vec<Job>>),
@@ -185,8 +186,10 @@ impl Queue {
         limit: u32,
         offset: u64,
         uid: Option<u32>,
+        filter: ListFilter,
     ) -> Result<Vec<Job>, QueueError> {
-        self.call(|r| Op::List(limit, offset, uid, r)).await
+        self.call(|r| Op::List(limit, offset, uid, Box::new(filter), r))
+            .await
     }
 
     /// Moves the oldest queued job of `target` to running and returns it.
@@ -482,7 +485,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
     match op {
         Op::Submit(job, reply) => respond(reply, insert(tx, &job), path),
         Op::Get(id, reply) => respond(reply, get_job(tx, &id), path),
-        Op::List(limit, offset, uid, reply) => respond(reply, list(tx, limit, offset, uid), path),
+        Op::List(limit, offset, uid, filter, reply) => {
+            respond(reply, list(tx, limit, offset, uid, &filter), path)
+        }
         Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
         Op::Finish(id, state, outcome, owed, reply) => {
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -592,12 +597,34 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
     get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
-fn list(tx: &Connection, limit: u32, offset: u64, uid: Option<u32>) -> rusqlite::Result<Vec<Job>> {
+fn list(
+    tx: &Connection,
+    limit: u32,
+    offset: u64,
+    uid: Option<u32>,
+    f: &ListFilter,
+) -> rusqlite::Result<Vec<Job>> {
     let mut st = tx.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM jobs WHERE ?2 IS NULL OR actor_uid = ?2 OR state = 'awaiting_approval' ORDER BY seq DESC LIMIT ?1 OFFSET ?3"
+        "SELECT {COLUMNS} FROM jobs WHERE (?2 IS NULL OR actor_uid = ?2 OR state = 'awaiting_approval') \
+         AND (?4 IS NULL OR state = ?4) AND (?5 IS NULL OR mode = ?5) AND (?6 IS NULL OR command = ?6) \
+         AND (?7 IS NULL OR actor = ?7) AND (?8 IS NULL OR target = ?8) AND (?9 IS NULL OR submitted_at >= ?9) \
+         ORDER BY seq DESC LIMIT ?1 OFFSET ?3"
     ))?;
     let rows = st
-        .query_map(params![limit, uid, offset as i64], row_to_job)?
+        .query_map(
+            params![
+                limit,
+                uid,
+                offset as i64,
+                f.state.map(|s| s.as_str()),
+                f.mode.map(|m| m.as_str()),
+                f.command,
+                f.actor,
+                f.target,
+                f.since
+            ],
+            row_to_job,
+        )?
         .collect();
     rows
 }
@@ -830,7 +857,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let before = std::fs::metadata(&path).unwrap().len();
         assert_eq!(q.prune(now() - 30 * 86_400).await.unwrap(), 2000);
-        assert_eq!(q.list(10, 0, None).await.unwrap().len(), 1);
+        assert_eq!(q.list(10, 0, None, Default::default()).await.unwrap().len(), 1);
         // Once idle the file is rewritten without the pruned pages.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {

@@ -252,14 +252,19 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
         Request::Wait {
             job_id, timeout_s, ..
         } => wait(daemon, peer, &job_id, timeout_s).await,
-        Request::List { limit, page, .. } => {
+        Request::List {
+            limit,
+            page,
+            filter,
+            ..
+        } => {
             let config = daemon.config();
             let access = &config.access;
             let everyone = peer.uid == 0 || peer.admitted_by(&access.admin);
             let limit = limit.unwrap_or(100).clamp(1, MAX_LIST);
             let offset = u64::from(page.unwrap_or(0)) * u64::from(limit);
             let only = (!everyone).then_some(peer.uid);
-            match daemon.queue().list(limit, offset, only).await {
+            match daemon.queue().list(limit, offset, only, filter).await {
                 Ok(jobs) => Reply {
                     jobs: Some(
                         jobs.into_iter()

@@ -1682,3 +1682,65 @@ async fn a_waiting_submit_names_its_job_at_once_and_says_when_it_needs_approval(
     assert!(j["result"].to_string().contains("collections"), "{j}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("submitted; waiting"));
 }
+
+#[tokio::test]
+async fn jobs_filter_by_state_mode_command_and_since_and_show_times_and_targets() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    for _ in 0..2 {
+        let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
+        assert_eq!(r["job"]["state"], "verified");
+    }
+    let r = submit(
+        &d,
+        "dot_iu_create_collection",
+        "apply",
+        json!([["title", "t"]]),
+        true,
+    );
+    assert_eq!(r["job"]["state"], "refused", "{r}");
+    let list = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["jobs", "--json"];
+        all.extend_from_slice(args);
+        let out = d.cli(None, &all);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(list(&[]).len(), 3);
+    assert_eq!(list(&["--mode", "apply"]).len(), 1);
+    assert_eq!(list(&["--state", "verified"]).len(), 2);
+    assert_eq!(
+        list(&[
+            "--command",
+            "dot_iu_create_collection",
+            "--state",
+            "refused"
+        ])
+        .len(),
+        1
+    );
+    assert_eq!(list(&["--target", "main", "--since", "1h"]).len(), 3);
+    assert_eq!(list(&["--since", "2999-01-01"]).len(), 0);
+    assert_eq!(list(&["--limit", "2", "--page", "1"]).len(), 1);
+    let out = d.cli(None, &["jobs"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("JOB") && text.contains("SUBMITTED (UTC)") && text.contains("TARGET"),
+        "{text}"
+    );
+    assert!(text.contains(" main "), "{text}");
+    for bad in [
+        ["--state", "nope"],
+        ["--since", "tomorrow"],
+        ["--mode", "run"],
+    ] {
+        let out = d.cli(None, &["jobs", bad[0], bad[1]]);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+    }
+}
