@@ -94,11 +94,76 @@ pub enum Request {
         /// Protocol version.
         v: u32,
     },
+    /// The ledger of a target, newest first (`govsql log`).
+    Log {
+        /// Protocol version.
+        v: u32,
+        /// The target (default: the config's default).
+        #[serde(default)]
+        target: Option<String>,
+        /// Which rows.
+        #[serde(default)]
+        filter: LogFilter,
+        /// At most this many (default 50, at most 1000).
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// The metrics, in the Prometheus text exposition format.
     Metrics {
         /// Protocol version.
         v: u32,
     },
+}
+
+/// Which ledger rows `log` shows (every field optional; all must match).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFilter {
+    /// The catalog command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// planned, applied, verified, refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// plan, apply or verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// The actor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Written at or after this Unix time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// Leave verify runs (healthchecks) out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_verify: bool,
+}
+
+/// One ledger row, as `log` shows it (no value: the ledger has none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// The run id.
+    pub run_id: i64,
+    /// When it was written (UTC text).
+    pub at: String,
+    /// When it was written (Unix time).
+    pub at_unix: i64,
+    /// The catalog command.
+    pub command: String,
+    /// plan, apply or verify.
+    pub mode: String,
+    /// The run's status.
+    pub status: String,
+    /// Who submitted it.
+    pub actor: String,
+    /// The error class of a refused or failed run.
+    pub error_class: Option<String>,
+    /// How long the job took.
+    pub duration_ms: Option<i64>,
+    /// The daemon's job id (absent for --direct runs of old versions).
+    pub job_id: Option<String>,
+    /// The target it ran on.
+    pub target: Option<String>,
 }
 
 /// Which jobs a list shows (every field optional; all must match).
@@ -188,6 +253,9 @@ pub struct Reply {
     /// metrics: the text exposition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    /// log: the ledger rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<Vec<LogEntry>>,
 }
 
 /// What kind of failure a reply reports.
@@ -259,6 +327,7 @@ impl Reply {
             jobs: None,
             health: None,
             metrics: None,
+            log: None,
         }
     }
 

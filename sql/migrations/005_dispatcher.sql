@@ -8,6 +8,7 @@
 --   fn_dot_iu_fail      record a failure the daemon saw (timeout, lost
 --                       target): a failed row, unless the key was applied
 --                       (then the original run: this is settlement);
+--   fn_dot_iu_ledger    the ledger for `govsql log` (no values: there are none)
 --   fn_dot_iu_status    the catalog digest, unavailable commands, log
 --                       exposure and the caller's excess privileges.
 -- They are SECURITY DEFINER, owned by the NOLOGIN role govsql_owner, which
@@ -537,6 +538,41 @@ BEGIN
 END
 $$;
 
+-- The ledger for `govsql log`, newest first, as one JSON object per row
+-- (kind 'entry'): structural facts only, as the ledger holds no value.
+-- Filters (all optional): command, status, mode, actor, since (a
+-- timestamptz), target, no_verify; at most 1000 rows.
+CREATE FUNCTION public.fn_dot_iu_ledger(p_filter jsonb, p_limit int) RETURNS TABLE (kind text, value text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    f jsonb := coalesce(p_filter, '{}'::jsonb);
+BEGIN
+    RETURN QUERY
+    SELECT 'entry'::text, jsonb_build_object(
+        'run_id', r.run_id,
+        'at', to_char(r.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS"Z"'),
+        'at_unix', floor(extract(epoch FROM r.created_at))::bigint,
+        'command', r.command_name,
+        'mode', r.run_mode,
+        'status', r.run_status,
+        'actor', r.actor,
+        'error_class', r.evidence ->> 'error_class',
+        'duration_ms', (r.evidence ->> 'duration_ms')::bigint,
+        'job_id', r.evidence ->> 'job_id',
+        'target', r.evidence ->> 'target')::text
+      FROM public.dot_iu_command_run r
+     WHERE (f ->> 'command' IS NULL OR r.command_name = f ->> 'command')
+       AND (f ->> 'status' IS NULL OR r.run_status = f ->> 'status')
+       AND (f ->> 'mode' IS NULL OR r.run_mode = f ->> 'mode')
+       AND (f ->> 'actor' IS NULL OR r.actor = f ->> 'actor')
+       AND (f ->> 'target' IS NULL OR r.evidence ->> 'target' = f ->> 'target')
+       AND (f ->> 'since' IS NULL OR r.created_at >= (f ->> 'since')::timestamptz)
+       AND NOT (coalesce((f ->> 'no_verify')::boolean, false) AND r.run_mode = 'verify')
+     ORDER BY r.run_id DESC
+     LIMIT least(greatest(coalesce(p_limit, 50), 1), 1000);
+END
+$$;
+
 -- What the runtime may know about its own standing, for `catalog check`
 -- and `self-test` (rows of (kind, value)): the catalog digest, commands
 -- whose targets do not resolve, logging settings that could expose a
@@ -568,7 +604,7 @@ BEGIN
                          OR has_table_privilege(v_role, cl.oid, 'UPDATE') OR has_table_privilege(v_role, cl.oid, 'DELETE'))
         UNION ALL SELECT 'can execute ' || p.oid::regprocedure::text FROM pg_proc p
                   WHERE p.pronamespace = 'public'::regnamespace
-                    AND p.proname NOT IN ('fn_dot_iu_dispatch', 'fn_dot_iu_refuse', 'fn_dot_iu_fail', 'fn_dot_iu_status')
+                    AND p.proname NOT IN ('fn_dot_iu_dispatch', 'fn_dot_iu_refuse', 'fn_dot_iu_fail', 'fn_dot_iu_status', 'fn_dot_iu_ledger')
                     AND has_function_privilege(v_role, p.oid, 'EXECUTE')
     ) AS problems ORDER BY 2;
 END
@@ -591,6 +627,7 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb), public.fn_do
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_catalog_resolve(text), public.fn_dot_iu_status(),
+    public.fn_dot_iu_ledger(jsonb, int),
     public.fn_dot_iu_command_resolves(text[], text[], text[]) FROM PUBLIC;
 ALTER FUNCTION public.fn_dot_iu_params_digest(text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_params_problem(jsonb, jsonb) OWNER TO govsql_owner;
@@ -604,6 +641,7 @@ ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, bo
 ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_status() OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_ledger(jsonb, int) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_command_resolves(text[], text[], text[]) OWNER TO govsql_owner;
 
 -- The runtime role: the three entries and nothing else.
@@ -612,7 +650,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM :"runtime_role";
 GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
-    public.fn_dot_iu_status() TO :"runtime_role";
+    public.fn_dot_iu_status(), public.fn_dot_iu_ledger(jsonb, int) TO :"runtime_role";
 
 -- No statement text, bind parameter or error statement of the runtime
 -- role's sessions reaches the server log (a role setting wins over

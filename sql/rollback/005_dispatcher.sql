@@ -2,6 +2,7 @@
 -- the catalog's dispatcher columns. The owner role is cluster-wide and is
 -- kept; so are the runtime role's logging settings (they only hide values).
 DROP FUNCTION IF EXISTS public.fn_dot_iu_status();
+DROP FUNCTION IF EXISTS public.fn_dot_iu_ledger(jsonb, int);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_catalog_resolve(text);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_command_resolves(text[], text[], text[]);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb);

@@ -232,6 +232,36 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The ledger from the target, through the daemon (no psql on the database host needed).
+    Log {
+        /// Only this catalog command.
+        #[arg(long)]
+        command: Option<String>,
+        /// Only runs with this status (planned, applied, verified, refused, failed).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only plan, apply or verify runs.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Only this actor's runs (non-admins always see only their own).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only runs since: a duration ago (30m, 1h, 2d) or a UTC date (2026-11-01).
+        #[arg(long)]
+        since: Option<String>,
+        /// The target (default: the config's default).
+        #[arg(long)]
+        target: Option<String>,
+        /// At most this many rows, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Leave verify runs (the healthcheck timer's) out.
+        #[arg(long)]
+        no_verify: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the daemon's metrics (Prometheus text format; for node_exporter's textfile collector).
     Metrics,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -441,6 +471,45 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
         Cmd::Metrics => metrics_cmd(&config_path).await,
+        Cmd::Log {
+            command,
+            status,
+            mode,
+            actor,
+            since,
+            target,
+            limit,
+            no_verify,
+            json,
+        } => {
+            let mode = match mode.as_deref().map(|m| (m, Mode::parse(m))) {
+                None => None,
+                Some((_, Some(m))) => Some(m),
+                Some((m, None)) => {
+                    eprintln!("govsql: --mode {m:?} is not plan, apply or verify");
+                    return Ok(ExitCode::Usage);
+                }
+            };
+            let since = match since.as_deref() {
+                None => None,
+                Some(s) => match crate::job::parse_since(s, crate::job::unix_now()) {
+                    Some(t) => Some(t),
+                    None => {
+                        eprintln!("govsql: --since {s:?} is neither a duration (30m, 1h, 2d) nor a date (2026-11-01)");
+                        return Ok(ExitCode::Usage);
+                    }
+                },
+            };
+            let filter = crate::protocol::LogFilter {
+                command,
+                status,
+                mode,
+                actor,
+                since,
+                no_verify,
+            };
+            remote::log_cmd(&config_path, target, filter, limit, json).await
+        }
         Cmd::Batch { file, check, json } => {
             batch::run(
                 &client::socket_from_config(&config_path)?,

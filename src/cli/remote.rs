@@ -293,6 +293,60 @@ pub(super) async fn jobs_cmd(
     Ok(ExitCode::Ok)
 }
 
+/// `govsql log`: the target's ledger through the daemon.
+pub(super) async fn log_cmd(
+    config_path: &Path,
+    target: Option<String>,
+    filter: crate::protocol::LogFilter,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let reply = call(
+        config_path,
+        &Request::Log {
+            v: PROTOCOL_VERSION,
+            target,
+            filter,
+            limit: Some(limit),
+        },
+    )
+    .await?;
+    let Some(rows) = reply.log.as_ref().filter(|_| reply.ok) else {
+        return Ok(print_reply_error(&reply));
+    };
+    if json {
+        out!("{}", serde_json::to_string(rows)?);
+        return Ok(ExitCode::Ok);
+    }
+    out!(
+        "{:<20} {:>7} {:<32} {:<7} {:<9} {:<12} {:<20} {:>8}",
+        "TIME (UTC)",
+        "RUN",
+        "COMMAND",
+        "MODE",
+        "STATUS",
+        "ACTOR",
+        "CLASS",
+        "TOOK"
+    );
+    for r in rows {
+        out!(
+            "{:<20} {:>7} {:<32} {:<7} {:<9} {:<12} {:<20} {:>8}",
+            r.at,
+            r.run_id,
+            r.command,
+            r.mode,
+            r.status,
+            super::printable(&r.actor),
+            r.error_class.as_deref().unwrap_or("-"),
+            r.duration_ms
+                .map(|d| format!("{d}ms"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
 /// `govsql metrics`: the daemon's metrics, as served.
 pub(super) async fn metrics_cmd(config_path: &Path) -> anyhow::Result<ExitCode> {
     let reply = call(

@@ -857,7 +857,10 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let before = std::fs::metadata(&path).unwrap().len();
         assert_eq!(q.prune(now() - 30 * 86_400).await.unwrap(), 2000);
-        assert_eq!(q.list(10, 0, None, Default::default()).await.unwrap().len(), 1);
+        assert_eq!(
+            q.list(10, 0, None, Default::default()).await.unwrap().len(),
+            1
+        );
         // Once idle the file is rewritten without the pruned pages.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {

@@ -278,6 +278,33 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
         }
         Request::Approve { job_id, .. } => approve(daemon, peer, &job_id).await,
         Request::Cancel { job_id, .. } => cancel(daemon, peer, &job_id).await,
+        Request::Log {
+            target,
+            mut filter,
+            limit,
+            ..
+        } => {
+            let config = daemon.config();
+            let target = match config.target(target.as_deref()) {
+                Ok((name, _)) => name.to_string(),
+                Err(e) => return Reply::error(ReplyKind::UnknownTarget, e.to_string()),
+            };
+            // Admins read the whole ledger; anyone else their own rows.
+            if !(peer.uid == 0 || peer.admitted_by(&config.access.admin)) {
+                filter.actor = Some(peer.user.clone());
+            }
+            let limit = limit.unwrap_or(50).clamp(1, 1000);
+            match daemon.ledger(&target, &filter, limit).await {
+                Ok(rows) => Reply {
+                    log: Some(rows),
+                    ..Reply::ok()
+                },
+                Err(e) => Reply::error(
+                    ReplyKind::Unavailable,
+                    format!("cannot read the ledger of target {target}: {e}"),
+                ),
+            }
+        }
         Request::Metrics { .. } => Reply {
             metrics: Some(daemon.metrics_text().await),
             ..Reply::ok()

@@ -1744,3 +1744,76 @@ async fn jobs_filter_by_state_mode_command_and_since_and_show_times_and_targets(
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }
 }
+
+#[tokio::test]
+async fn log_reads_the_ledger_through_the_daemon_over_ssh_with_filters() {
+    let s = sshd::shared();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 30).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    for _ in 0..2 {
+        assert_eq!(
+            submit(&d, "dot_iu_healthcheck", "verify", json!([]), true)["job"]["state"],
+            "verified"
+        );
+    }
+    // The switch is off: refused (kill_switch), by root.
+    let r = submit(
+        &d,
+        "dot_iu_create_collection",
+        "apply",
+        json!([["title", "secret-title"]]),
+        true,
+    );
+    assert_eq!(r["job"]["state"], "refused");
+    // Another user's plan.
+    let out = d.cli(Some(OTHER), &["plan", "dot_iu_healthcheck", "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = |user: Option<&str>, args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["log", "--json"];
+        all.extend_from_slice(args);
+        let out = d.cli(user, &all);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let all = log(None, &[]);
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(all.len() as i64, db.count("dot_iu_command_run"));
+    // Newest first, with the columns the issue names.
+    assert_eq!(all[0]["mode"], "plan");
+    assert!(all[0]["run_id"].as_i64() > all[1]["run_id"].as_i64());
+    for k in ["at", "command", "status", "actor", "duration_ms", "target"] {
+        assert!(!all[1][k].is_null(), "{k} in {}", all[1]);
+    }
+    let refused = log(None, &["--status", "refused"]);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["error_class"], "kill_switch");
+    assert_eq!(log(None, &["--no-verify"]).len(), 2);
+    assert_eq!(log(None, &["--mode", "verify", "--limit", "1"]).len(), 1);
+    assert_eq!(
+        log(None, &["--command", "dot_iu_create_collection"]).len(),
+        1
+    );
+    assert_eq!(log(None, &["--since", "2999-01-01"]).len(), 0);
+    assert_eq!(log(None, &["--since", "1h"]).len(), 4);
+    // A non-admin sees only their own rows.
+    let own = log(Some(OTHER), &[]);
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(own[0]["actor"], OTHER);
+    // The table form, and no value anywhere.
+    let out = d.cli(None, &["log"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("TIME (UTC)"), "{text}");
+    assert!(text.contains("kill_switch"), "{text}");
+    assert!(!text.contains("secret-title"));
+}
