@@ -82,6 +82,24 @@ pub enum Request {
         /// The job.
         job_id: JobId,
     },
+    /// Reject a job that waits for approval (an approver; the reason goes
+    /// into the ledger's evidence, at most 200 characters).
+    Reject {
+        /// Protocol version.
+        v: u32,
+        /// The job.
+        job_id: JobId,
+        /// Why.
+        reason: String,
+    },
+    /// What a job will run, param values included: for an approver (or
+    /// the submitter) before approving. Never logged.
+    Show {
+        /// Protocol version.
+        v: u32,
+        /// The job.
+        job_id: JobId,
+    },
     /// Cancel a queued or waiting job.
     Cancel {
         /// Protocol version.
@@ -256,6 +274,32 @@ pub struct Reply {
     /// log: the ledger rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<Vec<LogEntry>>,
+    /// show: what the job will run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show: Option<ShowJob>,
+}
+
+/// What a job will run, for its approver.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShowJob {
+    /// The job.
+    pub job_id: JobId,
+    /// Its state.
+    pub state: JobState,
+    /// Who submitted it.
+    pub actor: String,
+    /// The catalog command.
+    pub command: String,
+    /// plan, apply or verify.
+    pub mode: Mode,
+    /// The target.
+    pub target: String,
+    /// The command's description.
+    pub description: String,
+    /// Its statements, with `{{name}}` placeholders.
+    pub statements: Vec<String>,
+    /// The param values it was submitted with, `[name, value]`.
+    pub params: Vec<(String, String)>,
 }
 
 /// What kind of failure a reply reports.
@@ -328,6 +372,7 @@ impl Reply {
             health: None,
             metrics: None,
             log: None,
+            show: None,
         }
     }
 

@@ -161,7 +161,7 @@ LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
 BEGIN
     RETURN coalesce((
         SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(coalesce(p_client, '{}'::jsonb)) AS e
-        WHERE e.key IN ('job_id', 'transport', 'target', 'host_key', 'approved_by', 'submitted_at', 'ended_at')
+        WHERE e.key IN ('job_id', 'transport', 'target', 'host_key', 'approved_by', 'submitted_at', 'ended_at', 'reason')
           AND jsonb_typeof(e.value) = 'string' AND length(e.value #>> '{}') <= 200
     ), '{}'::jsonb)
     || jsonb_build_object(

@@ -262,6 +262,28 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Jobs waiting for approval (those you may approve or reject).
+    Approvals {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a job will run, param values included (its submitter, an approver or root).
+    Show {
+        /// The job.
+        job_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reject a job that waits for approval; the reason goes into the ledger.
+    Reject {
+        /// The job.
+        job_id: String,
+        /// Why (at most 200 characters).
+        #[arg(long)]
+        reason: String,
+    },
     /// Print the daemon's metrics (Prometheus text format; for node_exporter's textfile collector).
     Metrics,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -471,6 +493,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
         Cmd::Metrics => metrics_cmd(&config_path).await,
+        Cmd::Approvals { json } => {
+            let filter = crate::protocol::ListFilter {
+                state: Some(crate::job::JobState::AwaitingApproval),
+                ..Default::default()
+            };
+            jobs_cmd(&config_path, 1000, 0, filter, json).await
+        }
+        Cmd::Show { job_id, json } => remote::show_cmd(&config_path, &job_id, json).await,
+        Cmd::Reject { job_id, reason } => match remote::job_id_arg(&job_id) {
+            Ok(job_id) => {
+                let req = Request::Reject {
+                    v: PROTOCOL_VERSION,
+                    job_id,
+                    reason,
+                };
+                let reply = remote::call(&config_path, &req).await?;
+                match reply.job.as_ref().filter(|_| reply.ok) {
+                    Some(job) => {
+                        out!("job {} rejected; it ends refused (rejected), the reason in its ledger row", job.job_id);
+                        Ok(ExitCode::Ok)
+                    }
+                    None => Ok(remote::print_reply_error(&reply)),
+                }
+            }
+            Err(code) => Ok(code),
+        },
         Cmd::Log {
             command,
             status,

@@ -293,6 +293,49 @@ pub(super) async fn jobs_cmd(
     Ok(ExitCode::Ok)
 }
 
+/// `govsql show JOB`: what the job will run, values included (to the
+/// terminal of its submitter or an approver; never logged).
+pub(super) async fn show_cmd(
+    config_path: &Path,
+    job_id: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let job_id = match job_id_arg(job_id) {
+        Ok(id) => id,
+        Err(code) => return Ok(code),
+    };
+    let reply = call(
+        config_path,
+        &Request::Show {
+            v: PROTOCOL_VERSION,
+            job_id,
+        },
+    )
+    .await?;
+    let Some(s) = reply.show.as_ref().filter(|_| reply.ok) else {
+        return Ok(print_reply_error(&reply));
+    };
+    if json {
+        out!("{}", serde_json::to_string(s)?);
+        return Ok(ExitCode::Ok);
+    }
+    out!("job {}  {}  ({})", s.job_id, s.state, s.actor);
+    out!(
+        "{} {} on {}: {}",
+        s.mode,
+        s.command,
+        s.target,
+        s.description
+    );
+    for st in &s.statements {
+        out!("  statement: {}", super::printable(st));
+    }
+    for (k, v) in &s.params {
+        out!("  param {k} = {}", super::printable(v));
+    }
+    Ok(ExitCode::Ok)
+}
+
 /// `govsql log`: the target's ledger through the daemon.
 pub(super) async fn log_cmd(
     config_path: &Path,

@@ -277,6 +277,8 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             }
         }
         Request::Approve { job_id, .. } => approve(daemon, peer, &job_id).await,
+        Request::Reject { job_id, reason, .. } => reject(daemon, peer, &job_id, &reason).await,
+        Request::Show { job_id, .. } => show(daemon, peer, &job_id).await,
         Request::Cancel { job_id, .. } => cancel(daemon, peer, &job_id).await,
         Request::Log {
             target,
@@ -544,6 +546,105 @@ async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
             Reply::job(row)
         }
         Err(e) => Reply::error(ReplyKind::Conflict, e.to_string()),
+    }
+}
+
+/// Rejects a job that waits for approval: it ends refused (`rejected`),
+/// the reason in its ledger row's evidence.
+async fn reject(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: &str) -> Reply {
+    let cfg = daemon.config();
+    if !peer.admitted_by(&cfg.access.approve) {
+        return Reply::error(
+            ReplyKind::Denied,
+            format!(
+                "user {} is not in the [access] approve list of the daemon's config",
+                peer.user
+            ),
+        );
+    }
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if reason.trim().is_empty() {
+        return Reply::error(ReplyKind::BadRequest, "a rejection needs a --reason");
+    }
+    let row = match daemon.queue().get(job_id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return not_found(job_id),
+        Err(e) => return internal(e),
+    };
+    if row.state != JobState::AwaitingApproval {
+        return Reply::error(
+            ReplyKind::Conflict,
+            format!("job {job_id} is {}, not awaiting approval", row.state),
+        );
+    }
+    let msg = format!("rejected by {}: {reason}", peer.user);
+    match daemon
+        .queue()
+        .preset_refusal(job_id, ErrorClass::Rejected, &msg)
+        .await
+    {
+        Ok(0) => Reply::error(
+            ReplyKind::Conflict,
+            format!("job {job_id} is no longer awaiting approval"),
+        ),
+        Ok(_) => {
+            daemon.wake(&row.target);
+            tracing::info!(job_id = %job_id, approver = %peer.user, "job rejected");
+            match daemon.queue().get(job_id).await {
+                Ok(Some(r)) => Reply::job(r),
+                _ => Reply::ok(),
+            }
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// What a job will run, values included, for an approver or its
+/// submitter (never logged).
+async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
+    let cfg = daemon.config();
+    let row = match daemon.queue().get(job_id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return not_found(job_id),
+        Err(e) => return internal(e),
+    };
+    if row.actor_uid != peer.uid && peer.uid != 0 && !peer.admitted_by(&cfg.access.approve) {
+        return Reply::error(
+            ReplyKind::Denied,
+            "only the submitter, an approver or root may see a job's params",
+        );
+    }
+    if row.state.is_terminal() {
+        return Reply::error(
+            ReplyKind::Conflict,
+            format!(
+                "job {job_id} is {}; its params were erased when it ended",
+                row.state
+            ),
+        );
+    }
+    let (description, statements) = match daemon.catalog().get(&row.command) {
+        Ok(c) => (c.description.clone(), c.statements.clone()),
+        Err(e) => return Reply::error(ReplyKind::UnknownCommand, e.to_string()),
+    };
+    tracing::info!(job_id = %job_id, user = %peer.user, "job shown");
+    Reply {
+        show: Some(crate::protocol::ShowJob {
+            job_id: row.job_id.clone(),
+            state: row.state,
+            actor: row.actor.clone(),
+            command: row.command.clone(),
+            mode: row.mode,
+            target: row.target.clone(),
+            description,
+            statements,
+            params: row.param_pairs().to_vec(),
+        }),
+        ..Reply::ok()
     }
 }
 

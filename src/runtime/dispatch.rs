@@ -88,6 +88,15 @@ impl Runtime {
         if let Some(by) = &ctx.job.approved_by {
             facts["approved_by"] = json!(by);
         }
+        // A rejection's reason (the approver's words, capped) is evidence.
+        if let Some(r) = ctx
+            .job
+            .preset
+            .as_ref()
+            .filter(|r| r.class == ErrorClass::Rejected)
+        {
+            facts["reason"] = json!(r.message.chars().take(200).collect::<String>());
+        }
         // The job's own times (a row written late says when it happened).
         facts["submitted_at"] = json!(ctx.job.submitted_at.to_string());
         if let Some(at) = ctx.job.finished_at {

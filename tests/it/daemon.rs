@@ -1817,3 +1817,74 @@ async fn log_reads_the_ledger_through_the_daemon_over_ssh_with_filters() {
     assert!(text.contains("kill_switch"), "{text}");
     assert!(!text.contains("secret-title"));
 }
+
+#[tokio::test]
+async fn approvers_list_show_and_reject_with_a_reason_in_the_ledger_over_ssh() {
+    let s = sshd::shared();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 30).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let d = DaemonProc::start(&db);
+    let piece = "0000000a-bbbb-4ccc-8ddd-00000000e1e1";
+    let r = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    assert_eq!(r["job"]["state"], "awaiting_approval", "{r}");
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    // The approver's list.
+    let out = d.cli(Some(OTHER), &["approvals", "--json"]);
+    let pending: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        pending.iter().any(|j| j["job_id"] == id.as_str()),
+        "{pending:?}"
+    );
+    // What it will run, values included, to the approver only.
+    let out = d.cli(Some(OTHER), &["show", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("apply dot_iu_purge_piece on main"), "{text}");
+    assert!(
+        text.contains("statement: SELECT public.fn_iu_purge_piece({{piece_id}})"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("param piece_id = {piece}")),
+        "{text}"
+    );
+    // Reject needs a reason; with one, the job ends refused (rejected) and
+    // the reason is in its ledger row.
+    let out = d.cli(Some(OTHER), &["reject", &id, "--reason", " "]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = d.cli(
+        Some(OTHER),
+        &["reject", &id, "--reason", "not during the freeze"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "refused", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "rejected");
+    assert_eq!(
+        db.sql("SELECT evidence->>'reason' FROM dot_iu_command_run WHERE evidence->>'error_class' = 'rejected'"),
+        format!("rejected by {OTHER}: not during the freeze")
+    );
+    // After the end, the params are gone: show says so.
+    let out = d.cli(Some(OTHER), &["show", &id]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("erased"));
+    // The value never reached the daemon's log.
+    assert!(!d.log_text().contains(piece));
+}
