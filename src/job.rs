@@ -50,10 +50,24 @@ pub fn utc_text(unix: i64) -> String {
     )
 }
 
+/// Parses a duration like `30m`, `2h`, `90s`, `1d`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
 /// `--since`: a duration ago (`90s`, `30m`, `1h`, `2d`) or a UTC date
 /// (`2026-11-01`), as a Unix time.
 pub fn parse_since(text: &str, now: i64) -> Option<i64> {
-    if let Some(d) = crate::switch::parse_duration(text) {
+    if let Some(d) = parse_duration(text) {
         return Some(now - d.as_secs() as i64);
     }
     let mut parts = text.splitn(3, '-').map(|p| p.parse::<i64>().ok());

@@ -214,19 +214,7 @@ fn read_no_follow(path: &Path) -> std::io::Result<String> {
     Ok(s)
 }
 
-/// Parses a duration like `30m`, `2h`, `90s`, `1d`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    (secs > 0).then(|| Duration::from_secs(secs))
-}
+pub use crate::job::parse_duration;
 
 #[cfg(test)]
 mod tests {
