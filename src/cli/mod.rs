@@ -477,7 +477,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     v: PROTOCOL_VERSION,
                     job_id,
                 };
-                simple_job_op(&config_path, req).await
+                simple_job_op(&config_path, req, false).await
             }
             Err(code) => Ok(code),
         },
@@ -487,7 +487,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     v: PROTOCOL_VERSION,
                     job_id,
                 };
-                simple_job_op(&config_path, req).await
+                simple_job_op(&config_path, req, true).await
             }
             Err(code) => Ok(code),
         },
@@ -508,14 +508,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     job_id,
                     reason,
                 };
-                let reply = remote::call(&config_path, &req).await?;
-                match reply.job.as_ref().filter(|_| reply.ok) {
-                    Some(job) => {
-                        out!("job {} rejected; it ends refused (rejected), the reason in its ledger row", job.job_id);
-                        Ok(ExitCode::Ok)
-                    }
-                    None => Ok(remote::print_reply_error(&reply)),
-                }
+                simple_job_op(&config_path, req, true).await
             }
             Err(code) => Ok(code),
         },

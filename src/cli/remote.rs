@@ -177,15 +177,37 @@ pub(super) async fn wait_cmd(
     }
 }
 
-pub(super) async fn simple_job_op(config_path: &Path, req: Request) -> anyhow::Result<ExitCode> {
-    let reply = call(config_path, &req).await?;
-    match reply.job.as_ref().filter(|_| reply.ok) {
-        Some(job) => {
-            out!("{}", job_line(job));
-            Ok(ExitCode::Ok)
-        }
-        None => Ok(print_reply_error(&reply)),
+/// Approve, cancel or reject, then print the state the job really
+/// reached: a cancelled or rejected job is followed (up to 10 s) until the
+/// worker has ended it, so the line never says `queued` for a job that is
+/// about to end.
+pub(super) async fn simple_job_op(
+    config_path: &Path,
+    req: Request,
+    follow: bool,
+) -> anyhow::Result<ExitCode> {
+    let socket = client::socket_from_config(config_path)?;
+    let mut c = Client::connect(&socket).await?;
+    let reply = c.call(&req).await?;
+    let Some(job) = reply.job.as_ref().filter(|_| reply.ok) else {
+        return Ok(print_reply_error(&reply));
+    };
+    if !follow || job.state.is_terminal() {
+        out!("{}", job_line(job));
+        return Ok(ExitCode::Ok);
     }
+    let waited = c
+        .call(&Request::Wait {
+            v: PROTOCOL_VERSION,
+            job_id: job.job_id.clone(),
+            timeout_s: Some(10),
+        })
+        .await?;
+    match waited.job.as_ref().filter(|_| waited.ok) {
+        Some(done) => out!("{}", job_line(done)),
+        None => out!("{}  (it ends once its worker takes it)", job_line(job)),
+    }
+    Ok(ExitCode::Ok)
 }
 
 /// The filter of `jobs` from its flags, or a usage error.

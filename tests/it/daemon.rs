@@ -491,6 +491,9 @@ async fn approvals_need_a_different_user_and_expire() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // It prints the state the job reached, not the `queued` it passes.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("cancelled"), "{said}");
     let done = wait_terminal(&d, &c);
     assert_eq!(done["state"], "cancelled");
     assert_eq!(done["outcome"]["error_class"], "cancelled");
