@@ -108,12 +108,41 @@ fn job_params(a: &CommonJobArgs) -> Result<Vec<(String, String)>, String> {
 }
 
 /// Prints an outcome as one JSON object or as lines for a person.
+/// THE one JSON shape of a job, wherever it is printed (submit, wait,
+/// status, jobs, --direct): `job_id, command, mode, target, actor, status,
+/// submitted_at, finished_at, approved_by, run_id, params_digest,
+/// error_class, closed_gates, message, evidence, result`. `status` is the
+/// job's state word (queued … applied, refused, cancelled, unsettled; the
+/// run's status for --direct); fields a job does not have yet are null.
+pub fn job_json(o: Option<&Outcome>, j: Option<&crate::job::Job>) -> serde_json::Value {
+    let status = match (j, o) {
+        (Some(j), _) => j.state.as_str(),
+        (None, Some(o)) => o.status.as_str(),
+        (None, None) => "unknown",
+    };
+    serde_json::json!({
+        "job_id": j.map(|j| j.job_id.as_str()).or(o.map(|o| o.job_id.as_str())),
+        "command": j.map(|j| j.command.as_str()).or(o.map(|o| o.command.as_str())),
+        "mode": j.map(|j| j.mode).or(o.map(|o| o.mode)),
+        "target": j.map(|j| j.target.as_str()).or(o.and_then(|o| o.evidence["target"].as_str())),
+        "actor": j.map(|j| j.actor.as_str()),
+        "status": status,
+        "submitted_at": j.map(|j| j.submitted_at),
+        "finished_at": j.and_then(|j| j.finished_at),
+        "approved_by": j.and_then(|j| j.approved_by.as_deref()),
+        "run_id": o.and_then(|o| o.run_id),
+        "params_digest": o.map(|o| o.params_digest.as_str()).or(j.map(|j| j.params_digest.as_str())),
+        "error_class": o.and_then(|o| o.error_class.as_ref()).map(|c| c.as_str()),
+        "closed_gates": o.map(|o| o.closed_gates.clone()).unwrap_or_default(),
+        "message": o.map(|o| o.message.as_str()),
+        "evidence": o.map(|o| o.evidence.clone()),
+        "result": o.and_then(|o| o.result.clone()),
+    })
+}
+
 pub fn print_outcome(o: &Outcome, json: bool) {
     if json {
-        out!(
-            "{}",
-            serde_json::to_string(o).unwrap_or_else(|_| "{}".into())
-        );
+        out!("{}", job_json(Some(o), None));
         return;
     }
     let run = o

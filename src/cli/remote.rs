@@ -83,7 +83,7 @@ pub(super) async fn submit_to_daemon(
 pub(super) fn print_job(job: &Job, json: bool) -> ExitCode {
     if let Some(o) = &job.outcome {
         if json {
-            print_outcome(o, true);
+            out!("{}", super::direct::job_json(Some(o), Some(job)));
         } else {
             print_outcome(o, false);
             if let Some(by) = &job.approved_by {
@@ -93,14 +93,7 @@ pub(super) fn print_job(job: &Job, json: bool) -> ExitCode {
         return o.exit_code();
     }
     if json {
-        out!(
-            "{}",
-            serde_json::json!({
-                "job_id": job.job_id, "command": job.command, "mode": job.mode, "status": job.state,
-                "run_id": null, "params_digest": job.params_digest, "closed_gates": [], "error_class": null,
-                "evidence": null, "result": null
-            })
-        );
+        out!("{}", super::direct::job_json(None, Some(job)));
     } else {
         out!("{}", job_line(job));
         if job.state == JobState::AwaitingApproval {
@@ -275,7 +268,11 @@ pub(super) async fn jobs_cmd(
         return Ok(print_reply_error(&reply));
     };
     if json {
-        out!("{}", serde_json::to_string(jobs)?);
+        let all: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|j| super::direct::job_json(j.outcome.as_ref(), Some(j)))
+            .collect();
+        out!("{}", serde_json::Value::Array(all));
         return Ok(ExitCode::Ok);
     }
     out!(

@@ -1891,3 +1891,45 @@ async fn approvers_list_show_and_reject_with_a_reason_in_the_ledger_over_ssh() {
     // The value never reached the daemon's log.
     assert!(!d.log_text().contains(piece));
 }
+
+#[tokio::test]
+async fn a_job_has_one_json_shape_wherever_it_is_printed() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    let json_of_cli = |args: &[&str]| -> Value {
+        let out = d.cli(None, args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let waited = json_of_cli(&["verify", "--wait", "--json"]);
+    let id = waited["job_id"].as_str().unwrap().to_string();
+    let shapes = [
+        waited.clone(),
+        json_of_cli(&["status", &id, "--json"]),
+        json_of_cli(&["wait", &id, "--json"]),
+        json_of_cli(&["jobs", "--json"])[0].clone(),
+        json_of_cli(&["verify", "--direct", "--json"]),
+        json_of_cli(&["plan", "dot_iu_healthcheck", "--json"]),
+    ];
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    for s in &shapes {
+        assert_eq!(keys(s), keys(&shapes[0]), "{s}");
+        assert!(s["status"].is_string(), "{s}");
+    }
+    assert_eq!(shapes[0]["status"], "verified");
+    assert_eq!(shapes[1]["status"], "verified");
+    assert_eq!(shapes[3]["status"], "verified");
+    assert_eq!(shapes[4]["status"], "verified");
+    // Submitted without --wait: queued or already further along.
+    assert!(shapes[5]["job_id"].is_string());
+}
