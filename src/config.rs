@@ -94,6 +94,11 @@ pub struct DaemonConfig {
     /// Terminal jobs are pruned from the queue after this many days.
     #[serde(default = "default_retention_days")]
     pub retention_days: u64,
+    /// How long a job's result stays in the queue for its submitter
+    /// (`status JOB`, `wait JOB`); 0 keeps none. Erased (and the pages
+    /// scrubbed) when it expires.
+    #[serde(default = "default_result_ttl")]
+    pub result_ttl_s: u64,
     /// Serve the metrics over HTTP on this loopback address (off when
     /// unset), e.g. "127.0.0.1:9187".
     #[serde(default)]
@@ -243,6 +248,9 @@ fn default_db_port() -> u16 {
 }
 fn default_admin_db_user() -> String {
     "postgres".to_string()
+}
+fn default_result_ttl() -> u64 {
+    3600
 }
 fn default_true() -> bool {
     true

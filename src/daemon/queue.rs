@@ -58,7 +58,14 @@ enum Op {
     Get(JobId, Reply<Option<Job>>),
     List(u32, u64, Option<u32>, Box<ListFilter>, Reply<Vec<Job>>),
     ClaimNext(String, Reply<Option<Job>>),
-    Finish(JobId, JobState, Box<Outcome>, bool, Reply<()>),
+    Finish(
+        JobId,
+        JobState,
+        Box<(Outcome, Option<(String, i64)>)>,
+        bool,
+        Reply<()>,
+    ),
+    ExpireResults(i64, Reply<usize>),
     Owed(u32, Reply<Vec<Job>>),
     Retry(JobId, JobState, Reply<u32>),
     Prune(i64, Reply<usize>),
@@ -107,6 +114,8 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("first_try_at", "INTEGER"),
     ("attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("row_owed", "INTEGER NOT NULL DEFAULT 0"),
+    ("result", "TEXT"),
+    ("result_until", "INTEGER"),
 ];
 
 impl Queue {
@@ -200,12 +209,27 @@ impl Queue {
     /// Records a job's terminal state (from its outcome) and erases the
     /// params, unless its ledger row is owed (`row_owed`: nothing reached
     /// the database; the params are kept until the row is written).
-    pub async fn finish(&self, outcome: &Outcome, row_owed: bool) -> Result<(), QueueError> {
+    pub async fn finish(
+        &self,
+        outcome: &Outcome,
+        row_owed: bool,
+        result_ttl_s: u64,
+    ) -> Result<(), QueueError> {
         let mut stored = outcome.clone();
-        stored.result = None;
+        let result = stored
+            .result
+            .take()
+            .filter(|_| result_ttl_s > 0)
+            .and_then(|r| serde_json::to_string(&r).ok())
+            .map(|text| (text, now() + result_ttl_s as i64));
         let id = outcome.job_id.clone();
-        self.call(|r| Op::Finish(id, outcome.state(), Box::new(stored), row_owed, r))
+        self.call(|r| Op::Finish(id, outcome.state(), Box::new((stored, result)), row_owed, r))
             .await
+    }
+
+    /// Erases the results past their `result_ttl_s`; how many.
+    pub async fn expire_results(&self) -> Result<usize, QueueError> {
+        self.call(|r| Op::ExpireResults(now(), r)).await
     }
 
     /// Terminal jobs whose ledger row is still owed, oldest first.
@@ -264,7 +288,7 @@ impl Queue {
     }
 }
 
-const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at";
+const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until";
 
 /// A column whose stored word this build does not know: an error, never
 /// a silent default.
@@ -310,7 +334,17 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         approved_at: r.get(14)?,
         submitted_at: r.get(15)?,
         finished_at: r.get(16)?,
-        outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
+        outcome: outcome
+            .and_then(|o| serde_json::from_str::<Outcome>(&o).ok())
+            .map(|mut o| {
+                // The result, for its submitter, until it expires.
+                let until: Option<i64> = r.get(20).ok().flatten();
+                if until.is_some_and(|u| u > now()) {
+                    let text: Option<String> = r.get(19).ok().flatten();
+                    o.result = text.and_then(|t| serde_json::from_str(&t).ok());
+                }
+                o
+            }),
         first_try_at: r.get(18)?,
     })
 }
@@ -420,6 +454,7 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                 op,
                 Op::ClaimNext(..)
                     | Op::Finish(..)
+                    | Op::ExpireResults(..)
                     | Op::Owed(..)
                     | Op::Get(..)
                     | Op::List(..)
@@ -436,7 +471,7 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
         }
         if batch
             .iter()
-            .any(|op| matches!(op, Op::Finish(..) | Op::Prune(..)))
+            .any(|op| matches!(op, Op::Finish(..) | Op::Prune(..) | Op::ExpireResults(..)))
         {
             scrub = true;
             erased_since.get_or_insert_with(std::time::Instant::now);
@@ -489,13 +524,23 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             respond(reply, list(tx, limit, offset, uid, &filter), path)
         }
         Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
-        Op::Finish(id, state, outcome, owed, reply) => {
+        Op::Finish(id, state, stored, owed, reply) => {
+            let (outcome, result) = *stored;
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
+            let (text, until) = result.unzip();
             let r = exec(tx,
-                    "UPDATE jobs SET state = ?2, params = CASE WHEN ?6 THEN params END, preset_message = CASE WHEN ?6 THEN preset_message END, outcome = ?3, finished_at = coalesce(finished_at, ?4), params_digest = ?5, row_owed = ?6 WHERE job_id = ?1",
-                    params![id.as_str(), state.as_str(), json, now(), outcome.params_digest, owed],
+                    "UPDATE jobs SET state = ?2, params = CASE WHEN ?6 THEN params END, preset_message = CASE WHEN ?6 THEN preset_message END, outcome = ?3, finished_at = coalesce(finished_at, ?4), params_digest = ?5, row_owed = ?6, result = ?7, result_until = ?8 WHERE job_id = ?1",
+                    params![id.as_str(), state.as_str(), json, now(), outcome.params_digest, owed, text, until],
                 )
                 .map(|_| ());
+            respond(reply, r, path)
+        }
+        Op::ExpireResults(at, reply) => {
+            let r = exec(
+                tx,
+                "UPDATE jobs SET result = NULL, result_until = NULL WHERE result_until IS NOT NULL AND result_until <= ?1",
+                [at],
+            );
             respond(reply, r, path)
         }
         Op::Owed(limit, reply) => {
@@ -732,7 +777,7 @@ mod tests {
             "evidence": {}, "result": [["CANARY-result"]], "message": "m"
         }))
         .unwrap();
-        q.finish(&outcome, false).await.unwrap();
+        q.finish(&outcome, false, 0).await.unwrap();
         let done = q.get(&id("a")).await.unwrap().unwrap();
         assert!(done.params.is_none());
         assert_eq!(done.state, JobState::Applied);
@@ -793,7 +838,7 @@ mod tests {
                         "error_class": null, "evidence": {}, "result": null, "message": "m"
                     }))
                     .unwrap();
-                    q.finish(&outcome, false).await.unwrap();
+                    q.finish(&outcome, false, 0).await.unwrap();
                     finished += 1;
                 }
             }
@@ -805,7 +850,7 @@ mod tests {
                 "error_class": null, "evidence": {}, "result": null, "message": "m"
             }))
             .unwrap();
-            q.finish(&outcome, false).await.unwrap();
+            q.finish(&outcome, false, 0).await.unwrap();
         }
         let leaks = || -> usize {
             std::fs::read_dir(dir.path())
@@ -844,7 +889,7 @@ mod tests {
                 "error_class": null, "evidence": {"k": "v".repeat(300)}, "result": null, "message": "m"
             }))
             .unwrap();
-            q.finish(&outcome, false).await.unwrap();
+            q.finish(&outcome, false, 0).await.unwrap();
         }
         // Every job ended 40 days ago but one, which is still queued.
         q.submit(job("keep")).await.unwrap();

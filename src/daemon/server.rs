@@ -245,7 +245,9 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             }
         }
         Request::Status { job_id, .. } => match daemon.queue().get(&job_id).await {
-            Ok(Some(j)) if peer.may_see(&daemon.config().access, &j) => Reply::job(j),
+            Ok(Some(j)) if peer.may_see(&daemon.config().access, &j) => {
+                Reply::job(for_peer(peer, j))
+            }
             Ok(_) => not_found(&job_id),
             Err(e) => internal(e),
         },
@@ -269,6 +271,13 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
                     jobs: Some(
                         jobs.into_iter()
                             .filter(|j| peer.may_see(access, j))
+                            .map(|mut j| {
+                                // Lists never carry results.
+                                if let Some(o) = j.outcome.as_mut() {
+                                    o.result = None;
+                                }
+                                j
+                            })
                             .collect(),
                     ),
                     ..Reply::ok()
@@ -448,7 +457,7 @@ async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u6
                 Ok(outcome) => with_outcome(peer, j, outcome),
                 Err(_) => {
                     daemon.forget_waiters(job_id);
-                    Reply::job(j)
+                    Reply::job(for_peer(peer, j))
                 }
             }
         }
@@ -460,6 +469,17 @@ async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u6
             }
         }
     }
+}
+
+/// A stored job as a peer may see it: its result (kept for
+/// `result_ttl_s`) only for its submitter.
+fn for_peer(peer: &Peer, mut job: Job) -> Job {
+    if peer.uid != job.actor_uid {
+        if let Some(o) = job.outcome.as_mut() {
+            o.result = None;
+        }
+    }
+    job
 }
 
 /// A job with its outcome; the result goes to its submitter only.

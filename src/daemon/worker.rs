@@ -99,7 +99,8 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let mut wait = Duration::from_millis(200);
-    while let Err(e) = daemon.queue.finish(&outcome, row_owed).await {
+    let result_ttl = daemon.config().daemon.result_ttl_s;
+    while let Err(e) = daemon.queue.finish(&outcome, row_owed, result_ttl).await {
         tracing::error!(job_id = %job.job_id, cause = %e, "cannot record the job's end in the queue; retrying");
         if daemon.is_shutting_down() {
             // Settled through the ledger at the next start.
@@ -224,7 +225,7 @@ async fn pay_owed_rows(daemon: &Daemon) {
         match rt.record_owed(&job, class).await {
             Some(run_id) => {
                 outcome.run_id = Some(run_id);
-                if let Err(e) = daemon.queue.finish(&outcome, false).await {
+                if let Err(e) = daemon.queue.finish(&outcome, false, 0).await {
                     tracing::error!(job_id = %job.job_id, cause = %e, "cannot note the owed row as written");
                 } else {
                     tracing::info!(job_id = %job.job_id, run_id, "owed ledger row written");
@@ -251,6 +252,11 @@ pub async fn sweep_approvals(daemon: Arc<Daemon>) {
                 Ok(n) => tracing::info!(jobs = n, "pruned terminal jobs past retention_days"),
                 Err(e) => tracing::error!(cause = %e, "queue prune failed"),
             }
+        }
+        match daemon.queue.expire_results().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(jobs = n, "erased results past result_ttl_s"),
+            Err(e) => tracing::error!(cause = %e, "cannot erase expired results"),
         }
         let ttl = daemon.config().daemon.approval_ttl_s as i64;
         let before = unix_now() - ttl;

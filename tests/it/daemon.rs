@@ -235,8 +235,8 @@ async fn seed_proof_through_the_daemon_over_ssh() {
     ]);
     assert_eq!((code, p4["status"].as_str()), (Some(3), Some("refused")));
     assert_seed_figures(&db);
-    // Without --wait: queued, exit 0, then status shows the outcome
-    // without its result (results are erased from the queue).
+    // Without --wait: queued, exit 0, then status shows the outcome, with
+    // its result to its submitter (kept for result_ttl_s).
     let out = d.cli(None, &["verify", "--json"]);
     assert_eq!(out.status.code(), Some(0));
     let j: Value = json_of(&out);
@@ -246,7 +246,7 @@ async fn seed_proof_through_the_daemon_over_ssh() {
     let st = d.cli(None, &["status", &id, "--json"]);
     let st = json_of(&st);
     assert_eq!(st["status"], "verified");
-    assert!(st["result"].is_null());
+    assert!(st["result"].to_string().contains("orphans"), "{st}");
     let h = d.cli(None, &["health", "--json"]);
     let h = json_of(&h);
     assert_eq!(h["workers_alive"], true);
@@ -1932,4 +1932,59 @@ async fn a_job_has_one_json_shape_wherever_it_is_printed() {
     assert_eq!(shapes[4]["status"], "verified");
     // Submitted without --wait: queued or already further along.
     assert!(shapes[5]["job_id"].is_string());
+}
+
+#[tokio::test]
+async fn a_result_is_kept_for_its_submitter_for_result_ttl_then_erased() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "result_ttl_s = 5\n");
+    let mut d = DaemonProc::start(&db);
+    let out = d.cli(None, &["verify", "--json"]);
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(wait_terminal(&d, &id)["state"], "verified");
+    // A restart forgets everything in memory: the result comes from the
+    // queue, to its submitter.
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0));
+    let d = DaemonProc::start(&db);
+    let status = |who: Option<&str>| -> Value {
+        let out = d.cli(who, &["status", &id, "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let mine = status(None);
+    assert!(mine["result"].to_string().contains("orphans"), "{mine}");
+    // Another user never sees it.
+    let other = status(Some(OTHER));
+    assert!(!other.to_string().contains("orphans"), "{other}");
+    // Past result_ttl_s it is erased, and the file keeps no trace.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !status(None)["result"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "the result outlived result_ttl_s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let queue = db.config.daemon.state_dir.join("queue.db");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let bytes = std::fs::read(&queue).unwrap_or_default();
+        let wal =
+            std::fs::read(db.config.daemon.state_dir.join("queue.db-wal")).unwrap_or_default();
+        if !bytes
+            .windows(7)
+            .chain(wal.windows(7))
+            .any(|w| w == b"orphans")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the erased result is still in the queue files"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
