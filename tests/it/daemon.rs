@@ -815,6 +815,27 @@ async fn batch_checks_first_reports_per_line_and_summarises_over_ssh() {
     );
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(db.count("iu_collection"), 5);
+    // A body of the catalog's maximum size (1 MiB) goes through batch and
+    // the socket end to end.
+    let coll = db.sql("SELECT collection_id FROM iu_collection LIMIT 1");
+    let big = db.dir.path().join("big.jsonl");
+    let body = "b".repeat(1_048_576);
+    std::fs::write(
+        &big,
+        format!("{{\"command\":\"dot_iu_add_piece\",\"mode\":\"apply\",\"params\":{{\"collection_id\":\"{coll}\",\"body\":\"{body}\"}}}}\n"),
+    )
+    .unwrap();
+    let out = d.cli(None, &["batch", big.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("batch of 1 line: applied 1"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.sql("SELECT max(octet_length(body)) FROM iu_piece"),
+        "1048576"
+    );
     // --json: one object, a line per job with its id and status.
     let two = db.dir.path().join("two.jsonl");
     std::fs::write(&two, "{\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n\n{\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n").unwrap();
