@@ -646,7 +646,10 @@ async fn drive_channel(
                 Event::Exit(Exit::Code(exit_status as i32))
             }
             Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
-                Event::Exit(Exit::Signal(format!("{signal_name:?}")))
+                Event::Exit(Exit::Signal(match signal_name {
+                    russh::Sig::Custom(name) => format!("SIG{name}"),
+                    known => format!("SIG{known:?}"),
+                }))
             }
             Some(ChannelMsg::Failure) => Event::Refused,
             Some(ChannelMsg::Close) | None => break,
