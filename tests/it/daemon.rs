@@ -2009,3 +2009,55 @@ async fn a_result_is_kept_for_its_submitter_for_result_ttl_then_erased() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[tokio::test]
+async fn a_batch_keeps_waiting_across_a_daemon_restart() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let mut d = DaemonProc::start(&db);
+    let file = db.dir.path().join("slow.jsonl");
+    std::fs::write(
+        &file,
+        "{\"command\":\"dot_iu_diag_sleep\",\"mode\":\"verify\",\"params\":{\"seconds\":\"2\"}}\n\
+         {\"command\":\"dot_iu_diag_sleep\",\"mode\":\"verify\",\"params\":{\"seconds\":\"2\"}}\n\
+         {\"command\":\"dot_iu_healthcheck\",\"mode\":\"verify\"}\n",
+    )
+    .unwrap();
+    let batch = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .args(["batch", "--json"])
+        .arg(&file)
+        .env("GOVSQL_CONFIG", &db.config_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the jobs are in the queue, the daemon goes away and comes back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = d.request(json!({"v": 1, "op": "health"}));
+        let n: i64 = h["health"]["jobs"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_i64).sum())
+            .unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the batch did not submit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Killed outright: the batch's connection breaks mid-wait; the jobs
+    // that were running are run again after the restart.
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(700));
+    let _d = DaemonProc::start(&db);
+    let out = batch.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["summary"], json!({"verified": 3}), "{j}");
+    assert!(
+        err.contains("reconnecting"),
+        "the wait never lost the daemon: {err}"
+    );
+}
