@@ -632,6 +632,10 @@ pub struct Job {
     /// When it was approved (unix seconds).
     #[serde(skip)]
     pub approved_at: Option<i64>,
+    /// The approver's reason, if given (at most 200 characters; into the
+    /// ledger's evidence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approve_reason: Option<String>,
     /// When it was submitted (unix seconds).
     pub submitted_at: i64,
     /// When it ended (unix seconds).
@@ -684,6 +688,7 @@ impl Job {
             preset: None,
             approved_by: None,
             approved_at: None,
+            approve_reason: None,
             submitted_at: unix_now(),
             finished_at: None,
             outcome: None,

@@ -81,6 +81,9 @@ pub enum Request {
         v: u32,
         /// The job.
         job_id: JobId,
+        /// Why (optional, at most 200 characters; into the ledger).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Reject a job that waits for approval (an approver; the reason goes
     /// into the ledger's evidence, at most 200 characters).

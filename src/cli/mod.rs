@@ -220,6 +220,9 @@ pub enum Cmd {
     Approve {
         /// The job.
         job_id: String,
+        /// Why (optional, at most 200 characters; it goes into the ledger).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Cancel a queued or waiting job.
     Cancel {
@@ -471,11 +474,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             jobs_cmd(&config_path, limit, page, filter, json).await
         }
-        Cmd::Approve { job_id } => match remote::job_id_arg(&job_id) {
+        Cmd::Approve { job_id, reason } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
                 let req = Request::Approve {
                     v: PROTOCOL_VERSION,
                     job_id,
+                    reason,
                 };
                 simple_job_op(&config_path, req, false).await
             }

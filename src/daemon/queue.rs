@@ -69,7 +69,7 @@ enum Op {
     Owed(u32, Reply<Vec<Job>>),
     Retry(JobId, JobState, Reply<u32>),
     Prune(i64, Reply<usize>),
-    Approve(JobId, String, Reply<Job>),
+    Approve(JobId, String, Option<String>, Reply<Job>),
     Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
     Counts(Reply<BTreeMap<JobState, i64>>),
@@ -116,6 +116,7 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("row_owed", "INTEGER NOT NULL DEFAULT 0"),
     ("result", "TEXT"),
     ("result_until", "INTEGER"),
+    ("approve_reason", "TEXT"),
 ];
 
 impl Queue {
@@ -251,8 +252,13 @@ impl Queue {
     }
 
     /// awaiting_approval → queued, approved by `by`.
-    pub async fn approve(&self, job_id: &JobId, by: &str) -> Result<Job, QueueError> {
-        self.call(|r| Op::Approve(job_id.clone(), by.to_string(), r))
+    pub async fn approve(
+        &self,
+        job_id: &JobId,
+        by: &str,
+        reason: Option<String>,
+    ) -> Result<Job, QueueError> {
+        self.call(|r| Op::Approve(job_id.clone(), by.to_string(), reason, r))
             .await
     }
 
@@ -288,7 +294,7 @@ impl Queue {
     }
 }
 
-const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until";
+const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason";
 
 /// A column whose stored word this build does not know: an error, never
 /// a silent default.
@@ -332,6 +338,7 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         preset,
         approved_by: r.get(13)?,
         approved_at: r.get(14)?,
+        approve_reason: r.get(21)?,
         submitted_at: r.get(15)?,
         finished_at: r.get(16)?,
         outcome: outcome
@@ -575,9 +582,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             );
             respond(reply, r, path)
         }
-        Op::Approve(id, by, reply) => match get_job(tx, &id) {
+        Op::Approve(id, by, reason, reply) => match get_job(tx, &id) {
             Ok(Some(j)) if j.state == JobState::AwaitingApproval => {
-                respond(reply, approve(tx, &id, &by), path)
+                respond(reply, approve(tx, &id, &by, reason.as_deref()), path)
             }
             Ok(Some(j)) => {
                 let msg = format!("job {id} is {}, not awaiting approval", j.state);
@@ -693,11 +700,11 @@ fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
     Ok(Some(j))
 }
 
-fn approve(tx: &Connection, id: &JobId, by: &str) -> rusqlite::Result<Job> {
+fn approve(tx: &Connection, id: &JobId, by: &str, reason: Option<&str>) -> rusqlite::Result<Job> {
     exec(
         tx,
-        "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3 WHERE job_id = ?1",
-        params![id.as_str(), by, now()],
+        "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3, approve_reason = ?4 WHERE job_id = ?1",
+        params![id.as_str(), by, now(), reason],
     )?;
     get_job(tx, id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
@@ -806,9 +813,9 @@ mod tests {
         j.state = JobState::AwaitingApproval;
         q.submit(j).await.unwrap();
         assert!(q.claim_next("main").await.unwrap().is_none());
-        let approved = q.approve(&id("w"), "bob").await.unwrap();
+        let approved = q.approve(&id("w"), "bob", None).await.unwrap();
         assert_eq!(approved.approved_by.as_deref(), Some("bob"));
-        assert!(q.approve(&id("w"), "bob").await.is_err());
+        assert!(q.approve(&id("w"), "bob", None).await.is_err());
         assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, id("w"));
     }
 

@@ -285,7 +285,7 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
                 Err(e) => internal(e),
             }
         }
-        Request::Approve { job_id, .. } => approve(daemon, peer, &job_id).await,
+        Request::Approve { job_id, reason, .. } => approve(daemon, peer, &job_id, reason).await,
         Request::Reject { job_id, reason, .. } => reject(daemon, peer, &job_id, &reason).await,
         Request::Show { job_id, .. } => show(daemon, peer, &job_id).await,
         Request::Cancel { job_id, .. } => cancel(daemon, peer, &job_id).await,
@@ -522,7 +522,15 @@ async fn await_outcome(
     }
 }
 
-async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
+async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: Option<String>) -> Reply {
+    let reason = reason
+        .map(|r| {
+            r.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+        })
+        .filter(|r| !r.trim().is_empty());
     let cfg = daemon.config();
     if !peer.admitted_by(&cfg.access.approve) {
         return Reply::error(
@@ -559,7 +567,8 @@ async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
         daemon.wake(&row.target);
         return Reply::error(ReplyKind::Expired, msg);
     }
-    match daemon.queue().approve(job_id, &peer.user).await {
+    let reason = reason.map(|r| format!("approved by {}: {r}", peer.user));
+    match daemon.queue().approve(job_id, &peer.user, reason).await {
         Ok(row) => {
             tracing::info!(job_id = %job_id, approver = %peer.user, "job approved");
             daemon.wake(&row.target);

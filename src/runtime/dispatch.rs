@@ -96,6 +96,8 @@ impl Runtime {
             .filter(|r| r.class == ErrorClass::Rejected)
         {
             facts["reason"] = json!(r.message.chars().take(200).collect::<String>());
+        } else if let Some(why) = &ctx.job.approve_reason {
+            facts["reason"] = json!(why.chars().take(200).collect::<String>());
         }
         // The job's own times (a row written late says when it happened).
         facts["submitted_at"] = json!(ctx.job.submitted_at.to_string());

@@ -1911,6 +1911,30 @@ async fn approvers_list_show_and_reject_with_a_reason_in_the_ledger_over_ssh() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("erased"));
     // The value never reached the daemon's log.
     assert!(!d.log_text().contains(piece));
+    // An approval's reason goes into the ledger too.
+    let r = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let id2 = r["job"]["job_id"].as_str().unwrap().to_string();
+    let out = d.cli(Some(OTHER), &["approve", &id2, "--reason", "ticket OPS-42"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = wait_terminal(&d, &id2);
+    assert!(done["outcome"]["run_id"].is_i64(), "{done}");
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT evidence->>'reason' FROM dot_iu_command_run WHERE evidence->>'job_id' = '{id2}'"
+        )),
+        format!("approved by {OTHER}: ticket OPS-42")
+    );
 }
 
 #[tokio::test]
