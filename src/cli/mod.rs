@@ -527,23 +527,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             no_verify,
             json,
         } => {
-            let mode = match mode.as_deref().map(|m| (m, Mode::parse(m))) {
-                None => None,
-                Some((_, Some(m))) => Some(m),
-                Some((m, None)) => {
-                    eprintln!("govsql: --mode {m:?} is not plan, apply or verify");
-                    return Ok(ExitCode::Usage);
-                }
-            };
-            let since = match since.as_deref() {
-                None => None,
-                Some(s) => match crate::job::parse_since(s, crate::job::unix_now()) {
-                    Some(t) => Some(t),
-                    None => {
-                        eprintln!("govsql: --since {s:?} is neither a duration (30m, 1h, 2d) nor a date (2026-11-01)");
-                        return Ok(ExitCode::Usage);
-                    }
-                },
+            let (mode, since) = match (remote::mode_arg(mode), remote::since_arg(since)) {
+                (Ok(m), Ok(s)) => (m, s),
+                (Err(code), _) | (_, Err(code)) => return Ok(code),
             };
             let filter = crate::protocol::LogFilter {
                 command,

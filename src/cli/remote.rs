@@ -203,6 +203,33 @@ pub(super) async fn simple_job_op(
     Ok(ExitCode::Ok)
 }
 
+/// `--mode`, or a usage error.
+pub(super) fn mode_arg(mode: Option<String>) -> Result<Option<Mode>, ExitCode> {
+    match mode.as_deref().map(|m| (m, Mode::parse(m))) {
+        None => Ok(None),
+        Some((_, Some(m))) => Ok(Some(m)),
+        Some((m, None)) => {
+            eprintln!("govsql: --mode {m:?} is not plan, apply or verify");
+            Err(ExitCode::Usage)
+        }
+    }
+}
+
+/// `--since` (a duration ago or a UTC date) as a Unix time, or a usage
+/// error.
+pub(super) fn since_arg(since: Option<String>) -> Result<Option<i64>, ExitCode> {
+    match since.as_deref() {
+        None => Ok(None),
+        Some(s) => match crate::job::parse_since(s, crate::job::unix_now()) {
+            Some(t) => Ok(Some(t)),
+            None => {
+                eprintln!("govsql: --since {s:?} is neither a duration (30m, 1h, 2d) nor a date (2026-11-01)");
+                Err(ExitCode::Usage)
+            }
+        },
+    }
+}
+
 /// The filter of `jobs` from its flags, or a usage error.
 pub(super) fn list_filter(
     state: Option<String>,
@@ -221,22 +248,8 @@ pub(super) fn list_filter(
         Some((_, Some(st))) => Some(st),
         Some((s, None)) => return Err(usage(format!("--state {s:?} is not a job state (queued, running, awaiting_approval, planned, applied, verified, refused, failed, cancelled, unsettled)"))),
     };
-    let mode = match mode.as_deref().map(|m| (m, Mode::parse(m))) {
-        None => None,
-        Some((_, Some(m))) => Some(m),
-        Some((m, None)) => return Err(usage(format!("--mode {m:?} is not plan, apply or verify"))),
-    };
-    let since = match since.as_deref() {
-        None => None,
-        Some(s) => match crate::job::parse_since(s, crate::job::unix_now()) {
-            Some(t) => Some(t),
-            None => {
-                return Err(usage(format!(
-                    "--since {s:?} is neither a duration (30m, 1h, 2d) nor a date (2026-11-01)"
-                )))
-            }
-        },
-    };
+    let mode = mode_arg(mode)?;
+    let since = since_arg(since)?;
     Ok(crate::protocol::ListFilter {
         state,
         mode,

@@ -522,36 +522,50 @@ async fn await_outcome(
     }
 }
 
-async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: Option<String>) -> Reply {
-    let reason = reason
-        .map(|r| {
-            r.chars()
-                .filter(|c| !c.is_control())
-                .take(200)
-                .collect::<String>()
-        })
-        .filter(|r| !r.trim().is_empty());
-    let cfg = daemon.config();
-    if !peer.admitted_by(&cfg.access.approve) {
-        return Reply::error(
+/// An approver's words: control characters out, at most 200 characters;
+/// None when nothing is left.
+fn reason_text(reason: &str) -> Option<String> {
+    let r: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    (!r.trim().is_empty()).then_some(r)
+}
+
+/// The job an approver acts on: the peer must be in the approve list and
+/// the job awaiting approval.
+async fn awaiting_for_approver(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Result<Job, Reply> {
+    if !peer.admitted_by(&daemon.config().access.approve) {
+        return Err(Reply::error(
             ReplyKind::Denied,
             format!(
                 "user {} is not in the [access] approve list of the daemon's config",
                 peer.user
             ),
-        );
+        ));
     }
     let row = match daemon.queue().get(job_id).await {
         Ok(Some(r)) => r,
-        Ok(None) => return not_found(job_id),
-        Err(e) => return internal(e),
+        Ok(None) => return Err(not_found(job_id)),
+        Err(e) => return Err(internal(e)),
     };
     if row.state != JobState::AwaitingApproval {
-        return Reply::error(
+        return Err(Reply::error(
             ReplyKind::Conflict,
             format!("job {job_id} is {}, not awaiting approval", row.state),
-        );
+        ));
     }
+    Ok(row)
+}
+
+async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: Option<String>) -> Reply {
+    let reason = reason.as_deref().and_then(reason_text);
+    let cfg = daemon.config();
+    let row = match awaiting_for_approver(daemon, peer, job_id).await {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
     if row.actor_uid == peer.uid {
         return Reply::error(
             ReplyKind::Denied,
@@ -581,35 +595,13 @@ async fn approve(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: Option<St
 /// Rejects a job that waits for approval: it ends refused (`rejected`),
 /// the reason in its ledger row's evidence.
 async fn reject(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: &str) -> Reply {
-    let cfg = daemon.config();
-    if !peer.admitted_by(&cfg.access.approve) {
-        return Reply::error(
-            ReplyKind::Denied,
-            format!(
-                "user {} is not in the [access] approve list of the daemon's config",
-                peer.user
-            ),
-        );
-    }
-    let reason: String = reason
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
-    if reason.trim().is_empty() {
+    let Some(reason) = reason_text(reason) else {
         return Reply::error(ReplyKind::BadRequest, "a rejection needs a --reason");
-    }
-    let row = match daemon.queue().get(job_id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return not_found(job_id),
-        Err(e) => return internal(e),
     };
-    if row.state != JobState::AwaitingApproval {
-        return Reply::error(
-            ReplyKind::Conflict,
-            format!("job {job_id} is {}, not awaiting approval", row.state),
-        );
-    }
+    let row = match awaiting_for_approver(daemon, peer, job_id).await {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
     let msg = format!("rejected by {}: {reason}", peer.user);
     match daemon
         .queue()
