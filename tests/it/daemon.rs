@@ -1279,7 +1279,9 @@ async fn a_full_state_disk_refuses_submits_clearly_and_nothing_stays_running() {
 
 #[tokio::test]
 async fn values_stay_off_the_command_line_and_a_job_can_be_waited_for_again() {
-    let mut db = test_db().await;
+    // Through the real daemon over SSH.
+    let s = sshd::shared();
+    let mut db = ssh_db(&s.target_toml(USER, &keys().ed25519), 30).await;
     configure(&mut db, OPEN_ACCESS, "");
     db.open_all();
     let d = DaemonProc::start(&db);
