@@ -514,3 +514,16 @@ async fn timeouts_never_wedge_the_channel_slots() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_login_user_with_a_nologin_shell_is_named_as_the_cause() {
+    // The natural copy of a system service user: nologin prints its notice
+    // instead of running psql; the error says so and how to fix it.
+    let db = db_as(sshd::NOLOGIN.0, &keys().ed25519, 20).await;
+    let out = db.govsql(&["verify", "--direct", "--json"]);
+    let j = json_of(&out);
+    assert_eq!(j["status"], "failed", "{j}");
+    let msg = j["message"].as_str().unwrap();
+    assert!(msg.contains("has no login shell (nologin)"), "{msg}");
+    assert!(msg.contains("usermod -s /bin/bash"), "{msg}");
+}

@@ -22,8 +22,15 @@ pub const SHELL_USERS: &[(&str, &str)] = &[
 /// touch another test's jobs).
 pub const VICTIM: (&str, &str) = ("govsqlt_victim", "/bin/bash");
 
+/// A user whose login shell is nologin (the natural copy of a system
+/// service user), for the message that names it.
+pub const NOLOGIN: (&str, &str) = ("govsqlt_nologin", "/usr/sbin/nologin");
+
 fn all_users() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    SHELL_USERS.iter().chain(std::iter::once(&VICTIM))
+    SHELL_USERS
+        .iter()
+        .chain(std::iter::once(&VICTIM))
+        .chain(std::iter::once(&NOLOGIN))
 }
 
 /// The user most tests log in as.
