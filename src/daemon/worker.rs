@@ -91,10 +91,7 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         .metrics
         .job_ended(job.mode, &outcome, started.elapsed());
     daemon.deliver(&outcome);
-    if let Some(ms) = std::env::var("GOVSQL_TEST_RECORD_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(ms) = test_record_delay() {
         // A test widens the window between delivery and the queue's record.
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -110,6 +107,16 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         wait = (wait * 2).min(Duration::from_secs(10));
     }
     daemon.recorded(&job.job_id);
+}
+
+/// `GOVSQL_TEST_RECORD_DELAY_MS`, read once (not on every job).
+fn test_record_delay() -> Option<u64> {
+    static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("GOVSQL_TEST_RECORD_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
 }
 
 /// What happens to a job that is not over.

@@ -422,10 +422,8 @@ impl Pool {
                     // first statement, the per-job settings, and exits: no
                     // marker of the job was printed, nothing governed ran.
                     // Run it once more on a fresh session.
-                    let started = out
-                        .stdout
-                        .windows(req.nonce.len() + 8)
-                        .any(|w| w.starts_with(b"GOVSQL:") && &w[7..] == req.nonce.as_bytes());
+                    let started = crate::psql::Sections::split(&out.stdout, &req.nonce)
+                        .map_or(true, |secs| secs.complete || !secs.parts.is_empty());
                     if reused && !retried && !started && matches!(out.exit, Exit::Code(_)) {
                         tracing::info!(
                             "a warm psql session had ended; running the job on a fresh one"
