@@ -111,6 +111,18 @@ impl DaemonProc {
         }
     }
 
+    /// Runs the CLI (which must exit 0) and parses its stdout as JSON.
+    fn cli_json(&self, as_user: Option<&str>, args: &[&str]) -> Value {
+        let out = self.cli(as_user, args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Runs the CLI against this daemon, optionally as another user.
     fn cli(&self, as_user: Option<&str>, args: &[&str]) -> std::process::Output {
         let mut c = match as_user {
@@ -1727,16 +1739,8 @@ async fn jobs_filter_by_state_mode_command_and_since_and_show_times_and_targets(
     );
     assert_eq!(r["job"]["state"], "refused", "{r}");
     let list = |args: &[&str]| -> Vec<Value> {
-        let mut all = vec!["jobs", "--json"];
-        all.extend_from_slice(args);
-        let out = d.cli(None, &all);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let all: Vec<&str> = ["jobs", "--json"].iter().chain(args).copied().collect();
+        serde_json::from_value(d.cli_json(None, &all)).unwrap()
     };
     assert_eq!(list(&[]).len(), 3);
     assert_eq!(list(&["--mode", "apply"]).len(), 1);
@@ -1801,16 +1805,8 @@ async fn log_reads_the_ledger_through_the_daemon_over_ssh_with_filters() {
         String::from_utf8_lossy(&out.stderr)
     );
     let log = |user: Option<&str>, args: &[&str]| -> Vec<Value> {
-        let mut all = vec!["log", "--json"];
-        all.extend_from_slice(args);
-        let out = d.cli(user, &all);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let all: Vec<&str> = ["log", "--json"].iter().chain(args).copied().collect();
+        serde_json::from_value(d.cli_json(user, &all)).unwrap()
     };
     let all = log(None, &[]);
     assert_eq!(all.len(), 4, "{all:?}");
@@ -1944,16 +1940,7 @@ async fn a_job_has_one_json_shape_wherever_it_is_printed() {
     let mut db = test_db().await;
     configure(&mut db, OPEN_ACCESS, "");
     let d = DaemonProc::start(&db);
-    let json_of_cli = |args: &[&str]| -> Value {
-        let out = d.cli(None, args);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let json_of_cli = |args: &[&str]| d.cli_json(None, args);
     let waited = json_of_cli(&["verify", "--wait", "--json"]);
     let id = waited["job_id"].as_str().unwrap().to_string();
     let shapes = [

@@ -100,46 +100,6 @@ async fn a_job_leaves_nothing_behind_for_the_next_job_on_the_same_session() {
 }
 
 #[tokio::test]
-async fn a_psql_variable_set_by_one_job_is_unset_before_the_next() {
-    let db = test_db().await;
-    let exec = db.session_executor("max_channels = 1");
-    let mut a = Script::new("govsql:var-a", 10_000);
-    a.meta("\\set govsql_leak yes");
-    a.section();
-    a.sql("COPY (SELECT pg_backend_pid()) TO STDOUT");
-    let fa = a.finish();
-    let out_a = exec
-        .run(ScriptRequest::new(&fa, "govsql:var-a"))
-        .await
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out_a.stdout).contains(&format!("GOVSQL:{}:end", fa.nonce)));
-
-    let mut b = Script::new("govsql:var-b", 10_000);
-    b.section();
-    b.meta("\\echo leak=:{?govsql_leak}");
-    b.sql("COPY (SELECT pg_backend_pid()) TO STDOUT");
-    let fb = b.finish();
-    let out_b = exec
-        .run(ScriptRequest::new(&fb, "govsql:var-b"))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out_b.stdout);
-    let pid_a = String::from_utf8_lossy(&out_a.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .to_string();
-    assert!(
-        text.contains(&format!("\n{pid_a}\n")),
-        "one session: {text}"
-    );
-    assert!(
-        text.contains("leak=FALSE"),
-        "the variable reached the next job: {text}"
-    );
-}
-
-#[tokio::test]
 async fn a_verify_that_fails_after_one_that_passed_is_failed() {
     let db = test_db().await;
     db.open_all();
