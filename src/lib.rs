@@ -15,6 +15,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod gate;
+pub mod grammar;
 pub mod guard;
 pub mod job;
 pub mod logging;

@@ -51,11 +51,18 @@ pub const MIGRATIONS: &[Migration] = &[
 ];
 
 /// The demo IU Core schema (`--demo`).
-pub const DEMO: &[Migration] = &[Migration {
-    version: "demo_001_iu_core",
-    sql: include_str!("../sql/demo/001_iu_core.sql"),
-    rollback: include_str!("../sql/rollback/demo_001_iu_core.sql"),
-}];
+pub const DEMO: &[Migration] = &[
+    Migration {
+        version: "demo_001_iu_core",
+        sql: include_str!("../sql/demo/001_iu_core.sql"),
+        rollback: include_str!("../sql/rollback/demo_001_iu_core.sql"),
+    },
+    Migration {
+        version: "demo_002_least_privilege",
+        sql: include_str!("../sql/demo/002_least_privilege.sql"),
+        rollback: include_str!("../sql/rollback/demo_002_least_privilege.sql"),
+    },
+];
 
 /// A migrate or rollback that did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +97,13 @@ pub struct MigrateReport {
     /// types their statements use: marked unavailable (refused with
     /// `target_missing`).
     pub unavailable: Vec<String>,
+    /// Functions the runtime role can execute besides the dispatcher's
+    /// entries (any schema but pg_catalog and information_schema).
+    pub excess: Vec<String>,
 }
+
+/// What the runtime role may execute: the dispatcher's entries.
+const ENTRY_FUNCTIONS: &str = "'fn_dot_iu_dispatch', 'fn_dot_iu_refuse', 'fn_dot_iu_fail', 'fn_dot_iu_status', 'fn_dot_iu_ledger'";
 
 fn checksum(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
@@ -153,6 +166,10 @@ pub fn migrate_script(
     s.sql("SELECT unnest(public.fn_dot_iu_catalog_resolve(:'runtime_role'))");
     s.section();
     s.sql("SELECT version, checksum FROM public.dot_schema_migrations ORDER BY version");
+    s.section();
+    s.sql(&format!(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND has_function_privilege(:'runtime_role', p.oid, 'EXECUTE') AND NOT (n.nspname = 'public' AND p.proname IN ({ENTRY_FUNCTIONS})) ORDER BY 1"
+    ));
     Ok(s.finish())
 }
 
@@ -191,9 +208,15 @@ pub async fn migrate(
         .collect();
     let recorded = control_rows(2, secs.get(2).unwrap_or_default(), 2)
         .map_err(|e| MigrateError::Psql(e.to_string()))?;
+    let excess = control_rows(3, secs.get(3).unwrap_or_default(), 1)
+        .map_err(|e| MigrateError::Psql(e.to_string()))?
+        .into_iter()
+        .filter_map(|mut r| r.pop())
+        .collect();
     let mut report = MigrateReport {
         applied: applied.clone(),
         unavailable,
+        excess,
         ..MigrateReport::default()
     };
     for m in MIGRATIONS.iter().chain(if demo { DEMO } else { &[] }) {
@@ -220,5 +243,31 @@ async fn run_admin(exec: &dyn Executor, script: &FinishedScript) -> Result<Secti
         PsqlResult::Complete(secs) => Ok(secs),
         PsqlResult::SqlError { state, .. } => Err(MigrateError::Sql { state }),
         other => Err(MigrateError::Psql(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every script `migrate` sends passes the admin key's grammar at the
+    /// database host's remote-gate: the embedded migrations, the demo, the
+    /// shipped catalog's seed, and the rollback.
+    #[test]
+    fn every_migrate_script_passes_the_admin_grammar() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let catalog = Catalog::load(&root.join("config/catalog.toml")).unwrap();
+        for demo in [false, true] {
+            let s = migrate_script(&catalog, "govsql_runtime", demo).unwrap();
+            if let Err(e) = crate::grammar::check_admin_script(s.text.as_bytes()) {
+                let line = s.text.lines().nth(e.line as usize - 1).unwrap_or("");
+                panic!("demo={demo}: {e}: {line}");
+            }
+        }
+        crate::grammar::check_admin_script(rollback_script().text.as_bytes()).unwrap();
+        for m in MIGRATIONS.iter().chain(DEMO) {
+            crate::grammar::check_admin_script(m.sql.as_bytes())
+                .unwrap_or_else(|e| panic!("{}: {e}", m.version));
+        }
     }
 }

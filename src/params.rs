@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use md5::{Digest, Md5};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// Upper bound for any single value, whatever the catalog says.
@@ -299,20 +298,7 @@ pub fn keyed_digest(secret: &str, command: &str, given: &[(String, String)]) -> 
 /// Renders a value as `$tag$value$tag$::type` with a random tag that does
 /// not occur in the value.
 pub fn render_literal(ty: ParamType, value: &str) -> String {
-    let mut rng = rand::thread_rng();
-    loop {
-        let tag: String = std::iter::once('q')
-            .chain((0..9).map(|_| {
-                let n = rng.gen_range(0..36u8);
-                char::from(if n < 10 { b'0' + n } else { b'a' + n - 10 })
-            }))
-            .collect();
-        // The tag body never occurs in the value, so neither can "$tag$"
-        // nor any overlap of the value's end with the closing delimiter.
-        if !value.contains(&tag) {
-            return format!("${tag}${value}${tag}$::{}", ty.sql_type());
-        }
-    }
+    crate::grammar::dollar_quoted(value, ty.sql_type())
 }
 
 /// Renders a statement template: each `{{name}}` becomes the param's

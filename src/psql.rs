@@ -134,28 +134,23 @@ impl Script {
                 .map(|_| char::from(b"0123456789abcdef"[rng.gen_range(0..16)]))
                 .collect()
         };
-        let mut s = Script {
-            nonce,
-            text: String::with_capacity(1024),
-            sections: 0,
-        };
-        s.text
-            .push_str("\\set VERBOSITY sqlstate\n\\set SHOW_CONTEXT never\n");
-        // One round trip that prints nothing. The statement holds no
-        // backslash; every later literal is read with
-        // standard_conforming_strings on.
-        s.sql(&format!(
-            "SELECT 1 WHERE (set_config('standard_conforming_strings', 'on', false) || set_config('application_name', {}, false) || set_config('statement_timeout', '{statement_timeout_ms}', false)) IS NULL",
-            quote_plain(application_name)
+        let mut text = String::with_capacity(1024);
+        text.push_str(&crate::grammar::preamble(
+            application_name,
+            statement_timeout_ms,
         ));
-        s
+        Script {
+            nonce,
+            text,
+            sections: 0,
+        }
     }
 
     /// Starts the next section; returns its number (0, 1, …).
     pub fn section(&mut self) -> usize {
         let n = self.sections;
         self.text
-            .push_str(&format!("\\echo GOVSQL:{}:{n}\n", self.nonce));
+            .push_str(&crate::grammar::marker(&self.nonce, &n.to_string()));
         self.sections += 1;
         n
     }
@@ -175,7 +170,7 @@ impl Script {
     /// Closes the script with the end marker; returns its text.
     pub fn finish(mut self) -> FinishedScript {
         self.text
-            .push_str(&format!("\\echo GOVSQL:{}:end\n", self.nonce));
+            .push_str(&crate::grammar::marker(&self.nonce, "end"));
         FinishedScript {
             nonce: self.nonce,
             text: self.text,
@@ -198,12 +193,7 @@ pub struct FinishedScript {
 /// A string literal for values we own (tags, keys, digests): refuses
 /// anything but a conservative character set rather than escaping.
 pub fn quote_plain(s: &str) -> String {
-    assert!(
-        s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@+/=".contains(&b)),
-        "quote_plain is for runtime-owned identifiers only"
-    );
-    format!("'{s}'")
+    crate::grammar::word_literal(s)
 }
 
 /// A string literal for trusted catalog text (NUL refused at catalog
@@ -220,7 +210,7 @@ pub fn text_array(items: &[String]) -> String {
 
 /// A jsonb literal, dollar-quoted with a tag that does not occur in it.
 pub fn jsonb_literal(v: &serde_json::Value) -> String {
-    crate::params::render_literal(crate::params::ParamType::Jsonb, &v.to_string())
+    crate::grammar::json_literal(v)
 }
 
 /// Output that does not have the shape the script promised.

@@ -233,13 +233,15 @@ DECLARE
     f regprocedure;
 BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-              WHERE n.nspname = 'public' AND p.proname LIKE 'fn\_iu\_%' LOOP
+              WHERE n.nspname = 'public' AND left(p.proname, 6) = 'fn_iu_' LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END
 $$;
 
-SELECT format('GRANT EXECUTE ON FUNCTION %s TO %I', p.oid::regprocedure, :'runtime_role')
+-- The governed functions are run by the dispatcher (SECURITY DEFINER,
+-- owned by govsql_owner); the runtime role gets none of them.
+SELECT format('GRANT EXECUTE ON FUNCTION %s TO govsql_owner', p.oid::regprocedure)
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname = 'public' AND p.proname LIKE 'fn\_iu\_%'
+WHERE n.nspname = 'public' AND left(p.proname, 6) = 'fn_iu_'
 \gexec

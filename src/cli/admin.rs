@@ -177,7 +177,10 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
 pub(super) async fn db_status(exec: &dyn Executor) -> anyhow::Result<Vec<(String, String)>> {
     let mut s = Script::new("govsql:status", 30_000);
     s.section();
-    s.sql("SELECT kind, value FROM public.fn_dot_iu_status()");
+    s.sql(&crate::grammar::entry_call(
+        crate::grammar::Entry::Status,
+        &[],
+    ));
     let script = s.finish();
     let deadline = std::time::Duration::from_secs(60);
     let secs = match run_script(exec, &script, "govsql:status", deadline).await {
@@ -187,11 +190,11 @@ pub(super) async fn db_status(exec: &dyn Executor) -> anyhow::Result<Vec<(String
         ),
         other => anyhow::bail!("the status call could not run: {other}"),
     };
-    Ok(control_rows(0, secs.get(0).unwrap_or_default(), 2)?
+    Ok(copy_rows(0, secs.get(0).unwrap_or_default())?
         .into_iter()
         .map(|mut r| {
-            let v = r.pop().unwrap_or_default();
-            (r.pop().unwrap_or_default(), v)
+            let v = r.pop().flatten().unwrap_or_default();
+            (r.pop().flatten().unwrap_or_default(), v)
         })
         .collect())
 }
@@ -223,6 +226,13 @@ pub(super) async fn migrate_cmd(
         eprintln!(
             "govsql: warning: migrations applied from a different file version: {}",
             report.changed.join(", ")
+        );
+    }
+    if !report.excess.is_empty() {
+        eprintln!(
+            "govsql: warning: the runtime role {} can execute more than the dispatcher's entries: {} (revoke EXECUTE on them from it, and from PUBLIC; a stolen daemon key could call them directly)",
+            t.db_user,
+            report.excess.join(", ")
         );
     }
     if !report.unavailable.is_empty() {

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::job::{ExitCode, Job, JobState, Mode, Outcome, Params};
 use crate::params;
 use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
-use crate::psql::{control_rows, DbRole, PsqlResult, Script};
+use crate::psql::{copy_rows, DbRole, PsqlResult, Script};
 use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
 use crate::transport::{for_target, run_script, Executor};

@@ -411,9 +411,12 @@ impl Daemon {
             .unwrap_or(Duration::from_secs(60));
         let mut s = crate::psql::Script::new("govsql:log", timeout.as_millis() as u64 + 2000);
         s.section();
-        s.sql(&format!(
-            "COPY (SELECT kind, value FROM public.fn_dot_iu_ledger({}::jsonb, {limit})) TO STDOUT",
-            crate::psql::jsonb_literal(&f)
+        s.sql(&crate::grammar::entry_call(
+            crate::grammar::Entry::Ledger,
+            &[
+                crate::grammar::Arg::Json(&f),
+                crate::grammar::Arg::Int(i64::from(limit)),
+            ],
         ));
         let script = s.finish();
         match crate::transport::run_script(slot.executor.as_ref(), &script, "govsql:log", timeout)

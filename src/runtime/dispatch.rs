@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::psql::{copy_rows, jsonb_literal, quote_plain};
+use crate::psql::copy_rows;
 
 /// The `run` row every entry ends with.
 #[derive(Debug, Deserialize)]
@@ -107,38 +107,42 @@ impl Runtime {
         facts
     }
 
-    /// The one statement of an entry call.
+    /// The one statement of an entry call (built by the grammar the
+    /// database host's remote-gate checks).
     fn entry_sql(&self, ctx: &Ctx<'_>, entry: Entry, class: Option<&ErrorClass>) -> String {
-        let common = format!(
-            "{}, {}, {}::jsonb, {}, {}",
-            quote_plain(ctx.job.mode.as_str()),
-            quote_plain(&ctx.cmd.name),
-            jsonb_literal(&Self::params_json(ctx)),
-            quote_plain(ctx.key()),
-            quote_plain(&ctx.job.actor),
-        );
-        let client = format!("{}::jsonb", jsonb_literal(&self.client_facts(ctx)));
-        let call = match entry {
-            Entry::Dispatch => format!(
-                "public.fn_dot_iu_dispatch({common}, {}, {}, {}, {client})",
-                quote_plain(self.catalog.digest()),
-                self.allow_log_exposure,
-                self.max_result_bytes
-            ),
+        use crate::grammar::{entry_call, Arg};
+        let params = Self::params_json(ctx);
+        let client = self.client_facts(ctx);
+        let mut args = vec![
+            Arg::Word(ctx.job.mode.as_str()),
+            Arg::Word(&ctx.cmd.name),
+            Arg::Json(&params),
+            Arg::Word(ctx.key()),
+            Arg::Word(&ctx.job.actor),
+        ];
+        let max = i64::try_from(self.max_result_bytes).unwrap_or(i64::MAX);
+        let which = match entry {
+            Entry::Dispatch => {
+                args.extend([
+                    Arg::Word(self.catalog.digest()),
+                    Arg::Bool(self.allow_log_exposure),
+                    Arg::Int(max),
+                ]);
+                crate::grammar::Entry::Dispatch
+            }
             Entry::Refuse | Entry::Fail => {
-                let name = if matches!(entry, Entry::Refuse) {
-                    "refuse"
+                args.push(Arg::Word(
+                    class.map(ErrorClass::as_str).unwrap_or("internal"),
+                ));
+                if matches!(entry, Entry::Refuse) {
+                    crate::grammar::Entry::Refuse
                 } else {
-                    "fail"
-                };
-                let word = class.map(ErrorClass::as_str).unwrap_or("internal");
-                format!(
-                    "public.fn_dot_iu_{name}({common}, {}, {client})",
-                    quote_plain(word)
-                )
+                    crate::grammar::Entry::Fail
+                }
             }
         };
-        format!("COPY (SELECT kind, value FROM {call}) TO STDOUT")
+        args.push(Arg::Json(&client));
+        entry_call(which, &args)
     }
 
     /// Calls an entry; its answer, or psql's result when there is none.

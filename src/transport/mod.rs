@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::config::{TargetConfig, TransportKind};
 use crate::job::ErrorClass;
-use crate::psql::{quote_plain, DbRole, FinishedScript, PsqlResult, Script};
+use crate::psql::{DbRole, FinishedScript, PsqlResult, Script};
 pub use crate::psql::{Exit, ScriptOutput};
 use session::{run_once, Launch, Pool, SessionSettings};
 
@@ -267,10 +267,7 @@ pub async fn run_with_deadline(
 /// (briefly) until none is left.
 pub async fn cancel_tagged(exec: &dyn Executor, tag: &str) -> Result<(), TransportError> {
     let mut script = Script::new(&format!("{tag}:cancel"), 10_000);
-    let t = quote_plain(tag);
-    script.sql(&format!(
-        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE application_name = {t} AND pid <> pg_backend_pid()"
-    ));
+    script.sql(&crate::grammar::cancel_statement(tag));
     let req = ScriptRequest::new(&script.finish(), &format!("{tag}:cancel"));
     let out = tokio::time::timeout(Duration::from_secs(15), exec.run(req))
         .await

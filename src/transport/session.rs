@@ -131,13 +131,8 @@ pub async fn run_once(process: Process, text: &[u8]) -> Result<ScriptOutput, Tra
     reading.into_output(written)
 }
 
-/// The reset after each job in session mode, as ONE round trip: what
-/// `DISCARD ALL` does except `DISCARD PLANS` (cached plans hold no job's
-/// data; dropping them made every job re-plan the dispatcher, measured
-/// 2.4k → 1.2k jobs/s here). The first statement fails (ending the
-/// session) if the job left a transaction open: only a statement that
-/// starts its own transaction has equal statement and transaction times.
-const RESET_SQL: &str = "SELECT 1 WHERE 1 / (statement_timestamp() = transaction_timestamp())::int = 0 \\; CLOSE ALL \\; SET SESSION AUTHORIZATION DEFAULT \\; RESET ALL \\; DEALLOCATE ALL \\; UNLISTEN * \\; SELECT 1 WHERE pg_advisory_unlock_all()::text IS NULL \\; DISCARD TEMP \\; DISCARD SEQUENCES;\n";
+/// The reset after each job in session mode (see the grammar).
+const RESET_SQL: &str = crate::grammar::RESET_SQL;
 
 /// The psql variables a script sets with `\set` (the session unsets them
 /// after the job), or `None` when it uses `\gset`, whose names cannot be
@@ -169,12 +164,13 @@ fn session_text(req: &ScriptRequest, vars: &[String]) -> String {
         text.push('\n');
     }
     text.push_str(RESET_SQL);
+    text.push('\n');
     for v in vars {
         text.push_str("\\unset ");
         text.push_str(v);
         text.push('\n');
     }
-    text.push_str(&format!("\\echo GOVSQL:{}:ready\n", req.nonce));
+    text.push_str(&crate::grammar::marker(&req.nonce, "ready"));
     text
 }
 
