@@ -180,3 +180,315 @@ fn db_target_keys(db: &TestDb) -> String {
         t.db_user
     )
 }
+
+/// Runs `command` over SSH with `stdin` as its input; (exit code, stderr).
+fn ssh_stdin(
+    s: &Sshd,
+    user: &str,
+    key: &Path,
+    command: &str,
+    stdin: &[u8],
+) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new("ssh")
+        .args(["-p", &s.port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+        ])
+        .arg(format!("UserKnownHostsFile={}", s.known_hosts.display()))
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The hostile-stdin corpus: every psql meta-command that reaches the
+/// operating system, in every position psql accepts one. `{M}` is a marker
+/// file that exists only if something ran or wrote.
+fn hostile_corpus() -> Vec<(String, Vec<u8>)> {
+    let doors = [
+        "\\! touch {M}",
+        "\\o | touch {M}\nSELECT 1;",
+        "\\o {M}\nSELECT 1;",
+        "\\g | touch {M}",
+        "\\g {M}",
+        "\\set x `touch {M}`",
+        "\\echo `touch {M}`",
+        "\\setenv X `touch {M}`",
+        "\\copy (SELECT 1) TO PROGRAM 'touch {M}'",
+        "\\copy (SELECT 1) TO '{M}'",
+        "\\copy pg_class FROM '/etc/passwd'",
+        "\\lo_export 1 '{M}'",
+        "\\lo_import /etc/passwd",
+        "\\w {M}",
+        "\\i /etc/passwd",
+        "\\ir /etc/passwd",
+        "\\cd /tmp",
+        "\\connect postgres",
+        "\\c - postgres",
+        "\\set cmd 'touch {M}'\n\\! :cmd",
+        "SELECT 'touch {M}' AS c \\gset\n\\! :c",
+        "SELECT '\\! touch {M}' \\gexec",
+        "\\pset pager on\n\\setenv PAGER 'touch {M}'\nSELECT 1;",
+    ];
+    let positions: [(&str, fn(&str) -> String); 10] = [
+        ("own line", |d| format!("{d}\n")),
+        ("after SQL on the line", |d| format!("SELECT 1 {d}\n")),
+        ("after \\;", |d| format!("SELECT 1 \\; {d}\n")),
+        ("inside an E'' string", |d| format!("SELECT E'\\\\' {d}\n")),
+        ("after standard_conforming_strings off", |d| {
+            format!("SET standard_conforming_strings = off;\nSELECT 'a\\' {d}\n")
+        }),
+        ("after an unterminated quote", |d| {
+            format!("SELECT 'x\n{d}\n")
+        }),
+        ("after an unterminated dollar quote", |d| {
+            format!("SELECT $a$ x\n{d}\n")
+        }),
+        ("with CR line ends", |d| {
+            format!("SELECT 1;\r\n{}\r\n", d.replace('\n', "\r\n"))
+        }),
+        ("after a NUL byte", |d| format!("SELECT 1;\0\n{d}\n")),
+        ("after a 1 MiB line", |d| {
+            format!("SELECT '{}';\n{d}\n", "x".repeat(1 << 20))
+        }),
+    ];
+    let mut cases = Vec::new();
+    for d in doors {
+        for (where_, render) in &positions {
+            cases.push((format!("{d:?} {where_}"), render(d).into_bytes()));
+        }
+    }
+    cases
+}
+
+/// Listens on /dev/log (when nothing else does) to read the gate's
+/// system-log lines, draining it all the time (a full queue would block
+/// every sender).
+struct SysLog {
+    lines: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+}
+
+impl SysLog {
+    fn listen() -> SysLog {
+        let path = Path::new("/dev/log");
+        if path.exists() {
+            return SysLog { lines: None };
+        }
+        let Ok(sock) = std::os::unix::net::UnixDatagram::bind(path) else {
+            return SysLog { lines: None };
+        };
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = sock.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        SysLog { lines: Some(lines) }
+    }
+
+    fn lines(&self) -> Option<Vec<String>> {
+        Some(self.lines.as_ref()?.lock().unwrap().clone())
+    }
+}
+
+impl Drop for SysLog {
+    fn drop(&mut self) {
+        if self.lines.is_some() {
+            let _ = std::fs::remove_file("/dev/log");
+        }
+    }
+}
+
+/// A valid govsql job script (the status entry), as the runtime writes it.
+fn valid_script() -> String {
+    let mut s = govsql::psql::Script::new("govsql:gate-test", 10_000);
+    s.section();
+    s.sql(&govsql::grammar::entry_call(
+        govsql::grammar::Entry::Status,
+        &[],
+    ));
+    s.finish().text
+}
+
+#[tokio::test]
+async fn remote_gate_walls_stop_every_door_psql_opens_from_stdin() {
+    let s = Sshd::start();
+    let bin = installed_binary();
+    let db = ssh_db(&s.target_toml(USER, &keys().ed25519), 10).await;
+    db.open_all();
+    let pg = pg();
+    let marks = tempfile::Builder::new()
+        .prefix("govsql-gate-marks-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        marks.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let gate = |extra: &str| {
+        format!(
+            "{} remote-gate --psql {} --db-host {} --db-port {} --db-name {} --db-user {RUNTIME_ROLE}{extra}",
+            bin.display(),
+            pg.psql.display(),
+            pg.dir.display(),
+            pg.port,
+            db.name
+        )
+    };
+    let own = govsql::psql::command_line(&govsql::psql::command_words(
+        db.config.target(None).unwrap().1,
+        DbRole::Runtime,
+    ));
+    let authorize = |extra: &str| {
+        let line = format!(
+            "command=\"{}\",restrict {}\n",
+            gate(extra),
+            public_key(&keys().ed25519)
+        );
+        for (user, _) in SHELL_USERS {
+            std::fs::write(s.dir.join("authorized_keys").join(user), &line).unwrap();
+        }
+    };
+    let target = |user: &str| -> govsql::config::TargetConfig {
+        toml::from_str(&format!(
+            "{}{}",
+            s.target_toml(user, &keys().ed25519),
+            db_target_keys(&db)
+        ))
+        .unwrap()
+    };
+    let mut n = 0;
+    let mut marker = || {
+        n += 1;
+        marks.path().join(format!("m{n}"))
+    };
+
+    // The control: with both walls down, the marker mechanism works (a
+    // door really opens), so the cases below can fail.
+    authorize(" --test-no-grammar --test-no-kernel-wall");
+    for door in ["\\! touch {M}\n", "\\o {M}\nSELECT 1;\n"] {
+        let m = marker();
+        let text = door.replace("{M}", &m.to_string_lossy());
+        let _ = ssh_stdin(&s, USER, &keys().ed25519, &own, text.as_bytes());
+        assert!(
+            m.exists(),
+            "control: {door:?} did not open with both walls down"
+        );
+    }
+
+    // The kernel wall alone stops a shell and a file write.
+    authorize(" --test-no-grammar");
+    for door in [
+        "\\! touch {M}\n",
+        "\\o {M}\nSELECT 1;\n",
+        "\\o | touch {M}\nSELECT 1;\n",
+        "\\copy (SELECT 1) TO '{M}'\n",
+    ] {
+        let m = marker();
+        let text = door.replace("{M}", &m.to_string_lossy());
+        let _ = ssh_stdin(&s, USER, &keys().ed25519, &own, text.as_bytes());
+        assert!(!m.exists(), "the kernel wall alone let {door:?} through");
+    }
+
+    // The grammar alone refuses every door, before psql reads it; then
+    // both walls (the product) refuse every case of the corpus, each in a
+    // fresh channel, alone or after a valid job in the same channel,
+    // under every login shell (four channels at a time).
+    let syslog = SysLog::listen();
+    let corpus = hostile_corpus();
+    let doors_alone: Vec<(String, Vec<u8>)> = corpus.iter().step_by(10).cloned().collect();
+    for (extra, cases) in [(" --test-no-kernel-wall", &doors_alone), ("", &corpus)] {
+        authorize(extra);
+        let cases: Vec<(usize, &(String, Vec<u8>), PathBuf)> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c, marker()))
+            .collect();
+        std::thread::scope(|scope| {
+            for lane in cases.chunks(cases.len().div_ceil(4)) {
+                let (s, own) = (&s, &own);
+                scope.spawn(move || {
+                    for (i, (name, payload), m) in lane {
+                        let user = SHELL_USERS[i % SHELL_USERS.len()].0;
+                        let mut input = if i % 2 == 1 {
+                            valid_script().into_bytes()
+                        } else {
+                            Vec::new()
+                        };
+                        input.extend_from_slice(
+                            &String::from_utf8_lossy(payload)
+                                .replace("{M}", &m.to_string_lossy())
+                                .into_bytes(),
+                        );
+                        let (code, err) = ssh_stdin(s, user, &keys().ed25519, own, &input);
+                        assert!(
+                            !m.exists(),
+                            "{extra} {user}: {name}: something ran or wrote"
+                        );
+                        assert_eq!(
+                            code,
+                            Some(govsql::grammar::REFUSED_EXIT),
+                            "{extra} {user}: {name}: not refused: {err}"
+                        );
+                        assert!(
+                            err.contains(govsql::grammar::REFUSAL_PREFIX),
+                            "{name}: {err}"
+                        );
+                    }
+                });
+            }
+        });
+    }
+    if let Some(lines) = syslog.lines() {
+        let refusals: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("refused the script for role govsql_runtime"))
+            .collect();
+        assert!(!refusals.is_empty(), "no refusal reached the system log");
+        for l in refusals {
+            assert!(l.contains("md5 of the refused line"), "{l}");
+            assert!(!l.contains("touch"), "the log carries refused bytes: {l}");
+        }
+    }
+
+    // A valid govsql job on the same target works right after.
+    for (user, _) in SHELL_USERS {
+        let exec = govsql::transport::for_target(&target(user), DbRole::Runtime).unwrap();
+        let rt = db.runtime_with(exec);
+        let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+        assert_eq!(o.status, RunStatus::Verified, "{user}: {o:?}");
+    }
+    s.stop();
+    let _ = std::fs::remove_file(&bin);
+}
