@@ -156,6 +156,12 @@ fn script_vars(text: &str) -> Option<Vec<String>> {
     Some(vars)
 }
 
+/// What a session writes to its psql for a job: the script, then the
+/// reset and the ready marker (`None`: the script runs in its own psql).
+pub fn session_input(req: &ScriptRequest) -> Option<String> {
+    script_vars(&req.text).map(|vars| session_text(req, &vars))
+}
+
 /// A job's script followed by the session's reset and ready marker.
 fn session_text(req: &ScriptRequest, vars: &[String]) -> String {
     let mut text = String::with_capacity(req.text.len() + RESET_SQL.len() + 64);

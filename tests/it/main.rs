@@ -6,6 +6,7 @@ mod core;
 mod daemon;
 mod gate;
 mod governance;
+mod grammar;
 mod guard_table;
 mod harness;
 mod hostile;
