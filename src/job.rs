@@ -410,12 +410,14 @@ pub enum ErrorClass {
     SshAuth,
     /// psql could not reach PostgreSQL.
     DbUnavailable,
+    /// The database host's remote-gate refused the script: nothing ran.
+    RemoteGate,
     /// A bug; the message says what.
     Internal,
 }
 
 impl ErrorClass {
-    const WORDS: [(&'static str, ErrorClass); 23] = [
+    const WORDS: [(&'static str, ErrorClass); 24] = [
         ("unknown_command", ErrorClass::UnknownCommand),
         ("bad_params", ErrorClass::BadParams),
         ("unsafe_plan", ErrorClass::UnsafePlan),
@@ -438,6 +440,7 @@ impl ErrorClass {
         ("host_key", ErrorClass::HostKey),
         ("ssh_auth", ErrorClass::SshAuth),
         ("db_unavailable", ErrorClass::DbUnavailable),
+        ("remote_gate", ErrorClass::RemoteGate),
         ("internal", ErrorClass::Internal),
     ];
 
@@ -506,6 +509,7 @@ impl ErrorClass {
             | ErrorClass::HostKey
             | ErrorClass::SshAuth
             | ErrorClass::DbUnavailable
+            | ErrorClass::RemoteGate
             | ErrorClass::Internal => RunStatus::Failed,
         }
     }

@@ -250,6 +250,9 @@ pub struct TargetHealth {
     pub last_error_at: Option<i64>,
     /// That job's error class.
     pub last_error_class: Option<String>,
+    /// The script format its remote-gate announced (none seen: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_format: Option<u32>,
 }
 
 /// A reply.

@@ -485,12 +485,24 @@ pub enum PsqlResult {
     },
     /// Output that does not have the script's shape.
     Malformed(String),
+    /// The database host's remote-gate refused the script: the refused
+    /// part never reached psql.
+    GateRefused(String),
 }
 
 impl PsqlResult {
     /// Reads what psql wrote and how it ended, against the script it ran
     /// (a transport that failed is read by `transport::run_script`).
     pub fn read(out: &ScriptOutput, script: &FinishedScript) -> PsqlResult {
+        if out.exit == Exit::Code(crate::grammar::REFUSED_EXIT) {
+            let text = String::from_utf8_lossy(&out.stderr);
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with(crate::grammar::REFUSAL_PREFIX))
+            {
+                return PsqlResult::GateRefused(line.chars().take(400).collect());
+            }
+        }
         let secs = match Sections::split(&out.stdout, &script.nonce) {
             Ok(secs) => secs,
             Err(e) => return PsqlResult::Malformed(e.to_string()),
@@ -538,6 +550,7 @@ impl std::fmt::Display for PsqlResult {
                 f.write_str(message)
             }
             PsqlResult::Malformed(m) => write!(f, "unexpected psql output: {m}"),
+            PsqlResult::GateRefused(m) => f.write_str(m),
         }
     }
 }

@@ -476,8 +476,12 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
                 at.map(|a| format!("{} s ago", crate::job::unix_now() - a))
                     .unwrap_or_else(|| "never".into())
             };
+            let gate = t
+                .gate_format
+                .map(|v| format!(", remote-gate format {v}"))
+                .unwrap_or_default();
             out!(
-                "  {} ({}): {}; last success {}; last error {}{}",
+                "  {} ({}{gate}): {}; last success {}; last error {}{}",
                 t.name,
                 t.transport,
                 if t.reachable {

@@ -289,6 +289,13 @@ impl Metrics {
             "psql processes started on the target (sessions, or one per job).",
             &|t| Some(t.stats.psql_started.to_string()),
         );
+        per_target(
+            &mut out,
+            "govsql_remote_gate_format",
+            "gauge",
+            "The script format the target's remote-gate announced (absent: no gate seen).",
+            &|t| t.stats.gate_format.map(|v| v.to_string()),
+        );
         out
     }
 }

@@ -382,6 +382,7 @@ impl Daemon {
                         last_ok_at: r.last_ok_at,
                         last_error_at: r.last_error.as_ref().map(|(at, _)| *at),
                         last_error_class: r.last_error.map(|(_, c)| c),
+                        gate_format: t.executor.stats().gate_format,
                     }
                 })
                 .collect(),

@@ -199,6 +199,12 @@ impl Runtime {
                 Verdict::record(class, message)
             }
             PsqlResult::NotStarted { class, message } => Verdict::NotStarted { class, message },
+            // The gate refused the script before psql read it: nothing
+            // ran, and the gate would refuse the ledger write as well.
+            PsqlResult::GateRefused(m) => Verdict::Unlogged {
+                class: ErrorClass::RemoteGate,
+                message: format!("{m}; nothing ran and no ledger row could be written"),
+            },
             PsqlResult::CutOff { class, message } if apply => Verdict::Unknown { class, message },
             PsqlResult::CutOff { class, message } => Verdict::record(class, message),
             PsqlResult::Malformed(m) if apply => Verdict::Unknown {

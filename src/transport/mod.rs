@@ -142,6 +142,10 @@ pub enum TransportError {
     /// Authentication failed (not retried).
     #[error("{0}")]
     Auth(String),
+    /// The database host's remote-gate would refuse the script (its
+    /// format is too old): nothing was sent.
+    #[error("{0}")]
+    RemoteGate(String),
 }
 
 impl TransportError {
@@ -154,6 +158,7 @@ impl TransportError {
             }
             TransportError::HostKey(_) => ErrorClass::HostKey,
             TransportError::Auth(_) => ErrorClass::SshAuth,
+            TransportError::RemoteGate(_) => ErrorClass::RemoteGate,
         }
     }
 
@@ -161,7 +166,10 @@ impl TransportError {
     pub fn nothing_ran(&self) -> bool {
         matches!(
             self,
-            TransportError::Unreachable(_) | TransportError::HostKey(_) | TransportError::Auth(_)
+            TransportError::Unreachable(_)
+                | TransportError::HostKey(_)
+                | TransportError::Auth(_)
+                | TransportError::RemoteGate(_)
         )
     }
 }
@@ -194,6 +202,9 @@ pub struct TransportStats {
     pub warm_sessions: u64,
     /// psql processes started (sessions or per-job runs).
     pub psql_started: u64,
+    /// The script format the database host's remote-gate announced (SSH
+    /// behind a gate only).
+    pub gate_format: Option<u32>,
 }
 
 /// Runs psql scripts on one target.
@@ -232,6 +243,7 @@ pub async fn run_script(
     let req = ScriptRequest::new(script, tag);
     match run_with_deadline(exec, req, deadline).await {
         Ok(out) => PsqlResult::read(&out, script),
+        Err(TransportError::RemoteGate(m)) => PsqlResult::GateRefused(m),
         Err(e) if e.nothing_ran() => PsqlResult::NotStarted {
             class: e.class(),
             message: e.to_string(),

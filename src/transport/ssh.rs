@@ -313,6 +313,8 @@ struct SessionSlot {
 pub struct SshExecutor {
     link: Arc<SshLink>,
     runner: Runner,
+    /// The script format the host's remote-gate announced (0: none seen).
+    gate_format: std::sync::atomic::AtomicU32,
 }
 
 /// One target's SSH session and its channel slots.
@@ -342,6 +344,7 @@ impl SshExecutor {
         Ok(SshExecutor {
             runner: Runner::new(link.clone(), target, role),
             link,
+            gate_format: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -694,7 +697,23 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Executor for SshExecutor {
     fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>> {
-        Box::pin(self.runner.run(req))
+        Box::pin(async move {
+            let known = self.gate_format.load(Ordering::Relaxed);
+            if let Some(m) = gate_too_old(known, crate::grammar::MIN_GATE_VERSION) {
+                return Err(TransportError::RemoteGate(m));
+            }
+            let out = self.runner.run(req).await?;
+            if let Some(v) = crate::grammar::announced_version(&out.stdout) {
+                if v != known {
+                    tracing::info!(
+                        format = v,
+                        "the database host's remote-gate announced its script format"
+                    );
+                }
+                self.gate_format.store(v, Ordering::Relaxed);
+            }
+            Ok(out)
+        })
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), TransportError>> {
@@ -729,6 +748,7 @@ impl Executor for SshExecutor {
             channel_open_failures: self.link.channel_open_failures.load(Ordering::Relaxed),
             warm_sessions,
             psql_started,
+            gate_format: Some(self.gate_format.load(Ordering::Relaxed)).filter(|&v| v > 0),
         }
     }
 
@@ -742,9 +762,33 @@ impl Executor for SshExecutor {
     }
 }
 
+/// Why a gate of script format `known` (0: none seen, so no gate or an
+/// unknown one) would refuse this daemon's scripts, if it would.
+fn gate_too_old(known: u32, needed: u32) -> Option<String> {
+    (known > 0 && known < needed).then(|| {
+        format!(
+            "the database host's remote-gate speaks script format {known}; this daemon needs {needed}; upgrade govsql on the database host (nothing was sent)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gate_too_old_is_named_before_anything_is_sent() {
+        assert_eq!(gate_too_old(0, 2), None, "no gate seen: nothing to refuse");
+        assert_eq!(gate_too_old(2, 2), None);
+        assert_eq!(gate_too_old(3, 2), None);
+        let m = gate_too_old(1, 2).unwrap();
+        assert!(
+            m.contains(
+                "speaks script format 1; this daemon needs 2; upgrade govsql on the database host"
+            ),
+            "{m}"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

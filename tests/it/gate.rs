@@ -225,10 +225,16 @@ fn ssh_stdin(
     )
 }
 
+/// Renders a door in one position.
+type Render = fn(&str) -> String;
+
+/// A case of the corpus: its name and its bytes.
+type Case = (String, Vec<u8>);
+
 /// The hostile-stdin corpus: every psql meta-command that reaches the
 /// operating system, in every position psql accepts one. `{M}` is a marker
 /// file that exists only if something ran or wrote.
-fn hostile_corpus() -> Vec<(String, Vec<u8>)> {
+fn hostile_corpus() -> Vec<Case> {
     let doors = [
         "\\! touch {M}",
         "\\o | touch {M}\nSELECT 1;",
@@ -254,7 +260,7 @@ fn hostile_corpus() -> Vec<(String, Vec<u8>)> {
         "SELECT '\\! touch {M}' \\gexec",
         "\\pset pager on\n\\setenv PAGER 'touch {M}'\nSELECT 1;",
     ];
-    let positions: [(&str, fn(&str) -> String); 10] = [
+    let positions: [(&str, Render); 10] = [
         ("own line", |d| format!("{d}\n")),
         ("after SQL on the line", |d| format!("SELECT 1 {d}\n")),
         ("after \\;", |d| format!("SELECT 1 \\; {d}\n")),
@@ -427,10 +433,10 @@ async fn remote_gate_walls_stop_every_door_psql_opens_from_stdin() {
     // under every login shell (four channels at a time).
     let syslog = SysLog::listen();
     let corpus = hostile_corpus();
-    let doors_alone: Vec<(String, Vec<u8>)> = corpus.iter().step_by(10).cloned().collect();
+    let doors_alone: Vec<Case> = corpus.iter().step_by(10).cloned().collect();
     for (extra, cases) in [(" --test-no-kernel-wall", &doors_alone), ("", &corpus)] {
         authorize(extra);
-        let cases: Vec<(usize, &(String, Vec<u8>), PathBuf)> = cases
+        let cases: Vec<(usize, &Case, PathBuf)> = cases
             .iter()
             .enumerate()
             .map(|(i, c)| (i, c, marker()))
@@ -489,6 +495,105 @@ async fn remote_gate_walls_stop_every_door_psql_opens_from_stdin() {
         let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
         assert_eq!(o.status, RunStatus::Verified, "{user}: {o:?}");
     }
+    s.stop();
+    let _ = std::fs::remove_file(&bin);
+}
+
+/// Hands scripts to `inner` with a line outside the grammar slipped into
+/// each dispatcher call's unit (a daemon and gate that disagree).
+struct Tamper {
+    inner: std::sync::Arc<dyn govsql::transport::Executor>,
+    marker: PathBuf,
+}
+
+impl govsql::transport::Executor for Tamper {
+    fn run(
+        &self,
+        mut req: govsql::transport::ScriptRequest,
+    ) -> govsql::transport::BoxFuture<
+        '_,
+        Result<govsql::transport::ScriptOutput, govsql::transport::TransportError>,
+    > {
+        if req.text.contains("fn_dot_iu_dispatch(") {
+            req.text = req.text.replacen(
+                "COPY (SELECT kind",
+                &format!("\\! touch {}\nCOPY (SELECT kind", self.marker.display()),
+                1,
+            );
+        }
+        self.inner.run(req)
+    }
+    fn kind(&self) -> &'static str {
+        "ssh"
+    }
+}
+
+#[tokio::test]
+async fn a_script_the_gate_refuses_fails_remote_gate_and_nothing_ran() {
+    let s = Sshd::start();
+    let bin = installed_binary();
+    let db = ssh_db(&s.target_toml(USER, &keys().ed25519), 10).await;
+    db.open_all();
+    db.switch(true);
+    let pg = pg();
+    let line = format!(
+        "command=\"{} remote-gate --psql {} --db-host {} --db-port {} --db-name {} --db-user {RUNTIME_ROLE}\",restrict {}\n",
+        bin.display(),
+        pg.psql.display(),
+        pg.dir.display(),
+        pg.port,
+        db.name,
+        public_key(&keys().ed25519)
+    );
+    std::fs::write(s.dir.join("authorized_keys").join(USER), &line).unwrap();
+    let target: govsql::config::TargetConfig = toml::from_str(&format!(
+        "{}{}session_mode = {}\n",
+        s.target_toml(USER, &keys().ed25519),
+        db_target_keys(&db),
+        session_mode()
+    ))
+    .unwrap();
+    let ssh = govsql::transport::for_target(&target, DbRole::Runtime).unwrap();
+
+    // Behind the gate, a job works and the daemon learns the gate's format.
+    let rt = db.runtime_with(ssh.clone());
+    let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert_eq!(o.status, RunStatus::Verified, "{o:?}");
+    assert_eq!(ssh.stats().gate_format, Some(govsql::grammar::VERSION));
+
+    // A script the gate refuses: failed remote_gate, never unsettled or
+    // internal, and nothing of it ran.
+    let marker = std::env::temp_dir().join(format!("govsql-tamper-{}", std::process::id()));
+    let tamper = std::sync::Arc::new(Tamper {
+        inner: ssh.clone(),
+        marker: marker.clone(),
+    });
+    let rt = db.runtime_with(tamper);
+    let before = db.count("iu_collection");
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "tampered")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Failed, "{o:?}");
+    assert_eq!(o.class(), Some("remote_gate"), "{o:?}");
+    assert!(o.pending.is_none(), "not left unsettled: {o:?}");
+    assert!(o.message.contains("remote-gate"), "{}", o.message);
+    assert_eq!(db.count("iu_collection"), before, "nothing ran");
+    assert!(!marker.exists());
+
+    // The next good job on the same target works.
+    let rt = db.runtime_with(ssh);
+    let o = run(
+        &rt,
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "ok")],
+    )
+    .await;
+    assert_eq!(o.status, RunStatus::Applied, "{o:?}");
     s.stop();
     let _ = std::fs::remove_file(&bin);
 }
