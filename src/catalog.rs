@@ -327,6 +327,11 @@ fn check_statements(cmd: &mut Command) -> Result<BTreeSet<String>, String> {
                 "DO statements take no params (a value could close the DO body's quote)".into(),
             );
         }
+        // The guard checked the text with each placeholder as one literal;
+        // the database runs it compiled, where a placeholder inside a
+        // literal or comment would become other tokens.
+        guard::check_placeholders(tpl, &names)
+            .map_err(|e| format!("statement refused by the guard: {e}"))?;
         cmd.kinds.push(kind);
         cmd.compiled
             .push(params::compile_template(tpl, &cmd.params).map_err(|e| e.to_string())?);
@@ -467,6 +472,24 @@ statements = ["SELECT public.fn_b()"]
     fn refused(text: &str, needle: &str) {
         let err = Catalog::from_toml(text).unwrap_err().to_string();
         assert!(err.contains(needle), "{err}");
+    }
+
+    /// A placeholder inside a literal passed the guard (it rendered as one
+    /// literal) but compiled into a LIKE expression the guard forbids.
+    #[test]
+    fn a_placeholder_must_be_a_whole_token() {
+        for inside in [
+            "public.fn_a('<{{x}}>')",
+            "public.fn_a(1 /* {{x}} */) -- x",
+            "public.fn_a(1) -- {{x}}",
+            "public.fn_a($d${{x}}$d$)",
+        ] {
+            refused(
+                &MINI.replace("public.fn_a({{x}})", inside),
+                "placeholder must be a whole token",
+            );
+        }
+        Catalog::from_toml(&MINI.replace("public.fn_a({{x}})", "public.fn_a( {{x}} )")).unwrap();
     }
 
     #[test]

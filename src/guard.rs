@@ -351,3 +351,30 @@ fn check_embedded(query: &str, targets: &[String]) -> Result<usize, GuardError> 
         None => Err(GuardError::Unparsable),
     }
 }
+
+/// Checks that every `{{name}}` of a template stands as a whole token of
+/// its own: never inside a string literal, a quoted identifier or a
+/// comment, where it would render as part of one token but compile into
+/// several (`'<{{x}}>'` compiles to `'<($1->>'x')::text>'`).
+pub fn check_placeholders(template: &str, names: &[String]) -> Result<(), GuardError> {
+    const SENTINEL: &str = "$govsqlph$0$govsqlph$";
+    let mut text = template.to_string();
+    for n in names {
+        text = text.replace(&format!("{{{{{n}}}}}"), SENTINEL);
+    }
+    let tokens = pg_query::scan_tokens(&text).map_err(|_| GuardError::Unparsable)?;
+    let mut from = 0;
+    while let Some(at) = text[from..].find(SENTINEL) {
+        let (start, end) = (from + at, from + at + SENTINEL.len());
+        let whole = tokens
+            .iter()
+            .any(|t| t.start as usize == start && t.end as usize == end);
+        if !whole {
+            return Err(GuardError::Forbidden(
+                "a placeholder inside a literal, quoted identifier or comment (a placeholder must be a whole token)".into(),
+            ));
+        }
+        from = end;
+    }
+    Ok(())
+}
