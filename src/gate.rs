@@ -405,13 +405,13 @@ mod tests {
         let nonce = "0123456789abcdef";
         let good = format!(
             "{}{}{};\n{}",
-            grammar::preamble("govsql:j", 1000),
+            grammar::preamble("govsql:j", 1000, true),
             grammar::marker(nonce, "0"),
             grammar::entry_call(grammar::Entry::Status, &[]),
             grammar::marker(nonce, "end")
         );
         let mut out = Vec::new();
-        let text = format!("{good}{}\\! id\n", grammar::preamble("govsql:k", 1));
+        let text = format!("{good}{}\\! id\n", grammar::preamble("govsql:k", 1, false));
         let ended = filter(&mut text.as_bytes(), &mut out, Grammar::Runtime, true);
         assert!(matches!(ended, Ended::Refused(..)));
         assert_eq!(

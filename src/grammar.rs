@@ -85,6 +85,17 @@ pub enum Entry {
     Status,
 }
 
+/// Every function the runtime role may execute: the entries, and the
+/// preflight the preamble calls.
+pub const RUNTIME_FUNCTIONS: [&str; 6] = [
+    "fn_dot_iu_dispatch",
+    "fn_dot_iu_refuse",
+    "fn_dot_iu_fail",
+    "fn_dot_iu_ledger",
+    "fn_dot_iu_status",
+    "fn_dot_iu_preflight",
+];
+
 impl Entry {
     const ALL: [Entry; 5] = [
         Entry::Dispatch,
@@ -188,26 +199,45 @@ pub fn entry_call(entry: Entry, args: &[Arg<'_>]) -> String {
     s
 }
 
-/// The per-job preamble: error text reduced to SQLSTATEs, then ONE
-/// statement that sets `standard_conforming_strings`, the session's
+/// The per-job preamble: psql's own encoding set to UTF-8 (its lexer
+/// reads multibyte text by the client encoding, which a role default could
+/// make one where a trailing byte looks like `$`), error text reduced to
+/// SQLSTATEs, then ONE statement that sets every session setting the
+/// dispatcher relies on (never trusting role defaults), the session's
 /// `application_name` (how a timed-out job's backend is found) and the
-/// server-side statement timeout, and prints nothing.
-pub fn preamble(application_name: &str, statement_timeout_ms: u64) -> String {
-    let mut s = String::with_capacity(256);
+/// server-side statement timeout, and prints nothing. With `preflight`,
+/// the same statement — which holds no value — calls
+/// `fn_dot_iu_preflight()`, which stops the script (GV009) before any
+/// statement carrying a value is sent when a value could reach the server
+/// log or a statistics store.
+pub fn preamble(application_name: &str, statement_timeout_ms: u64, preflight: bool) -> String {
+    let mut s = String::with_capacity(512);
+    s.push_str(ENCODING_LINE);
+    s.push('\n');
     for (name, value) in RUNTIME_VARIABLES {
         let _ = writeln!(s, "\\set {name} {value}");
     }
     let _ = writeln!(
         s,
-        "{PREAMBLE_HEAD}{}{PREAMBLE_MID}{statement_timeout_ms}{PREAMBLE_TAIL}",
-        word_literal(application_name)
+        "{PREAMBLE_HEAD}{}{PREAMBLE_MID}{statement_timeout_ms}{}",
+        word_literal(application_name),
+        if preflight {
+            PREAMBLE_TAIL_PREFLIGHT
+        } else {
+            PREAMBLE_TAIL
+        }
     );
     s
 }
 
-const PREAMBLE_HEAD: &str = "SELECT 1 WHERE (set_config('standard_conforming_strings', 'on', false) || set_config('application_name', ";
+const ENCODING_LINE: &str = "\\encoding UTF8";
+const PREAMBLE_HEAD: &str = "SELECT 1 WHERE (set_config('standard_conforming_strings', 'on', false) || set_config('default_transaction_read_only', 'off', false) || set_config('default_transaction_isolation', 'read committed', false) || set_config('lock_timeout', '0', false) || set_config('idle_in_transaction_session_timeout', '0', false) || set_config('application_name', ";
 const PREAMBLE_MID: &str = ", false) || set_config('statement_timeout', '";
 const PREAMBLE_TAIL: &str = "', false)) IS NULL;";
+const PREAMBLE_TAIL_PREFLIGHT: &str = "', false)) IS NULL OR public.fn_dot_iu_preflight() IS NULL;";
+
+/// The SQLSTATE the preflight raises when a value could be exposed.
+pub const PREFLIGHT_SQLSTATE: &str = "GV009";
 
 /// A framing marker line: `\echo GOVSQL:<nonce>:<label>`.
 pub fn marker(nonce: &str, label: &str) -> String {
@@ -273,8 +303,11 @@ pub fn check_runtime_line(line: &[u8]) -> Result<LineKind, &'static str> {
             .strip_prefix(PREAMBLE_MID.as_bytes())
             .ok_or("a malformed preamble")?;
         let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        return match (digits, &rest[digits..]) {
-            (1..=12, tail) if tail == PREAMBLE_TAIL.as_bytes() => Ok(LineKind::Statement),
+        let tail = &rest[digits..];
+        let tail_ok =
+            tail == PREAMBLE_TAIL.as_bytes() || tail == PREAMBLE_TAIL_PREFLIGHT.as_bytes();
+        return match digits {
+            1..=12 if tail_ok => Ok(LineKind::Statement),
             _ => Err("a malformed preamble"),
         };
     }
@@ -293,6 +326,9 @@ pub fn check_runtime_line(line: &[u8]) -> Result<LineKind, &'static str> {
 
 /// A meta-command line of the runtime grammar.
 fn meta_line(line: &[u8]) -> Result<LineKind, &'static str> {
+    if line == ENCODING_LINE.as_bytes() {
+        return Ok(LineKind::Statement);
+    }
     for (name, value) in RUNTIME_VARIABLES {
         if line == format!("\\set {name} {value}").as_bytes()
             || line == format!("\\unset {name}").as_bytes()
@@ -676,6 +712,7 @@ impl<'a> AdminLexer<'a> {
         };
         let ok = match cmd {
             "\\gexec" | "\\gset" | "\\endif" | "\\else" => args.is_empty(),
+            "\\encoding" => args == ["UTF8"],
             "\\if" => {
                 matches!(args.as_slice(), [v] if v.strip_prefix(':').is_some_and(|n| ADMIN_VARIABLES.contains(&n)))
             }
@@ -719,7 +756,7 @@ mod tests {
         let nonce = "0123456789abcdef";
         format!(
             "{}{}{entry_args};\n{}",
-            preamble("govsql:job-1", 62000),
+            preamble("govsql:job-1", 62000, true),
             marker(nonce, "0"),
             marker(nonce, "end")
         )
@@ -745,7 +782,7 @@ mod tests {
         check_runtime_script(script(&status).as_bytes()).unwrap();
         let cancel = format!(
             "{}{};\n{}",
-            preamble("govsql:j:cancel", 10000),
+            preamble("govsql:j:cancel", 10000, false),
             cancel_statement("govsql:j"),
             marker("0123456789abcdef", "end")
         );
@@ -799,7 +836,7 @@ mod tests {
         let good = script(&entry_call(Entry::Status, &[]));
         c.feed(good.as_bytes()).unwrap();
         assert_eq!(c.take_ready(), good.as_bytes());
-        c.feed(preamble("govsql:j", 1).as_bytes()).unwrap();
+        c.feed(preamble("govsql:j", 1, false).as_bytes()).unwrap();
         c.feed(marker(nonce, "0").as_bytes()).unwrap();
         assert!(c.take_ready().is_empty(), "held until the unit ends");
         assert!(c.feed(b"\\! id\n").is_err());

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/005_dispatcher.sql"),
         rollback: include_str!("../sql/rollback/005_dispatcher.sql"),
     },
+    Migration {
+        version: "006_exposure_preflight",
+        sql: include_str!("../sql/migrations/006_exposure_preflight.sql"),
+        rollback: include_str!("../sql/rollback/006_exposure_preflight.sql"),
+    },
 ];
 
 /// The demo IU Core schema (`--demo`).
@@ -100,10 +105,20 @@ pub struct MigrateReport {
     /// Functions the runtime role can execute besides the dispatcher's
     /// entries (any schema but pg_catalog and information_schema).
     pub excess: Vec<String>,
+    /// What the runtime role carries that a key holder could have set
+    /// (a password).
+    pub role_findings: Vec<String>,
 }
 
-/// What the runtime role may execute: the dispatcher's entries.
-const ENTRY_FUNCTIONS: &str = "'fn_dot_iu_dispatch', 'fn_dot_iu_refuse', 'fn_dot_iu_fail', 'fn_dot_iu_status', 'fn_dot_iu_ledger'";
+/// What the runtime role may execute: the dispatcher's entries and the
+/// preflight, as an SQL list.
+fn entry_functions() -> String {
+    crate::grammar::RUNTIME_FUNCTIONS
+        .iter()
+        .map(|f| format!("'{f}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 fn checksum(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
@@ -168,8 +183,17 @@ pub fn migrate_script(
     s.sql("SELECT version, checksum FROM public.dot_schema_migrations ORDER BY version");
     s.section();
     s.sql(&format!(
-        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND has_function_privilege(:'runtime_role', p.oid, 'EXECUTE') AND NOT (n.nspname = 'public' AND p.proname IN ({ENTRY_FUNCTIONS})) ORDER BY 1"
+        "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND has_function_privilege(:'runtime_role', p.oid, 'EXECUTE') AND NOT (n.nspname = 'public' AND p.proname IN ({})) ORDER BY 1",
+        entry_functions()
     ));
+    // What a key holder could have left on the role: a password (a login
+    // over TCP wherever pg_hba has a password line for all users), or
+    // defaults (read only by a superuser: pg_authid).
+    s.section();
+    s.meta("SELECT rolsuper AS govsql_need FROM pg_roles WHERE rolname = current_user \\gset");
+    s.meta("\\if :govsql_need");
+    s.sql("SELECT 'has a password' FROM pg_authid WHERE rolname = :'runtime_role' AND rolpassword IS NOT NULL");
+    s.meta("\\endif");
     Ok(s.finish())
 }
 
@@ -213,7 +237,13 @@ pub async fn migrate(
         .into_iter()
         .filter_map(|mut r| r.pop())
         .collect();
+    let role_findings = control_rows(4, secs.get(4).unwrap_or_default(), 1)
+        .map_err(|e| MigrateError::Psql(e.to_string()))?
+        .into_iter()
+        .filter_map(|mut r| r.pop())
+        .collect();
     let mut report = MigrateReport {
+        role_findings,
         applied: applied.clone(),
         unavailable,
         excess,

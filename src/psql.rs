@@ -128,6 +128,17 @@ impl Script {
     /// literal, the session tagged with `application_name` so a timed-out
     /// job's backend can be found, and a server-side statement timeout.
     pub fn new(application_name: &str, statement_timeout_ms: u64) -> Script {
+        Script::build(application_name, statement_timeout_ms, false)
+    }
+
+    /// A new script whose preamble (a statement with no value) first
+    /// checks that no value could reach a server-side store: psql stops
+    /// there (SQLSTATE GV009) before any later statement is sent.
+    pub fn with_preflight(application_name: &str, statement_timeout_ms: u64) -> Script {
+        Script::build(application_name, statement_timeout_ms, true)
+    }
+
+    fn build(application_name: &str, statement_timeout_ms: u64, preflight: bool) -> Script {
         let nonce: String = {
             let mut rng = rand::thread_rng();
             (0..16)
@@ -138,6 +149,7 @@ impl Script {
         text.push_str(&crate::grammar::preamble(
             application_name,
             statement_timeout_ms,
+            preflight,
         ));
         Script {
             nonce,

@@ -228,6 +228,15 @@ pub(super) async fn migrate_cmd(
             report.changed.join(", ")
         );
     }
+    if !report.role_findings.is_empty() {
+        eprintln!(
+            "govsql: warning: the runtime role {} {}: a password lets it log in over TCP wherever pg_hba.conf has a password line for all users (add `host all {} 0.0.0.0/0 reject` and `::/0` lines above them, and `ALTER ROLE {} PASSWORD NULL`)",
+            t.db_user,
+            report.role_findings.join(", "),
+            t.db_user,
+            t.db_user
+        );
+    }
     if !report.excess.is_empty() {
         eprintln!(
             "govsql: warning: the runtime role {} can execute more than the dispatcher's entries: {} (revoke EXECUTE on them from it, and from PUBLIC; a stolen daemon key could call them directly)",
@@ -412,6 +421,20 @@ async fn check_target(
             format!("{} may call the dispatcher and nothing else", t.db_user)
         } else {
             format!("{} {}", t.db_user, excess.join("; "))
+        },
+    );
+    let defaults = words("role_setting");
+    report.check(
+        defaults.is_empty(),
+        &format!("target {name} runtime role defaults"),
+        if defaults.is_empty() {
+            "none beyond the ones migrate sets".to_string()
+        } else {
+            format!(
+                "{} has defaults set: {} (a role can set its own; the dispatcher sets what it relies on, but find out who set these)",
+                t.db_user,
+                defaults.join(", ")
+            )
         },
     );
     let exposure = words("log_exposure");

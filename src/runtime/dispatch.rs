@@ -185,6 +185,15 @@ impl Runtime {
                     ctx.cmd.name
                 ),
             },
+            // The preflight stopped the script before the statement that
+            // carries the values was sent; a row cannot be written without
+            // sending them.
+            PsqlResult::SqlError { state, .. } if state == crate::grammar::PREFLIGHT_SQLSTATE => {
+                Verdict::Unlogged {
+                    class: ErrorClass::LogExposure,
+                    message: "refused before any value was sent: a value could reach the server log or a statistics store (a log_*, debug_print_* or sampling setting of the runtime role is overridden, or pg_stat_statements, auto_explain or pgaudit would keep it); `govsql self-test` names which. Fix the settings (`govsql migrate` sets the role's), or set allow_server_log_exposure = true on the target. No ledger row could be written without sending the values".into(),
+                }
+            }
             // The call failed as a whole: nothing of it committed.
             PsqlResult::SqlError { state, .. } => {
                 let class = match ErrorClass::from_sqlstate(&state) {

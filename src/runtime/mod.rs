@@ -296,7 +296,11 @@ impl Runtime {
         // The server-side second guard, a little past the job's deadline so
         // the deadline (which also cancels the backend) normally fires first.
         let ms = (self.job_timeout.as_millis() + 2000).min(u128::from(u32::MAX)) as u64;
-        Script::new(&self.tag(ctx), ms)
+        if self.allow_log_exposure {
+            Script::new(&self.tag(ctx), ms)
+        } else {
+            Script::with_preflight(&self.tag(ctx), ms)
+        }
     }
 
     /// Runs a script under the job's deadline and reads psql's answer.

@@ -13,11 +13,14 @@ use govsql::runtime::{Mode, RunStatus};
 use crate::harness::*;
 use crate::sshd::{keys, Sshd, SHELL_USERS, USER};
 
-/// The built binary, copied where the test users can run it.
+/// The built binary, copied where the test users can run it (a copy per
+/// test: each removes its own).
 fn installed_binary() -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let path = PathBuf::from(format!(
-        "/usr/local/lib/govsql-test/govsql-gate-{}",
-        std::process::id()
+        "/usr/local/lib/govsql-test/govsql-gate-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     if !path.exists() {
         std::fs::copy(env!("CARGO_BIN_EXE_govsql"), &path).unwrap();

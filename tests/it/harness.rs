@@ -135,7 +135,7 @@ pub fn pg() -> &'static Pg {
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses= -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            "-p {port} -k {} -c listen_addresses= -c fsync=off -c synchronous_commit=off -c max_connections=200 -c shared_preload_libraries=pg_stat_statements,auto_explain",
             dir.display()
         );
         let out = as_pg_user(&bindir.join("pg_ctl"))

@@ -4,6 +4,7 @@
 mod cli;
 mod core;
 mod daemon;
+mod exposure;
 mod gate;
 mod governance;
 mod grammar;
