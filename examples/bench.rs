@@ -111,6 +111,9 @@ enum Method {
     RuntimeLocal,
     DaemonPerJob,
     Daemon,
+    /// Session mode behind the database host's remote-gate (its grammar
+    /// filter and Landlock wall).
+    DaemonGated,
 }
 
 impl Method {
@@ -122,13 +125,14 @@ impl Method {
             Method::RuntimeLocal => "governed job, local psql per job, no daemon",
             Method::DaemonPerJob => "govsql daemon over SSH, per-job mode",
             Method::Daemon => "govsql daemon over SSH, session mode",
+            Method::DaemonGated => "govsql daemon over SSH, session mode, behind remote-gate",
         }
     }
 
     fn jobs(self, concurrency: usize) -> usize {
         let base = match self {
             Method::SshFresh => 30,
-            Method::Daemon => 1000,
+            Method::Daemon | Method::DaemonGated => 1000,
             _ => 150,
         };
         if concurrency > 1 {
@@ -337,12 +341,15 @@ async fn round(
         let failures = failures.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let target = if m == Method::Daemon {
-                "main"
-            } else {
-                "perjob"
+            let target = match m {
+                Method::Daemon => "main",
+                Method::DaemonGated => "gated",
+                _ => "perjob",
             };
-            let mut client = if matches!(m, Method::Daemon | Method::DaemonPerJob) {
+            let mut client = if matches!(
+                m,
+                Method::Daemon | Method::DaemonPerJob | Method::DaemonGated
+            ) {
                 Some(Client::connect(&a.socket).await.expect("daemon socket"))
             } else {
                 None
@@ -352,7 +359,10 @@ async fn round(
                 Method::LocalPsql => psql_words(&a, w),
                 Method::SshFresh => ssh_base(&a, false, w),
                 Method::SshControlMaster => ssh_base(&a, true, w),
-                Method::RuntimeLocal | Method::Daemon | Method::DaemonPerJob => Vec::new(),
+                Method::RuntimeLocal
+                | Method::Daemon
+                | Method::DaemonPerJob
+                | Method::DaemonGated => Vec::new(),
             };
             while next.fetch_add(1, Ordering::SeqCst) < jobs {
                 let t = Instant::now();
@@ -476,6 +486,7 @@ async fn main() {
     for _ in 0..5 {
         daemon_job(&a, &mut c, Work::Verify, "main").await;
         daemon_job(&a, &mut c, Work::Verify, "perjob").await;
+        daemon_job(&a, &mut c, Work::Verify, "gated").await;
     }
     let mut rows = Vec::new();
     for w in [Work::Verify, Work::Apply] {
@@ -487,6 +498,7 @@ async fn main() {
                 Method::RuntimeLocal,
                 Method::DaemonPerJob,
                 Method::Daemon,
+                Method::DaemonGated,
             ] {
                 if w == Work::Apply && m == Method::SshFresh {
                     continue;
@@ -588,6 +600,18 @@ async fn main() {
         }
     }
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!();
+    println!("| remote-gate's cost (session mode; gated jobs/s ÷ ungated, same run) | c=1 | c=8 | target |");
+    println!("|---|---|---|---|");
+    for w in [Work::Verify, Work::Apply] {
+        let r1 = rate(w, Method::DaemonGated, 1) / rate(w, Method::Daemon, 1);
+        let r8 = rate(w, Method::DaemonGated, 8) / rate(w, Method::Daemon, 8);
+        println!(
+            "| {} | {r1:.3}× | {r8:.3}× | ≥ 0.95× ({}) |",
+            w.label(),
+            verdict(r1 >= 0.95 && r8 >= 0.95)
+        );
+    }
     let v8 = rate(Work::Verify, Method::Daemon, 8);
     let v_ratio = v8 / rate(Work::Verify, Method::LocalPsql, 8);
     let a_ratio = rate(Work::Apply, Method::Daemon, 8) / rate(Work::Apply, Method::LocalPsql, 8);
