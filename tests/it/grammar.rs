@@ -3,6 +3,7 @@
 //! script and as a session's input — passes the checker the database
 //! host's remote-gate runs.
 
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -133,4 +134,139 @@ proptest! {
             }
         }
     }
+}
+
+/// Mutates `base` at random (insert, replace or delete a byte drawn from
+/// psql's dangerous alphabet), `n` times.
+fn mutate(base: &[u8], rng: &mut rand::rngs::StdRng, n: usize) -> Vec<u8> {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"\\!`'\"$:;|/\n\r\0 ogiwcx0aq-{}()";
+    let mut v = base.to_vec();
+    for _ in 0..n {
+        let at = rng.gen_range(0..=v.len());
+        let b = ALPHABET[rng.gen_range(0..ALPHABET.len())];
+        match rng.gen_range(0..3) {
+            0 => v.insert(at, b),
+            1 if at < v.len() => v[at] = b,
+            _ if at < v.len() => {
+                v.remove(at);
+            }
+            _ => v.push(b),
+        }
+    }
+    v
+}
+
+/// A differential fuzz: mutations of valid scripts go through the checker;
+/// every input it accepts, run through the real psql (as the gate would,
+/// but with no kernel wall), starts no other program and opens no file for
+/// writing (strace sees every execve and open).
+#[test]
+fn whatever_the_checker_accepts_starts_nothing_and_writes_nothing() {
+    use rand::SeedableRng;
+    let pg = pg();
+    let db = format!("fuzz{}", std::process::id());
+    pg.admin("postgres", &format!("CREATE DATABASE {db}"));
+    let status = {
+        let mut s = govsql::psql::Script::new("govsql:fuzz", 10_000);
+        s.section();
+        s.sql(&govsql::grammar::entry_call(
+            govsql::grammar::Entry::Ledger,
+            &[
+                govsql::grammar::Arg::Json(&serde_json::json!({"actor": "a'b\\c $x$"})),
+                govsql::grammar::Arg::Int(5),
+            ],
+        ));
+        s.finish().text
+    };
+    let cancel = {
+        let mut s = govsql::psql::Script::with_preflight("govsql:fuzz", 10_000);
+        s.sql(&govsql::grammar::cancel_statement("govsql:fuzz-job"));
+        s.finish().text
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e0_5a1);
+    let mut accepted: Vec<Vec<u8>> = Vec::new();
+    let mut tried = 0;
+    while tried < 20_000 && accepted.len() < 40 {
+        tried += 1;
+        let base = if tried % 2 == 0 { &status } else { &cancel };
+        let m = mutate(base.as_bytes(), &mut rng, 1 + tried % 3);
+        if m != base.as_bytes()
+            && govsql::grammar::check_runtime_script(&m).is_ok()
+            && !accepted.contains(&m)
+        {
+            accepted.push(m);
+        }
+    }
+    assert!(
+        !accepted.is_empty(),
+        "no mutation was accepted: the fuzz tested nothing"
+    );
+    // The control: a door the checker refuses, run the same way, is seen
+    // (so the assertions below can fail).
+    let control = b"\\! true\n\\o out.txt\nSELECT 1;\n".to_vec();
+    assert!(govsql::grammar::check_runtime_script(&control).is_err());
+    accepted.insert(0, control);
+    let work = tempfile::tempdir().unwrap();
+    for (i, input) in accepted.iter().enumerate() {
+        let trace = work.path().join(format!("trace{i}"));
+        let mut child = Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=execve,open,openat,creat", "-o"])
+            .arg(&trace)
+            .arg(&pg.psql)
+            .args([
+                "-X",
+                "-w",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-A",
+                "-t",
+                "-0",
+                "-F",
+                "~|~",
+                "-h",
+            ])
+            .arg(&pg.dir)
+            .args(["-p", &pg.port.to_string(), "-U", "postgres", "-d", &db])
+            .current_dir(work.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("strace (scripts/test installs it)");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(input);
+        }
+        let _ = child.wait();
+        let trace = std::fs::read_to_string(&trace).unwrap();
+        if i == 0 {
+            assert!(trace.matches("execve(").count() > 1, "control: {trace}");
+            assert!(trace.contains("out.txt"), "control: {trace}");
+            continue;
+        }
+        let execs = trace.lines().filter(|l| l.contains("execve(")).count();
+        assert_eq!(execs, 1, "an accepted input started a program:\n{trace}");
+        let writes: Vec<&str> = trace
+            .lines()
+            .filter(|l| {
+                (l.contains("open") || l.contains("creat("))
+                    && (l.contains("O_WRONLY")
+                        || l.contains("O_RDWR")
+                        || l.contains("O_CREAT")
+                        || l.contains("creat("))
+            })
+            .collect();
+        assert!(
+            writes.is_empty(),
+            "an accepted input opened a file for writing: {writes:?}"
+        );
+    }
+    pg.admin("postgres", &format!("DROP DATABASE {db}"));
+    eprintln!(
+        "fuzz: {tried} mutations, {} accepted, each run through psql",
+        accepted.len()
+    );
 }
