@@ -21,6 +21,7 @@ use crate::config::{TargetConfig, TransportKind};
 use crate::job::ErrorClass;
 use crate::psql::{DbRole, FinishedScript, PsqlResult, Script};
 pub use crate::psql::{Exit, ScriptOutput};
+pub use session::OutputLimits;
 use session::{run_once, Launch, Pool, SessionSettings};
 
 /// A boxed, sendable future (the trait is used as `dyn Executor`).
@@ -54,6 +55,8 @@ pub struct Runner {
     launch: Arc<dyn Launch>,
     pool: Option<Arc<Pool>>,
     started: Arc<AtomicU64>,
+    /// How much output one run may hold.
+    limits: OutputLimits,
 }
 
 /// Counts the processes a launcher starts.
@@ -89,6 +92,7 @@ impl Runner {
             launch,
             pool,
             started,
+            limits: OutputLimits::for_results(target.max_result_bytes),
         }
     }
 
@@ -105,8 +109,15 @@ impl Runner {
     /// Runs one script.
     pub async fn run(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
         match &self.pool {
-            Some(pool) => pool.run(self.launch.as_ref(), &req).await,
-            None => run_once(self.launch.launch().await?, req.text.as_bytes()).await,
+            Some(pool) => pool.run(self.launch.as_ref(), &req, self.limits).await,
+            None => {
+                run_once(
+                    self.launch.launch().await?,
+                    req.text.as_bytes(),
+                    self.limits,
+                )
+                .await
+            }
         }
     }
 
@@ -146,6 +157,10 @@ pub enum TransportError {
     /// format is too old): nothing was sent.
     #[error("{0}")]
     RemoteGate(String),
+    /// The run wrote more than its output limits: it was stopped, its
+    /// outcome is unknown.
+    #[error("{0}")]
+    OutputTooLarge(String),
 }
 
 impl TransportError {
@@ -159,6 +174,7 @@ impl TransportError {
             TransportError::HostKey(_) => ErrorClass::HostKey,
             TransportError::Auth(_) => ErrorClass::SshAuth,
             TransportError::RemoteGate(_) => ErrorClass::RemoteGate,
+            TransportError::OutputTooLarge(_) => ErrorClass::ResultTooLarge,
         }
     }
 

@@ -60,9 +60,40 @@ pub trait Launch: Send + Sync + 'static {
     fn launch(&self) -> BoxFuture<'_, Result<Process, TransportError>>;
 }
 
+/// How much output one run may hold: a hostile or broken host that
+/// answers without end must not grow the daemon's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    /// stdout bytes (results are capped at `max_result_bytes` by the
+    /// dispatcher; COPY's escaping at most doubles them, plus framing).
+    pub stdout: usize,
+    /// stderr bytes (psql writes SQLSTATEs and its connection errors).
+    pub stderr: usize,
+}
+
+impl OutputLimits {
+    /// The limits of a target whose results are capped at `max_result_bytes`.
+    pub fn for_results(max_result_bytes: u64) -> OutputLimits {
+        let results = usize::try_from(max_result_bytes).unwrap_or(usize::MAX);
+        OutputLimits {
+            stdout: results.saturating_mul(2).saturating_add(256 << 10),
+            stderr: 64 << 10,
+        }
+    }
+}
+
+impl Default for OutputLimits {
+    fn default() -> Self {
+        OutputLimits::for_results(crate::config::DEFAULT_MAX_RESULT_BYTES)
+    }
+}
+
 /// What was read of one job.
 #[derive(Default)]
 struct Reading {
+    limits: OutputLimits,
+    /// Which stream passed its limit (the run was stopped there).
+    over: Option<&'static str>,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     exit: Option<Exit>,
@@ -72,18 +103,56 @@ struct Reading {
 }
 
 impl Reading {
+    fn new(limits: OutputLimits) -> Reading {
+        Reading {
+            limits,
+            ..Reading::default()
+        }
+    }
+
+    /// Takes one event; past a stream's limit the bytes are dropped and
+    /// `over` names the stream (the caller stops the run).
     fn take(&mut self, event: Event) {
         match event {
-            Event::Out(b) => self.stdout.extend_from_slice(&b),
-            Event::Err(b) => self.stderr.extend_from_slice(&b),
+            Event::Out(b) => {
+                if self.stdout.len() + b.len() > self.limits.stdout {
+                    self.over = Some("stdout");
+                } else {
+                    self.stdout.extend_from_slice(&b);
+                }
+            }
+            Event::Err(b) => {
+                if self.stderr.len() + b.len() > self.limits.stderr {
+                    self.over = Some("stderr");
+                } else {
+                    self.stderr.extend_from_slice(&b);
+                }
+            }
             Event::Exit(e) => self.exit = Some(e),
             Event::Refused => self.refused = true,
         }
     }
 
+    /// The error of a run stopped at a limit.
+    fn too_large(&self) -> Option<TransportError> {
+        self.over.map(|stream| {
+            let limit = if stream == "stdout" {
+                self.limits.stdout
+            } else {
+                self.limits.stderr
+            };
+            TransportError::OutputTooLarge(format!(
+                "the target's psql wrote more than {limit} bytes on {stream}; the channel was closed (a host answering without end, or a result over max_result_bytes)"
+            ))
+        })
+    }
+
     /// The output of a process that ended (or of a job that reached its
     /// end marker, with `exit` set to 0 by the caller).
     fn into_output(self, written: Result<(), String>) -> Result<ScriptOutput, TransportError> {
+        if let Some(e) = self.too_large() {
+            return Err(e);
+        }
         if self.refused && self.exit.is_none() {
             return Err(TransportError::Unreachable(
                 "the server refused to run the command".into(),
@@ -106,9 +175,38 @@ impl Reading {
     }
 }
 
+/// Writes and reads at once. A reader stopped at an output limit does not
+/// wait for a writer the peer may never let finish.
+async fn drive<R>(
+    writer: impl std::future::Future<Output = Result<(), String>>,
+    reader: impl std::future::Future<Output = R>,
+    stopped: impl Fn(&R) -> bool,
+) -> (Result<(), String>, R) {
+    let mut writer = std::pin::pin!(writer);
+    let mut reader = std::pin::pin!(reader);
+    let mut written = None;
+    loop {
+        tokio::select! {
+            w = &mut writer, if written.is_none() => written = Some(w),
+            r = &mut reader => {
+                let w = match written {
+                    Some(w) => w,
+                    None if stopped(&r) => Err("stopped at the output limit".to_string()),
+                    None => writer.await,
+                };
+                return (w, r);
+            }
+        }
+    }
+}
+
 /// Per-job mode: the script, EOF, and everything psql writes until it is
 /// gone.
-pub async fn run_once(process: Process, text: &[u8]) -> Result<ScriptOutput, TransportError> {
+pub async fn run_once(
+    process: Process,
+    text: &[u8],
+    limits: OutputLimits,
+) -> Result<ScriptOutput, TransportError> {
     let Process {
         mut input,
         mut events,
@@ -120,13 +218,16 @@ pub async fn run_once(process: Process, text: &[u8]) -> Result<ScriptOutput, Tra
         r
     };
     let reader = async {
-        let mut reading = Reading::default();
+        let mut reading = Reading::new(limits);
         while let Some(ev) = events.recv().await {
             reading.take(ev);
+            if reading.over.is_some() {
+                break;
+            }
         }
         reading
     };
-    let (written, reading) = tokio::join!(writer, reader);
+    let (written, reading) = drive(writer, reader, |r| r.over.is_some()).await;
     drop(stop);
     reading.into_output(written)
 }
@@ -219,6 +320,8 @@ enum SessionRun {
     Done(ScriptOutput),
     /// psql (or its channel) ended during the job.
     Ended(ScriptOutput),
+    /// The job's output passed its limit: the session was stopped.
+    TooLarge(TransportError),
 }
 
 impl Session {
@@ -276,18 +379,23 @@ impl Session {
 
     /// Runs one job: writes its script (with the reset after it) and reads
     /// up to its end marker.
-    async fn run(&mut self, req: &ScriptRequest, vars: &[String]) -> SessionRun {
+    async fn run(
+        &mut self,
+        req: &ScriptRequest,
+        vars: &[String],
+        limits: OutputLimits,
+    ) -> SessionRun {
         let text = session_text(req, vars);
         let Process { input, events, .. } = &mut self.process;
         let writer = input.write(text.as_bytes());
         let reader = async {
-            let mut reading = Reading::default();
+            let mut reading = Reading::new(limits);
             let mut end = None;
-            while end.is_none() {
+            while end.is_none() && reading.over.is_none() {
                 match events.recv().await {
                     Some(Event::Out(b)) => {
                         let from = reading.stdout.len().saturating_sub(req.nonce.len() + 16);
-                        reading.stdout.extend_from_slice(&b);
+                        reading.take(Event::Out(b));
                         end = marker_end(&reading.stdout, from, &req.nonce, "end");
                     }
                     Some(ev) => reading.take(ev),
@@ -299,7 +407,10 @@ impl Session {
             }
             (reading, end)
         };
-        let (written, (mut reading, end)) = tokio::join!(writer, reader);
+        let (written, (mut reading, end)) = drive(writer, reader, |r| r.0.over.is_some()).await;
+        if let Some(e) = reading.too_large() {
+            return SessionRun::TooLarge(e);
+        }
         match end {
             Some(end) if written.is_ok() => {
                 self.spill = reading.stdout.split_off(end);
@@ -319,6 +430,9 @@ impl Session {
                     let rest = tokio::time::timeout(READY_WAIT, async {
                         while let Some(ev) = events.recv().await {
                             reading.take(ev);
+                            if reading.over.is_some() {
+                                break;
+                            }
                         }
                     })
                     .await;
@@ -397,10 +511,11 @@ impl Pool {
         &self,
         launch: &dyn Launch,
         req: &ScriptRequest,
+        limits: OutputLimits,
     ) -> Result<ScriptOutput, TransportError> {
         let vars = match script_vars(&req.text) {
             Some(v) if !self.fell_back() && !req.nonce.is_empty() => v,
-            _ => return run_once(launch.launch().await?, req.text.as_bytes()).await,
+            _ => return run_once(launch.launch().await?, req.text.as_bytes(), limits).await,
         };
         let _slot = self
             .slots
@@ -413,7 +528,9 @@ impl Pool {
                 Some(s) => (s, true),
                 None => (Session::new(launch.launch().await?), false),
             };
-            match session.run(req, &vars).await {
+            match session.run(req, &vars, limits).await {
+                // Dropped: its process is stopped.
+                SessionRun::TooLarge(e) => return Err(e),
                 SessionRun::Done(out) => {
                     self.give_back(session).await;
                     return Ok(out);

@@ -142,3 +142,79 @@ async fn channels_the_server_opens_toward_govsql_are_refused() {
         "the client confirmed channels the server opened"
     );
 }
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+/// A database host that answers without end (stdout, or stderr) cannot
+/// grow the daemon's memory: the run stops at its output limit, the job
+/// ends `result_too_large` long before its deadline (an apply is left to
+/// be settled by its key), and another target keeps working. Before the
+/// caps, one 10 s job took ~1.2 GB.
+#[tokio::test]
+async fn a_host_that_answers_without_end_is_cut_off_at_the_output_limit() {
+    use govsql::runtime::{Mode, RunStatus};
+
+    use crate::harness::*;
+    use crate::sshd::{Sshd, USER};
+
+    let s = Sshd::start();
+    let db = ssh_db(&s.target_toml(USER, &keys().ed25519), 20).await;
+    db.open_all();
+    db.switch(true);
+    let public = std::fs::read_to_string(format!("{}.pub", keys().ed25519.display())).unwrap();
+    let authorized = s.dir.join("authorized_keys").join(USER);
+    let original = std::fs::read(&authorized).unwrap();
+    for (stream, command) in [("stdout", "yes"), ("stderr", "yes >&2")] {
+        std::fs::write(
+            s.dir.join("authorized_keys").join(USER),
+            format!("command=\"{command}\",restrict {}", public.trim()),
+        )
+        .unwrap();
+        let target: govsql::config::TargetConfig = toml::from_str(&format!(
+            "{}psql = \"/x\"\ndb_name = \"d\"\ndb_user = \"{RUNTIME_ROLE}\"\nmax_result_bytes = 1048576\njob_timeout_s = 20\nsession_mode = {}\n",
+            s.target_toml(USER, &keys().ed25519),
+            session_mode()
+        ))
+        .unwrap();
+        let exec = govsql::transport::for_target(&target, DbRole::Runtime).unwrap();
+        let rt = db.runtime_with(exec);
+        let before = rss_kib();
+        let started = std::time::Instant::now();
+        let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+        let took = started.elapsed();
+        let grew_mib = rss_kib().saturating_sub(before) / 1024;
+        assert_eq!(o.status, RunStatus::Failed, "{stream}: {o:?}");
+        assert_eq!(o.class(), Some("result_too_large"), "{stream}: {o:?}");
+        assert!(took < Duration::from_secs(8), "{stream}: took {took:?}");
+        assert!(
+            grew_mib < 64,
+            "{stream}: the test process grew {grew_mib} MiB"
+        );
+        let o = run(
+            &rt,
+            "dot_iu_create_collection",
+            Mode::Apply,
+            &[("title", "x")],
+        )
+        .await;
+        assert_ne!(o.status, RunStatus::Applied, "{stream}: {o:?}");
+        assert_eq!(
+            o.pending,
+            Some(govsql::job::Pending::Unsettled),
+            "{stream}: an apply cut off is settled by its key: {o:?}"
+        );
+    }
+    // The real target keeps working.
+    std::fs::write(&authorized, original).unwrap();
+    let o = run(&db.runtime(), "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert_eq!(o.status, RunStatus::Verified, "{o:?}");
+    s.stop();
+}
