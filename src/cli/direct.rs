@@ -45,7 +45,7 @@ pub(super) async fn job(
     .allow_log_exposure(target.allow_server_log_exposure)
     .max_result_bytes(target.max_result_bytes)
     .disarm_on_failure(config.daemon.disarm_on_failure);
-    let job = Job::new(
+    let mut job = Job::new(
         command,
         mode,
         target_name.to_string(),
@@ -54,6 +54,10 @@ pub(super) async fn job(
         crate::job::effective_user(),
         nix::unistd::Uid::effective().as_raw(),
     );
+    if mode == Mode::Apply {
+        // An unreadable switch is refused as such, never as "off".
+        job.preset = ApplySwitch::new(&config.daemon.state_dir).unreadable_refusal();
+    }
     let outcome = runtime.run(&job).await;
     print_outcome(&outcome, a.json);
     Ok(outcome.exit_code())
