@@ -13,18 +13,9 @@ use govsql::runtime::{Mode, RunStatus};
 use crate::harness::*;
 use crate::sshd::{keys, Sshd, SHELL_USERS, USER};
 
-/// The built binary, copied where the test users can run it.
+/// The built binary, where the test users can run it.
 fn installed_binary() -> PathBuf {
-    let path = PathBuf::from(format!(
-        "/usr/local/lib/govsql-test/govsql-gate-{}",
-        std::process::id()
-    ));
-    if !path.exists() {
-        std::fs::copy(env!("CARGO_BIN_EXE_govsql"), &path).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-    }
-    path
+    test_bin()
 }
 
 fn public_key(key: &Path) -> String {
