@@ -738,6 +738,24 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(digest(&d), before);
+    // `systemctl status` shows the refusal while it stands...
+    let last_status = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("STATUS="))
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !last_status().contains("catalog reload refused") {
+        assert!(Instant::now() < deadline, "STATUS: {}", last_status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified");
     // A valid change is picked up.
@@ -749,6 +767,12 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
             Instant::now() < deadline,
             "a valid catalog was not picked up"
         );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...and a good reload replaces it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last_status().contains("refused") {
+        assert!(Instant::now() < deadline, "STATUS: {}", last_status());
         std::thread::sleep(Duration::from_millis(50));
     }
     // SIGTERM lets a running job finish, then exits 0.
