@@ -153,16 +153,24 @@ pub fn print_outcome(o: &Outcome, json: bool) {
         .run_id
         .map(|r| format!("run {r}"))
         .unwrap_or_else(|| "no ledger row".into());
+    // In the journal (a healthcheck unit's stdout), why a job did not
+    // pass is a warning (refused) or an error (failed), not info.
+    let p = match o.exit_code() {
+        ExitCode::Ok => "",
+        _ if !crate::logging::stdout_is_journal() => "",
+        ExitCode::Refused => "<4>",
+        _ => "<3>",
+    };
     out!(
-        "{}  {} {}  ({run}, job {})",
+        "{p}{}  {} {}  ({run}, job {})",
         o.status,
         o.mode,
         o.command,
         o.job_id
     );
-    out!("  {}", printable(&o.message));
+    out!("{p}  {}", printable(&o.message));
     if let Some(class) = &o.error_class {
-        out!("  error class: {class}");
+        out!("{p}  error class: {class}");
     }
     if !o.closed_gates.is_empty() {
         out!("  closed gates: {}", o.closed_gates.join(", "));
