@@ -18,6 +18,16 @@ use tracing_subscriber::registry::LookupSpan;
 /// Whether stderr is the journal's stream (systemd sets `JOURNAL_STREAM`
 /// to `DEVICE:INODE` of the stream it connected).
 pub fn stderr_is_journal() -> bool {
+    is_journal(std::io::stderr())
+}
+
+/// Whether stdout is the journal's stream (a unit's `StandardOutput=`
+/// default): a line there may start with its syslog priority too.
+pub fn stdout_is_journal() -> bool {
+    is_journal(std::io::stdout())
+}
+
+fn is_journal(stream: impl std::os::fd::AsFd) -> bool {
     let Ok(value) = std::env::var("JOURNAL_STREAM") else {
         return false;
     };
@@ -27,7 +37,7 @@ pub fn stderr_is_journal() -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    match nix::sys::stat::fstat(std::io::stderr()) {
+    match nix::sys::stat::fstat(stream) {
         Ok(st) => st.st_dev == dev && st.st_ino == ino,
         Err(_) => false,
     }

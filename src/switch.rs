@@ -6,9 +6,12 @@
 //! off when the time is up, `--once` lets exactly one apply through
 //! (whatever its outcome) and the daemon's `disarm_on_failure` turns it
 //! off at any failed apply. Every change is logged with who and why, and
-//! written with fsync and rename (never through a symlink). Reading fails
-//! closed: a missing, unreadable or unexpected file means off, and
-//! `status` says "unknown" when it cannot read the file.
+//! written with fsync and rename (never through a symlink), owned by the
+//! state directory's owner (the daemon's service user) even when root
+//! writes it. Reading fails closed: a missing or unexpected file means off,
+//! and a file that cannot be read refuses applies too but is reported as
+//! "unreadable: …", never as "off", so nobody is told to turn on a switch
+//! that is already on.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -54,8 +57,9 @@ pub enum State {
     Off,
     /// On, with its scope.
     On(Scope),
-    /// The file could not be read: treated as off.
-    Unknown(String),
+    /// The file could not be read (why, with its path): applies are
+    /// refused, and the refusal says so.
+    Unreadable(String),
 }
 
 impl State {
@@ -73,7 +77,7 @@ impl State {
                 format!("on for {} s more (until unix time {t})", t - unix_now())
             }
             State::On(Scope::Once) => "on for the next apply only".into(),
-            State::Unknown(why) => format!("unknown (cannot read: {why}); applies are refused"),
+            State::Unreadable(why) => format!("unreadable: {why}; applies are refused"),
         }
     }
 }
@@ -99,9 +103,20 @@ impl ApplySwitch {
     /// What the file says now (an expired `--for` reads as off).
     pub fn state(&self) -> State {
         let text = match read_no_follow(&self.path) {
-            Ok(t) => t,
+            Ok((_, owner)) if !self.owner_can_read(owner) => {
+                return State::Unreadable(format!(
+                    "{} is owned by uid {owner}, not by the state directory's owner, so the daemon cannot read it (write it again with `govsql switch on|off`)",
+                    self.path.display()
+                ))
+            }
+            Ok((t, _)) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return State::Off,
-            Err(e) => return State::Unknown(e.to_string()),
+            Err(e) => {
+                return State::Unreadable(format!(
+                    "{}: {e} (write it again with `govsql switch on|off` as root or the daemon's service user: it is then owned by the state directory's owner)",
+                    self.path.display()
+                ))
+            }
         };
         let mut lines = text.lines();
         if lines.next().map(str::trim) != Some("on") {
@@ -119,6 +134,22 @@ impl ApplySwitch {
             }
         }
         State::On(scope)
+    }
+
+    /// Whether the daemon (the state directory's owner) can read a switch
+    /// file owned by `owner`: root reads any file, so root checks for the
+    /// daemon; anyone else just read it.
+    fn owner_can_read(&self, owner: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        let dir_owner = self
+            .path
+            .parent()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .map_or(0, |m| m.uid());
+        dir_owner == 0 || dir_owner == owner
     }
 
     /// Whether applies are allowed. Fails closed.
@@ -169,7 +200,7 @@ impl ApplySwitch {
             State::On(Scope::Open) => "on\n".to_string(),
             State::On(Scope::Until(t)) => format!("on\nuntil {t}\n"),
             State::On(Scope::Once) => "on\nonce\n".to_string(),
-            State::Off | State::Unknown(_) => "off\n".to_string(),
+            State::Off | State::Unreadable(_) => "off\n".to_string(),
         };
         let body = format!("{body}by {who}\nat {}\n", unix_now());
         if let Some(dir) = self.path.parent() {
@@ -189,6 +220,7 @@ impl ApplySwitch {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(err)?;
+        give_to_dir_owner(&f, self.path.parent()).map_err(err)?;
         f.write_all(body.as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
         std::fs::rename(&tmp, &self.path).map_err(err)?;
@@ -202,16 +234,50 @@ impl ApplySwitch {
     }
 }
 
+impl ApplySwitch {
+    /// The refusal of an apply when the switch file cannot be read (the
+    /// daemon presets it on the job, so the ledger and the operator read
+    /// "unreadable", not "off"); None when the file reads as on or off.
+    pub fn unreadable_refusal(&self) -> Option<crate::job::Refusal> {
+        match self.state() {
+            State::Unreadable(why) => Some(crate::job::Refusal {
+                class: crate::job::ErrorClass::KillSwitch,
+                message: format!("the local apply switch is unreadable: {why}"),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Run as root, gives a new switch file to the owner of its directory
+/// (the daemon's service user under systemd, who must read it); run as
+/// anyone else, the file is already the writer's, who owns the directory.
+fn give_to_dir_owner(f: &std::fs::File, dir: Option<&Path>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let Some(dir) = dir else { return Ok(()) };
+    let meta = std::fs::metadata(dir)?;
+    if meta.uid() == 0 && meta.gid() == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(f, Some(meta.uid()), Some(meta.gid()))
+}
+
 /// Reads a file without following a symlink at its last component.
-fn read_no_follow(path: &Path) -> std::io::Result<String> {
+/// Answers its text and its owner's uid.
+fn read_no_follow(path: &Path) -> std::io::Result<(String, u32)> {
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)?;
+    let owner = f.metadata()?.uid();
     let mut s = String::new();
     f.take(4096).read_to_string(&mut s)?;
-    Ok(s)
+    Ok((s, owner))
 }
 
 pub use crate::job::parse_duration;
@@ -257,8 +323,48 @@ mod tests {
         std::fs::write(&target, "on\n").unwrap();
         std::os::unix::fs::symlink(&target, dir.path().join(SWITCH_FILE)).unwrap();
         let s = ApplySwitch::new(dir.path());
-        assert!(matches!(s.state(), State::Unknown(_)));
+        assert!(matches!(s.state(), State::Unreadable(_)));
+        assert!(s.state().describe().starts_with("unreadable: "));
+        let refusal = s.unreadable_refusal().expect("a refusal");
+        assert!(refusal
+            .message
+            .starts_with("the local apply switch is unreadable: "));
         assert!(!s.is_on());
+    }
+
+    #[test]
+    fn a_switch_written_by_root_belongs_to_the_state_dirs_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (scripts/test runs as root)");
+            return;
+        }
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(
+            dir.path(),
+            Some(nobody.uid.as_raw()),
+            Some(nobody.gid.as_raw()),
+        )
+        .unwrap();
+        let s = ApplySwitch::new(dir.path());
+        s.set(true).unwrap();
+        let meta = std::fs::metadata(dir.path().join(SWITCH_FILE)).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (nobody.uid.as_raw(), nobody.gid.as_raw())
+        );
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(s.is_on());
+        // A file root left behind (an older govsql) is reported as what it
+        // is to the daemon: unreadable, not on.
+        std::fs::remove_file(dir.path().join(SWITCH_FILE)).unwrap();
+        std::fs::write(dir.path().join(SWITCH_FILE), "on\n").unwrap();
+        let state = s.state();
+        assert!(matches!(state, State::Unreadable(_)), "{state:?}");
+        assert!(state
+            .describe()
+            .contains("not by the state directory's owner"));
     }
 
     #[test]

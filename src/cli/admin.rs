@@ -323,6 +323,9 @@ pub(super) async fn self_test(config_path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(report.exit_code());
         }
     };
+    if let Some(user) = service_user::service_user(&config.daemon.state_dir) {
+        return service_user::self_test_as(&user, config_path);
+    }
     report.check(true, "config", config_path.display());
     let catalog = match Catalog::load(&config.daemon.catalog) {
         Ok(c) => c,
@@ -365,15 +368,11 @@ fn check_state_dir(report: &mut Report, config: &Config) {
         Ok(()) => report.check(true, "state_dir", format!("{} is writable", dir.display())),
         Err(e) => report.check(false, "state_dir", format!("{}: {e}", dir.display())),
     }
-    let on = ApplySwitch::new(dir).is_on();
+    let state = ApplySwitch::new(dir).state();
     report.check(
-        true,
+        !matches!(state, crate::switch::State::Unreadable(_)),
         "apply switch",
-        if on {
-            "on"
-        } else {
-            "off (applies are refused)"
-        },
+        state.describe(),
     );
 }
 

@@ -45,7 +45,7 @@ pub(super) async fn job(
     .allow_log_exposure(target.allow_server_log_exposure)
     .max_result_bytes(target.max_result_bytes)
     .disarm_on_failure(config.daemon.disarm_on_failure);
-    let job = Job::new(
+    let mut job = Job::new(
         command,
         mode,
         target_name.to_string(),
@@ -54,6 +54,10 @@ pub(super) async fn job(
         crate::job::effective_user(),
         nix::unistd::Uid::effective().as_raw(),
     );
+    if mode == Mode::Apply {
+        // An unreadable switch is refused as such, never as "off".
+        job.preset = ApplySwitch::new(&config.daemon.state_dir).unreadable_refusal();
+    }
     let outcome = runtime.run(&job).await;
     print_outcome(&outcome, a.json);
     Ok(outcome.exit_code())
@@ -149,16 +153,24 @@ pub fn print_outcome(o: &Outcome, json: bool) {
         .run_id
         .map(|r| format!("run {r}"))
         .unwrap_or_else(|| "no ledger row".into());
+    // In the journal (a healthcheck unit's stdout), why a job did not
+    // pass is a warning (refused) or an error (failed), not info.
+    let p = match o.exit_code() {
+        ExitCode::Ok => "",
+        _ if !crate::logging::stdout_is_journal() => "",
+        ExitCode::Refused => "<4>",
+        _ => "<3>",
+    };
     out!(
-        "{}  {} {}  ({run}, job {})",
+        "{p}{}  {} {}  ({run}, job {})",
         o.status,
         o.mode,
         o.command,
         o.job_id
     );
-    out!("  {}", printable(&o.message));
+    out!("{p}  {}", printable(&o.message));
     if let Some(class) = &o.error_class {
-        out!("  error class: {class}");
+        out!("{p}  error class: {class}");
     }
     if !o.closed_gates.is_empty() {
         out!("  closed gates: {}", o.closed_gates.join(", "));

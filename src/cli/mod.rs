@@ -34,6 +34,7 @@ mod batch;
 mod direct;
 mod gate;
 mod remote;
+mod service_user;
 
 pub use admin::catalog_check;
 pub use direct::print_outcome;

@@ -201,6 +201,9 @@ pub struct Daemon {
     /// What jobs did since the start.
     pub metrics: metrics::Metrics,
     heartbeat_at: AtomicU64,
+    /// Why the last reload was refused, shown after the counts in the
+    /// heartbeat's STATUS= line until a good reload clears it.
+    reload_refused: std::sync::Mutex<Option<String>>,
     /// Cancelled once, at SIGTERM; every task watches it.
     shutdown: CancellationToken,
     /// Every connection and job task, so shutdown can wait for them.
@@ -501,13 +504,27 @@ impl Daemon {
         };
         if let Some(why) = &refused {
             tracing::error!(cause = %why, "config reload refused; the running config is kept");
-            notify::notify(&format!("STATUS=config reload refused: {why}"));
         }
-        self.reload_catalog().await;
-        notify::notify("READY=1");
+        let catalog_refused = self.reload_catalog().await;
+        // The refusal stays in `systemctl status` until a good reload
+        // replaces it.
+        let note = match (refused, catalog_refused) {
+            (Some(why), _) => Some(format!("config reload refused: {why}")),
+            (None, Some(why)) => Some(format!("catalog reload refused: {why}")),
+            (None, None) => None,
+        };
+        let status = note
+            .clone()
+            .unwrap_or_else(|| "config and catalog reloaded".into());
+        *self
+            .reload_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = note;
+        notify::notify(&format!("STATUS={status}\nREADY=1"));
     }
 
-    async fn reload_catalog(&self) {
+    /// Reads the catalog again; the reason it was refused, if it was.
+    async fn reload_catalog(&self) -> Option<String> {
         let config = self.config();
         let path = config.daemon.catalog.clone();
         let loaded = tokio::task::spawn_blocking(move || Catalog::load(&path)).await;
@@ -515,7 +532,7 @@ impl Daemon {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(cause = %e, "catalog reload failed");
-                return;
+                return Some(e.to_string());
             }
         };
         match loaded {
@@ -544,9 +561,11 @@ impl Daemon {
                     "catalog reloaded"
                 );
                 *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = new;
+                None
             }
             Err(e) => {
-                tracing::error!(cause = %e, "catalog reload refused; keeping the catalog in use")
+                tracing::error!(cause = %e, "catalog reload refused; keeping the catalog in use");
+                Some(e.to_string())
             }
         }
     }
@@ -659,6 +678,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         started_at: unix_now(),
         metrics: metrics::Metrics::default(),
         heartbeat_at: AtomicU64::new(unix_now() as u64),
+        reload_refused: std::sync::Mutex::new(None),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         connections: Mutex::new(HashMap::new()),
@@ -793,6 +813,14 @@ async fn heartbeat(daemon: Arc<Daemon>) {
                     h.target_health.len() - down,
                     down
                 );
+                let status = match &*daemon
+                    .reload_refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                {
+                    Some(why) => format!("{status}; {why}"),
+                    None => status,
+                };
                 // Only when it changes: the notify socket is not a log.
                 if status != last_status {
                     notify::notify(&status);

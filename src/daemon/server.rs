@@ -2,7 +2,8 @@
 //! connection limit, read one bounded line at a time (a silent client is
 //! closed after a timeout), and dispatch each request to its handler.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,10 +65,33 @@ pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
                 )
             })?
             .gid;
-        nix::unistd::chown(&cfg.socket, None, Some(gid))
-            .map_err(|e| io("cannot chgrp", e.into()))?;
+        set_group(&cfg.socket, group, gid)?;
     }
     Ok(listener)
+}
+
+/// Gives the socket its group, calling chown only when the group is not
+/// already right: under systemd `Group=` makes it so, and the unit's
+/// `SystemCallFilter=~@privileged` forbids every chown. A chown that is
+/// needed and refused says what to change.
+fn set_group(socket: &Path, group: &str, gid: nix::unistd::Gid) -> Result<(), DaemonError> {
+    let io = |what, source| DaemonError::Io {
+        what,
+        path: socket.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(socket).map_err(|e| io("cannot examine", e))?;
+    if meta.gid() == gid.as_raw() {
+        return Ok(());
+    }
+    nix::unistd::chown(socket, None, Some(gid)).map_err(|e| {
+        io(
+            "cannot chgrp",
+            std::io::Error::other(format!(
+                "to socket_group {group}: {e}; run the daemon with {group} as its group (systemd: Group={group}; the unit's SystemCallFilter forbids chown) or make its user a member of {group}"
+            )),
+        )
+    })
 }
 
 /// Accepts connections until shutdown; each runs as a tracked task.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::Daemon;
 use crate::job::{unix_now, ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal};
+use crate::switch::ApplySwitch;
 
 /// The worker loop of one target.
 pub async fn run_target(daemon: Arc<Daemon>, target: String) {
@@ -67,6 +68,15 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
             class: ErrorClass::ApprovalExpired,
             message: "the approval is older than approval_ttl_s; approve it again".into(),
         });
+    }
+    if job.preset.is_none() && job.mode == Mode::Apply {
+        // A switch file the daemon cannot read refuses the apply as
+        // "unreadable", never as "off" (which would send the operator to
+        // turn on a switch that may be on).
+        let switch = ApplySwitch::new(&daemon.config().daemon.state_dir);
+        job.preset = tokio::task::spawn_blocking(move || switch.unreadable_refusal())
+            .await
+            .unwrap_or(None);
     }
     let task = {
         let job = job.clone();

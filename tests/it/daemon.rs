@@ -18,7 +18,7 @@ use crate::sshd::{self, keys, USER};
 const OTHER: &str = "govsqlt_dash";
 
 /// A `govsql daemon` child process with its log file.
-struct DaemonProc {
+pub(crate) struct DaemonProc {
     child: Option<Child>,
     log: PathBuf,
     config: PathBuf,
@@ -26,7 +26,7 @@ struct DaemonProc {
 }
 
 impl DaemonProc {
-    fn start(db: &TestDb) -> DaemonProc {
+    pub(crate) fn start(db: &TestDb) -> DaemonProc {
         DaemonProc::start_with(db, &[])
     }
 
@@ -41,6 +41,14 @@ impl DaemonProc {
         socket: &Path,
         envs: &[(&str, &Path)],
     ) -> DaemonProc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_govsql"));
+        cmd.envs(envs.iter().map(|(k, v)| (*k, v.as_os_str())));
+        DaemonProc::spawn(db, cmd, config, socket)
+    }
+
+    /// Starts `cmd` (the govsql binary, maybe confined) as the daemon of
+    /// `config` and waits until its socket answers.
+    pub(crate) fn spawn(db: &TestDb, mut cmd: Command, config: &Path, socket: &Path) -> DaemonProc {
         let log = db.dir.path().join(format!(
             "daemon-{}.log",
             Instant::now().elapsed().as_nanos()
@@ -55,11 +63,10 @@ impl DaemonProc {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        let child = cmd
             .arg("daemon")
             .env("GOVSQL_CONFIG", config)
             .env("GOVSQL_LOG", "debug")
-            .envs(envs.iter().map(|(k, v)| (*k, v.as_os_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -86,7 +93,7 @@ impl DaemonProc {
         d
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -124,11 +131,11 @@ impl DaemonProc {
     }
 
     /// Runs the CLI against this daemon, optionally as another user.
-    fn cli(&self, as_user: Option<&str>, args: &[&str]) -> std::process::Output {
+    pub(crate) fn cli(&self, as_user: Option<&str>, args: &[&str]) -> std::process::Output {
         let mut c = match as_user {
             Some(u) => {
                 let mut c = Command::new("runuser");
-                c.args(["-u", u, "--", env!("CARGO_BIN_EXE_govsql")]);
+                c.args(["-u", u, "--"]).arg(test_bin());
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_govsql")),
@@ -172,7 +179,7 @@ impl Drop for DaemonProc {
 
 /// Rewrites the test config with an [access] table and extra [daemon] keys,
 /// and opens the directory to the second user.
-fn configure(db: &mut TestDb, access: &str, daemon_extra: &str) {
+pub(crate) fn configure(db: &mut TestDb, access: &str, daemon_extra: &str) {
     let text = std::fs::read_to_string(&db.config_path).unwrap();
     let text = text.replacen(
         "[daemon]\n",
@@ -197,9 +204,16 @@ fn configure(db: &mut TestDb, access: &str, daemon_extra: &str) {
     sshd::ensure_users();
 }
 
-const OPEN_ACCESS: &str = "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"*\"]\n";
+pub(crate) const OPEN_ACCESS: &str =
+    "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"*\"]\n";
 
-fn submit(d: &DaemonProc, command: &str, mode: &str, params: Value, wait: bool) -> Value {
+pub(crate) fn submit(
+    d: &DaemonProc,
+    command: &str,
+    mode: &str,
+    params: Value,
+    wait: bool,
+) -> Value {
     d.request(json!({"v": 1, "op": "submit", "command": command, "mode": mode, "params": params, "wait": wait}))
 }
 
@@ -724,6 +738,24 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(digest(&d), before);
+    // `systemctl status` shows the refusal while it stands...
+    let last_status = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("STATUS="))
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !last_status().contains("catalog reload refused") {
+        assert!(Instant::now() < deadline, "STATUS: {}", last_status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified");
     // A valid change is picked up.
@@ -735,6 +767,12 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
             Instant::now() < deadline,
             "a valid catalog was not picked up"
         );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...and a good reload replaces it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last_status().contains("refused") {
+        assert!(Instant::now() < deadline, "STATUS: {}", last_status());
         std::thread::sleep(Duration::from_millis(50));
     }
     // SIGTERM lets a running job finish, then exits 0.

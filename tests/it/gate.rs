@@ -13,21 +13,9 @@ use govsql::runtime::{Mode, RunStatus};
 use crate::harness::*;
 use crate::sshd::{keys, Sshd, SHELL_USERS, USER};
 
-/// The built binary, copied where the test users can run it (a copy per
-/// test: each removes its own).
+/// The built binary, where the test users can run it.
 fn installed_binary() -> PathBuf {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let path = PathBuf::from(format!(
-        "/usr/local/lib/govsql-test/govsql-gate-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    if !path.exists() {
-        std::fs::copy(env!("CARGO_BIN_EXE_govsql"), &path).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-    }
-    path
+    test_bin()
 }
 
 fn public_key(key: &Path) -> String {
@@ -168,7 +156,6 @@ async fn remote_gate_lets_a_key_open_only_the_governed_door() {
     assert!(refused.is_err(), "the jobs' key ran the admin line");
     assert_eq!(db.count("iu_collection"), SHELL_USERS.len() as i64);
     s.stop();
-    let _ = std::fs::remove_file(&bin);
 }
 
 /// The database keys of a test database's target, as TOML lines.
@@ -499,7 +486,6 @@ async fn remote_gate_walls_stop_every_door_psql_opens_from_stdin() {
         assert_eq!(o.status, RunStatus::Verified, "{user}: {o:?}");
     }
     s.stop();
-    let _ = std::fs::remove_file(&bin);
 }
 
 /// Hands scripts to `inner` with a line outside the grammar slipped into
@@ -598,5 +584,4 @@ async fn a_script_the_gate_refuses_fails_remote_gate_and_nothing_ran() {
     .await;
     assert_eq!(o.status, RunStatus::Applied, "{o:?}");
     s.stop();
-    let _ = std::fs::remove_file(&bin);
 }

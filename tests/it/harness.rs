@@ -1,14 +1,16 @@
 //! The test harness: one real PostgreSQL cluster per test process, started
 //! on a private unix socket in a temporary directory (as the `postgres`
-//! user when run as root), stopped at exit. Each test gets its own
-//! database, migrated with the demo schema, and its own config and state
-//! directory.
+//! user when run as root), stopped at exit by the pid of the process the
+//! harness spawned, whatever the tests' outcome; every directory the
+//! harness keeps beyond one test is removed then too. Each test gets its
+//! own database, migrated with the demo schema, and its own config and
+//! state directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use govsql::catalog::Catalog;
 use govsql::config::Config;
@@ -46,6 +48,7 @@ pub fn catalog_path() -> PathBuf {
         let path =
             std::env::temp_dir().join(format!("govsql-test-catalog-{}.toml", std::process::id()));
         std::fs::write(&path, text).unwrap();
+        remove_at_exit(&path);
         path
     })
     .clone()
@@ -75,10 +78,67 @@ pub struct Pg {
     pub port: u16,
     /// psql, the real binary.
     pub psql: PathBuf,
+    /// The postmaster, spawned in the foreground: stopped by its own pid.
+    postmaster: Mutex<Option<Child>>,
 }
 
 static PG: OnceLock<Pg> = OnceLock::new();
 static DB_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// What the harness undoes at exit, last registered first.
+type Cleanup = Box<dyn FnOnce() + Send>;
+static CLEANUPS: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
+
+extern "C" fn run_cleanups() {
+    let cleanups = std::mem::take(&mut *CLEANUPS.lock().unwrap_or_else(|p| p.into_inner()));
+    for c in cleanups.into_iter().rev() {
+        c();
+    }
+}
+
+extern "C" {
+    #[link_name = "atexit"]
+    fn libc_atexit(f: extern "C" fn()) -> i32;
+}
+
+/// Runs `f` when the test process exits (after every test, whatever
+/// their outcome), after the cleanups registered later.
+pub fn at_exit(f: impl FnOnce() + Send + 'static) {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registering a plain extern "C" fn with atexit, once.
+    REGISTERED.call_once(|| unsafe {
+        libc_atexit(run_cleanups);
+    });
+    CLEANUPS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Box::new(f));
+}
+
+/// Removes a file or directory tree the harness made when the test
+/// process exits.
+pub fn remove_at_exit(path: &Path) {
+    let path = path.to_path_buf();
+    at_exit(move || {
+        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+    });
+}
+
+/// Stops a server the harness spawned in the foreground: `signal`, then
+/// SIGKILL if it has not exited within 10 s, then reaps it.
+pub fn stop_child(child: &mut Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, signal);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(child.try_wait(), Ok(None)) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+}
 
 /// Whether this process runs as root (PostgreSQL then runs as `postgres`).
 pub fn is_root() -> bool {
@@ -102,68 +162,148 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-extern "C" fn stop_cluster() {
-    if let Some(pg) = PG.get() {
-        let _ = as_pg_user(&pg_bindir().join("pg_ctl"))
-            .args(["-D"])
-            .arg(pg.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&pg.dir);
-    }
+/// The govsql binary at a path every user can execute (the SSH test
+/// users run it as `remote-gate`, `runuser` runs the CLI as them): the
+/// build's own when every directory above it lets others through, else a
+/// copy in a world-readable directory (a clone under /root, mode 0700 on
+/// Debian), removed at exit.
+pub fn test_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = PathBuf::from(env!("CARGO_BIN_EXE_govsql"));
+        let reachable = built.ancestors().skip(1).all(|d| {
+            std::fs::metadata(d)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o001 != 0)
+                .unwrap_or(false)
+        });
+        if reachable || !is_root() {
+            return built;
+        }
+        let dir =
+            Path::new("/usr/local/lib/govsql-test").join(format!("bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let copy = dir.join("govsql");
+        std::fs::copy(&built, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        remove_at_exit(&dir);
+        copy
+    })
+    .clone()
 }
 
 /// The cluster of this test process, started on first use.
 pub fn pg() -> &'static Pg {
     PG.get_or_init(|| {
         let bindir = pg_bindir();
-        let dir = tempfile::Builder::new().prefix("govsql-pg-").tempdir().unwrap().keep();
+        let dir = tempfile::Builder::new()
+            .prefix("govsql-pg-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        remove_at_exit(&dir);
         // The SSH test users connect through the socket in this directory.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let pg_user = nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("the postgres user exists");
         if is_root() {
-            let pg_user = nix::unistd::User::from_name("postgres").unwrap().expect("the postgres user exists");
             nix::unistd::chown(&dir, Some(pg_user.uid), Some(pg_user.gid)).unwrap();
         }
         let out = as_pg_user(&bindir.join("initdb"))
             .arg("-D")
             .arg(dir.join("data"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port = free_port();
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses= -c fsync=off -c synchronous_commit=off -c max_connections=200 -c shared_preload_libraries=pg_stat_statements,auto_explain",
-            dir.display()
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let out = as_pg_user(&bindir.join("pg_ctl"))
-            .arg("-D")
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        // The postmaster itself, in the foreground (no pg_ctl, no
+        // daemonizing): its pid is the child's, known before it writes any
+        // pid file.
+        let mut cmd = Command::new(bindir.join("postgres"));
+        cmd.arg("-D")
             .arg(dir.join("data"))
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-o", &opts, "-w", "start"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg_ctl start failed: {}", String::from_utf8_lossy(&out.stderr));
-        // SAFETY: registering a plain extern "C" fn with atexit.
-        unsafe {
-            libc_atexit(stop_cluster);
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_preload_libraries=pg_stat_statements,auto_explain",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if is_root() {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(pg_user.uid.as_raw()).gid(pg_user.gid.as_raw());
         }
+        let child = cmd.spawn().expect("start postgres");
         let pg = Pg {
             dir,
             port,
             psql: bindir.join("psql"),
+            postmaster: Mutex::new(Some(child)),
         };
-        pg.admin("postgres", &format!("CREATE ROLE {RUNTIME_ROLE} LOGIN NOINHERIT"));
+        at_exit(stop_cluster);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pg
+            .psql_as("postgres", "postgres", "SELECT 1")
+            .status
+            .success()
+        {
+            let exited = pg.postmaster.lock().unwrap().as_mut().map(|c| c.try_wait());
+            assert!(
+                matches!(exited, Some(Ok(None))) && Instant::now() < deadline,
+                "postgres did not start: {}",
+                std::fs::read_to_string(pg.dir.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pg.admin(
+            "postgres",
+            &format!("CREATE ROLE {RUNTIME_ROLE} LOGIN NOINHERIT"),
+        );
         pg
     })
 }
 
-extern "C" {
-    #[link_name = "atexit"]
-    fn libc_atexit(f: extern "C" fn()) -> i32;
+/// Stops the cluster (SIGQUIT: immediate shutdown, its backends too).
+fn stop_cluster() {
+    if let Some(pg) = PG.get() {
+        if let Some(mut child) = pg
+            .postmaster
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            stop_child(&mut child, nix::sys::signal::Signal::SIGQUIT);
+        }
+    }
 }
 
 impl Pg {
@@ -383,7 +523,7 @@ impl TestDb {
 
     /// Runs the built binary with this database's config.
     pub fn govsql(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_govsql"))
+        Command::new(test_bin())
             .args(args)
             .env("GOVSQL_CONFIG", &self.config_path)
             .env("GOVSQL_LOG", "debug")

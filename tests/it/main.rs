@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod layout;
 mod seed_lock;
+mod service;
 mod session;
 mod ssh;
 mod sshd;

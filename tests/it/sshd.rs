@@ -1,14 +1,18 @@
 //! A real OpenSSH sshd for the tests, on 127.0.0.1 and a free port, with
 //! its own host key and config in a temporary directory, and real test
 //! users whose login shells differ (bash, dash, zsh, busybox sh). Needs
-//! root (to create the users and let sshd switch to them).
+//! root (to create the users and let sshd switch to them). sshd runs in
+//! the foreground (`-D`) as the harness's child, so it is stopped by the
+//! pid the harness spawned (with every session process under it) when
+//! its test ends or fails, and the shared one at exit; its directory goes
+//! with it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::harness::{free_port, is_root, pg};
+use crate::harness::{at_exit, free_port, is_root, pg, remove_at_exit};
 
 /// Test users and their login shells.
 pub const SHELL_USERS: &[(&str, &str)] = &[
@@ -46,6 +50,8 @@ pub struct Sshd {
     pub known_hosts: PathBuf,
     /// Its host key's SHA256 fingerprint.
     pub fingerprint: String,
+    /// The listener, in the foreground; None while stopped.
+    listener: Mutex<Option<Child>>,
 }
 
 /// Client keys, shared by every sshd of the process.
@@ -102,6 +108,7 @@ pub fn keys() -> &'static Keys {
             .tempdir()
             .unwrap()
             .keep();
+        remove_at_exit(&dir);
         let k = Keys {
             ed25519: dir.join("id_ed25519"),
             rsa: dir.join("id_rsa"),
@@ -171,20 +178,18 @@ pub fn ensure_users() {
 /// A supplementary group of `govsqlt_dash`.
 pub const OPS_GROUP: &str = "govsqlt_ops";
 
-/// The sshd shared by the tests of this process.
+/// The sshd shared by the tests of this process (stopped at exit).
 pub fn shared() -> &'static Sshd {
-    SHARED.get_or_init(Sshd::start)
-}
-
-extern "C" fn stop_shared() {
-    if let Some(s) = SHARED.get() {
-        s.stop();
-    }
-}
-
-extern "C" {
-    #[link_name = "atexit"]
-    fn libc_atexit(f: extern "C" fn()) -> i32;
+    SHARED.get_or_init(|| {
+        let s = Sshd::start();
+        at_exit(|| {
+            if let Some(s) = SHARED.get() {
+                s.stop();
+                let _ = std::fs::remove_dir_all(&s.dir);
+            }
+        });
+        s
+    })
 }
 
 impl Sshd {
@@ -236,49 +241,61 @@ impl Sshd {
             port,
             known_hosts,
             fingerprint,
+            listener: Mutex::new(None),
         };
         s.launch();
-        if SHARED.get().is_none() {
-            // SAFETY: registering a plain extern "C" fn with atexit.
-            unsafe {
-                libc_atexit(stop_shared);
-            }
-        }
         s
     }
 
     /// (Re)starts the daemon on its port and waits until it listens.
     pub fn launch(&self) {
         std::fs::create_dir_all("/run/sshd").unwrap();
-        sh(Command::new("/usr/sbin/sshd")
+        let mut listener = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(listener.is_none(), "sshd is already running");
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
             .arg("-f")
             .arg(self.dir.join("sshd_config"))
             .arg("-E")
-            .arg(self.dir.join("sshd.log")));
+            .arg(self.dir.join("sshd.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start /usr/sbin/sshd");
+        *listener = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not start listening");
+            let exited = listener.as_mut().map(|c| c.try_wait());
+            assert!(
+                matches!(exited, Some(Ok(None))) && Instant::now() < deadline,
+                "sshd did not start listening: {}",
+                std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Stops the listener and every session it serves.
     pub fn stop(&self) {
-        let Ok(pid) = std::fs::read_to_string(self.dir.join("sshd.pid")) else {
+        let Some(mut child) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
             return;
         };
-        let Ok(pid) = pid.trim().parse::<i32>() else {
-            return;
-        };
-        // The listener, its per-connection processes and everything they
-        // started (an orphaned session process would keep serving).
-        for p in std::iter::once(pid).chain(descendants(pid)) {
+        let pid = child.id() as i32;
+        // Its per-connection processes and everything they started (an
+        // orphaned session process would keep serving), then the listener.
+        for p in descendants(pid) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(p),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-        let _ = std::fs::remove_file(self.dir.join("sshd.pid"));
+        let _ = child.kill();
+        let _ = child.wait();
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             && Instant::now() < deadline
@@ -296,6 +313,14 @@ impl Sshd {
             id = identity.display(),
             kh = self.known_hosts.display(),
         )
+    }
+}
+
+impl Drop for Sshd {
+    /// A dedicated sshd ends with its test, passed or failed.
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
