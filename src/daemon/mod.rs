@@ -55,6 +55,11 @@ pub enum DaemonError {
         /// The pid written in it.
         pid: String,
     },
+    /// A live daemon answers on the configured socket.
+    #[error(
+        "another govsql daemon answers on {0}; stop it first, or give this one another socket"
+    )]
+    SocketInUse(PathBuf),
     /// Some I/O on the state directory or socket failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -658,7 +663,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
             },
         );
     }
-    let listener = server::bind(&config.daemon)?;
+    let (listener, bound) = server::bind(&config.daemon)?;
     let metrics_listener = match &config.daemon.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr.as_str())
@@ -713,7 +718,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     // jobs drain (bounded), connections get their last replies.
     notify::notify("STOPPING=1");
     daemon.shutdown.cancel();
-    let _ = std::fs::remove_file(&daemon.config().daemon.socket);
+    bound.remove_if_ours();
     daemon.tasks.close();
     if tokio::time::timeout(DRAIN_LIMIT, daemon.tasks.wait())
         .await

@@ -27,9 +27,36 @@ const MAX_CONNECTIONS: usize = 512;
 /// Concurrent connections of one uid, so no user can lock others out.
 pub const MAX_CONNECTIONS_PER_UID: usize = 32;
 
-/// Binds the socket (replacing a stale file: the lock proves no other
-/// daemon owns it) with the configured mode and group.
-pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
+/// The socket this daemon bound: removed at exit only while it is still
+/// this daemon's file (another daemon may have bound the path since).
+#[derive(Debug)]
+pub struct BoundSocket {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl BoundSocket {
+    /// Removes the socket file if it is still the one this daemon bound.
+    pub fn remove_if_ours(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => tracing::warn!(
+                socket = %self.path.display(),
+                "the socket path is another daemon's now; left in place"
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Binds the socket with the configured mode and group. A socket file
+/// that answers belongs to a live daemon (of another state_dir, which the
+/// lock does not cover): refused, never replaced. One that does not answer
+/// is stale and replaced.
+pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonError> {
     let io = |what, source| DaemonError::Io {
         what,
         path: cfg.socket.clone(),
@@ -42,6 +69,9 @@ pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
                 .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)))
                 .map_err(|e| io("cannot create the socket directory of", e))?;
         }
+    }
+    if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+        return Err(DaemonError::SocketInUse(cfg.socket.clone()));
     }
     match std::fs::remove_file(&cfg.socket) {
         Ok(()) => {}
@@ -67,7 +97,13 @@ pub fn bind(cfg: &DaemonConfig) -> Result<UnixListener, DaemonError> {
             .gid;
         set_group(&cfg.socket, group, gid)?;
     }
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(&cfg.socket).map_err(|e| io("cannot examine", e))?;
+    let bound = BoundSocket {
+        path: cfg.socket.clone(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    Ok((listener, bound))
 }
 
 /// Gives the socket its group, calling chown only when the group is not

@@ -1232,6 +1232,53 @@ async fn two_daemons_on_one_target_apply_each_key_once() {
     );
 }
 
+/// A second daemon with another state_dir but the same socket (the lock
+/// covers only state_dir) used to bind over a live daemon's socket and
+/// delete it on exit. It must refuse to start, naming the path, and leave
+/// the live daemon's socket answering.
+#[tokio::test]
+async fn a_daemon_never_replaces_a_socket_that_answers() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let second = db.dir.path().join("govsql2.toml");
+    std::fs::write(
+        &second,
+        std::fs::read_to_string(&db.config_path)
+            .unwrap()
+            .replace("state_dir = \"state\"", "state_dir = \"state2\""),
+    )
+    .unwrap();
+    let d1 = DaemonProc::start(&db);
+    let mut second_daemon = Command::new(env!("CARGO_BIN_EXE_govsql"))
+        .arg("daemon")
+        .env("GOVSQL_CONFIG", &second)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second_daemon.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second_daemon.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = second_daemon.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second daemon started: {err}");
+    assert!(
+        err.contains("another govsql daemon answers on") && err.contains("govsql.sock"),
+        "{err}"
+    );
+    let health = d1.request(json!({"v": 1, "op": "health"}));
+    assert_eq!(
+        health["ok"], true,
+        "the live daemon's socket still answers: {health}"
+    );
+}
+
 /// A small tmpfs mounted at a path for the life of the guard.
 struct Tmpfs(PathBuf);
 
