@@ -156,9 +156,9 @@ impl Runtime {
         s.section();
         s.sql(&self.entry_sql(ctx, entry, class));
         match self.exec(ctx, &s.finish()).await {
-            PsqlResult::Complete(secs) => {
-                read_answer(secs.get(0).unwrap_or_default()).map_err(PsqlResult::Malformed)
-            }
+            PsqlResult::Complete(secs) => read_answer(secs.get(0).unwrap_or_default())
+                .and_then(|a| fits(entry, ctx.job.mode, &a.run).map(|_| a))
+                .map_err(PsqlResult::Malformed),
             other => Err(other),
         }
     }
@@ -305,6 +305,62 @@ fn class_message(ctx: &Ctx<'_>, class: &ErrorClass, run: &RunRow) -> String {
     }
 }
 
+/// Whether the database's `run` row can be the answer to this entry for
+/// this mode: a forged or confused answer (a verify reported `applied`, a
+/// refusal entry reporting a success, an unknown class word, a run id that
+/// is not one) is malformed, never believed.
+fn fits(entry: Entry, mode: Mode, run: &RunRow) -> Result<(), String> {
+    let success = match mode {
+        Mode::Plan => RunStatus::Planned,
+        Mode::Apply => RunStatus::Applied,
+        Mode::Verify => RunStatus::Verified,
+    };
+    let bad = |why: &str| {
+        Err(format!(
+            "the database's answer does not fit a {mode} job: {why}"
+        ))
+    };
+    if run.run_id <= 0 {
+        return bad("its run id is not a ledger row's");
+    }
+    let class = match run.class.as_deref() {
+        None => None,
+        Some(word) => match ErrorClass::parse(word) {
+            Some(c) => Some(c),
+            None => return bad("its error class is not a known class"),
+        },
+    };
+    let status_ok = match entry {
+        Entry::Dispatch => {
+            run.status == success
+                || run.status == RunStatus::Refused
+                || (run.status == RunStatus::Failed && mode != Mode::Plan)
+        }
+        Entry::Refuse => run.status == RunStatus::Refused && !run.replayed,
+        Entry::Fail => {
+            (run.replayed && run.status == success)
+                || (!run.replayed
+                    && run.status
+                        == if mode == Mode::Plan {
+                            RunStatus::Refused
+                        } else {
+                            RunStatus::Failed
+                        })
+        }
+    };
+    if !status_ok {
+        return bad(&format!("status {}", run.status));
+    }
+    if run.replayed && run.status != success {
+        return bad("a replayed run that did not succeed");
+    }
+    match (run.status == success, class) {
+        (true, Some(_)) => bad("a success with an error class"),
+        (false, None) => bad("a refusal or failure without a class"),
+        _ => Ok(()),
+    }
+}
+
 /// Reads an entry's COPY output: `row` values, then one `run` row.
 fn read_answer(bytes: &[u8]) -> Result<Answer, String> {
     let records = copy_rows(0, bytes).map_err(|e| e.to_string())?;
@@ -333,6 +389,44 @@ fn read_answer(bytes: &[u8]) -> Result<Answer, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_row(json: &str) -> RunRow {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn an_answer_that_does_not_fit_the_job_is_not_believed() {
+        let applied =
+            run_row(r#"{"run_id": 7, "status": "applied", "class": null, "params_digest": "d"}"#);
+        assert!(fits(Entry::Dispatch, Mode::Apply, &applied).is_ok());
+        // A forged answer: a verify reported applied (run 999999 or not).
+        let err = fits(Entry::Dispatch, Mode::Verify, &applied).unwrap_err();
+        assert!(err.contains("does not fit a verify job"), "{err}");
+        assert!(fits(Entry::Refuse, Mode::Apply, &applied).is_err());
+        let bad_id =
+            run_row(r#"{"run_id": 0, "status": "applied", "class": null, "params_digest": "d"}"#);
+        assert!(fits(Entry::Dispatch, Mode::Apply, &bad_id).is_err());
+        let unknown = run_row(
+            r#"{"run_id": 3, "status": "refused", "class": "nonsense", "params_digest": "d"}"#,
+        );
+        assert!(fits(Entry::Refuse, Mode::Apply, &unknown).is_err());
+        let refused = run_row(
+            r#"{"run_id": 3, "status": "refused", "class": "kill_switch", "params_digest": "d"}"#,
+        );
+        assert!(fits(Entry::Refuse, Mode::Apply, &refused).is_ok());
+        let no_class =
+            run_row(r#"{"run_id": 3, "status": "failed", "class": null, "params_digest": "d"}"#);
+        assert!(fits(Entry::Dispatch, Mode::Apply, &no_class).is_err());
+        let settled = run_row(
+            r#"{"run_id": 9, "status": "applied", "class": null, "replayed": true, "params_digest": "d"}"#,
+        );
+        assert!(fits(Entry::Fail, Mode::Apply, &settled).is_ok());
+        let verify_failed = run_row(
+            r#"{"run_id": 4, "status": "failed", "class": "verification_failed", "params_digest": "d"}"#,
+        );
+        assert!(fits(Entry::Dispatch, Mode::Verify, &verify_failed).is_ok());
+        assert!(fits(Entry::Dispatch, Mode::Plan, &verify_failed).is_err());
+    }
 
     #[test]
     fn an_answer_is_rows_then_one_run_record() {

@@ -585,7 +585,7 @@ async fn migrate_is_idempotent_and_rollback_is_clean() {
         .unwrap();
     assert!(again.applied.is_empty(), "{again:?}");
     assert!(again.changed.is_empty());
-    assert_eq!(again.present.len(), 6);
+    assert_eq!(again.present.len(), 8);
     let updated = db.sql("SELECT count(*) FROM dot_iu_command_catalog WHERE updated_at > now() - interval '0 seconds'");
     assert_eq!(updated, "0", "a second seed changes nothing");
     // Rollback drops everything; then the migration re-applies.
@@ -598,7 +598,7 @@ async fn migrate_is_idempotent_and_rollback_is_clean() {
     let back = govsql::migrate::migrate(&exec, &db.catalog, RUNTIME_ROLE, true)
         .await
         .unwrap();
-    assert_eq!(back.applied.len(), 6);
+    assert_eq!(back.applied.len(), 8);
     // With ledger rows, the rollback refuses and keeps everything.
     db.open_all();
     run(&db.runtime(), "dot_iu_healthcheck", Mode::Plan, &[]).await;
@@ -762,12 +762,13 @@ async fn the_apply_switch_can_be_scoped_and_a_failed_apply_disarms_it() {
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(stdout(&db.govsql(&["switch", "status"])).contains("off"));
     assert_eq!(apply("fifth")["error_class"], "kill_switch");
-    // A switch file that cannot be read: unknown, and applies are refused.
+    // A switch file that cannot be read: unreadable (never "off"), and
+    // applies are refused.
     let file = db.config.daemon.state_dir.join(govsql::switch::SWITCH_FILE);
     std::fs::remove_file(&file).unwrap();
     std::fs::create_dir(&file).unwrap();
     let status = stdout(&db.govsql(&["switch", "status"]));
-    assert!(status.contains("unknown (cannot read"), "{status}");
+    assert!(status.contains("unreadable:"), "{status}");
     assert_eq!(apply("sixth")["error_class"], "kill_switch");
     assert_eq!(db.count("iu_collection"), 3);
 }
