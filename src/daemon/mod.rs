@@ -286,14 +286,26 @@ impl Daemon {
             Some(outcome) => {
                 let _ = tx.send(outcome.clone());
             }
-            None => w.waiters.entry(job_id.clone()).or_default().push(tx),
+            None => {
+                let list = w.waiters.entry(job_id.clone()).or_default();
+                // Waits that ended (their receiver is gone) leave no trace.
+                list.retain(|t| !t.is_closed());
+                list.push(tx);
+            }
         }
         rx
     }
 
-    /// Drops the waiters of a job (a wait that ended another way).
-    pub fn forget_waiters(&self, job_id: &JobId) {
-        self.waiting().waiters.remove(job_id);
+    /// Drops the waiters of a job whose wait ended (their receiver is
+    /// gone); every other request's wait on the same job stays.
+    pub fn prune_waiters(&self, job_id: &JobId) {
+        let mut w = self.waiting();
+        if let Some(list) = w.waiters.get_mut(job_id) {
+            list.retain(|t| !t.is_closed());
+            if list.is_empty() {
+                w.waiters.remove(job_id);
+            }
+        }
     }
 
     /// Hands a finished job's outcome (result included) to its waiters,

@@ -291,11 +291,14 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             let job_id = job.job_id.clone();
             match (rx, submit(daemon, peer, job).await) {
                 (Some(rx), Ok(job)) if !job.state.is_terminal() => {
-                    await_outcome(peer, job, rx, timeout_s).await
+                    let reply = await_outcome(peer, job, rx, timeout_s).await;
+                    daemon.prune_waiters(&job_id);
+                    reply
                 }
                 (rx, reply) => {
                     if rx.is_some() {
-                        daemon.forget_waiters(&job_id);
+                        drop(rx);
+                        daemon.prune_waiters(&job_id);
                     }
                     match reply {
                         Ok(job) => Reply::job(job),
@@ -500,6 +503,9 @@ async fn submit(daemon: &Daemon, peer: &Peer, job: Job) -> Result<Job, Box<Reply
     }
 }
 
+/// Waits for a job. Only this request's own wait is registered and
+/// removed: another user's wait on the same id (ids show in `ps`) never
+/// touches it.
 async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u64>) -> Reply {
     // Register first, then look: a job finishing in between still reaches us.
     let rx = daemon.add_waiter(job_id);
@@ -509,20 +515,24 @@ async fn wait(daemon: &Daemon, peer: &Peer, job_id: &JobId, timeout_s: Option<u6
     match daemon.queue().get(job_id).await {
         Ok(Some(j)) if peer.may_see(access, &j) => {
             if !j.state.is_terminal() {
-                return await_outcome(peer, j, rx, timeout_s).await;
+                let reply = await_outcome(peer, j, rx, timeout_s).await;
+                daemon.prune_waiters(job_id);
+                return reply;
             }
             // Ended: with its result when it ended moments ago (the queue
             // never stores results).
             match rx.try_recv() {
                 Ok(outcome) => with_outcome(peer, j, outcome),
                 Err(_) => {
-                    daemon.forget_waiters(job_id);
+                    drop(rx);
+                    daemon.prune_waiters(job_id);
                     Reply::job(for_peer(peer, j))
                 }
             }
         }
         other => {
-            daemon.forget_waiters(job_id);
+            drop(rx);
+            daemon.prune_waiters(job_id);
             match other {
                 Ok(_) => not_found(job_id),
                 Err(e) => internal(e),
@@ -606,8 +616,8 @@ async fn awaiting_for_approver(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> 
         ));
     }
     let row = match daemon.queue().get(job_id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return Err(not_found(job_id)),
+        Ok(Some(r)) if peer.may_see(&daemon.config().access, &r) => r,
+        Ok(_) => return Err(not_found(job_id)),
         Err(e) => return Err(internal(e)),
     };
     if row.state != JobState::AwaitingApproval {
@@ -684,8 +694,10 @@ async fn reject(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: &str) -> R
     }
 }
 
-/// What a job will run, values included, for an approver or its
-/// submitter (never logged).
+/// What a job will run, values included (never logged): for its
+/// submitter, root, or an approver of a job awaiting that approver's
+/// approval (not one they submitted). Anyone else is told the job is not
+/// found, whether it exists or not.
 async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
     let cfg = daemon.config();
     let row = match daemon.queue().get(job_id).await {
@@ -693,11 +705,11 @@ async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
         Ok(None) => return not_found(job_id),
         Err(e) => return internal(e),
     };
-    if row.actor_uid != peer.uid && peer.uid != 0 && !peer.admitted_by(&cfg.access.approve) {
-        return Reply::error(
-            ReplyKind::Denied,
-            "only the submitter, an approver or root may see a job's params",
-        );
+    let approving = row.state == JobState::AwaitingApproval
+        && row.actor_uid != peer.uid
+        && peer.admitted_by(&cfg.access.approve);
+    if row.actor_uid != peer.uid && peer.uid != 0 && !approving {
+        return not_found(job_id);
     }
     if row.state.is_terminal() {
         return Reply::error(
@@ -736,10 +748,16 @@ async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
         Err(e) => return internal(e),
     };
     let cfg = daemon.config();
-    if row.actor_uid != peer.uid && peer.uid != 0 && !peer.admitted_by(&cfg.access.approve) {
+    let owner_or_admin =
+        row.actor_uid == peer.uid || peer.uid == 0 || peer.admitted_by(&cfg.access.admin);
+    if !owner_or_admin {
+        // Who may not see it is not told it exists.
+        if !peer.may_see(&cfg.access, &row) {
+            return not_found(job_id);
+        }
         return Reply::error(
             ReplyKind::Denied,
-            "only the submitter, an approver or root may cancel a job",
+            "only the submitter, root or an [access] admin may cancel a job (an approver rejects it: `govsql reject JOB --reason …`)",
         );
     }
     let msg = format!("cancelled by {}", peer.user);

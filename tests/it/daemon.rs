@@ -1988,10 +1988,13 @@ async fn approvers_list_show_and_reject_with_a_reason_in_the_ledger_over_ssh() {
         db.sql("SELECT evidence->>'reason' FROM dot_iu_command_run WHERE evidence->>'error_class' = 'rejected'"),
         format!("rejected by {OTHER}: not during the freeze")
     );
-    // After the end, the params are gone: show says so.
-    let out = d.cli(Some(OTHER), &["show", &id]);
+    // After the end, the params are gone: show tells the submitter so;
+    // the approver no longer sees the job at all.
+    let out = d.cli(None, &["show", &id]);
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("erased"));
+    let out = d.cli(Some(OTHER), &["show", &id]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job"));
     // The value never reached the daemon's log.
     assert!(!d.log_text().contains(piece));
     // An approval's reason goes into the ledger too.
@@ -2158,4 +2161,61 @@ async fn a_batch_keeps_waiting_across_a_daemon_restart() {
         err.contains("reconnecting"),
         "the wait never lost the daemon: {err}"
     );
+}
+
+/// Job ids show in `ps`: another user's `wait`, `show` or `cancel` on your
+/// job id is answered "not found" (as for an id that does not exist) and
+/// never touches your own wait.
+#[tokio::test]
+async fn another_users_wait_show_or_cancel_never_touches_your_job() {
+    let mut db = test_db().await;
+    configure(
+        &mut db,
+        "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"root\"]\n",
+        "",
+    );
+    let d = DaemonProc::start(&db);
+    let r = submit(
+        &d,
+        "dot_iu_diag_sleep",
+        "verify",
+        json!([["seconds", "3"]]),
+        false,
+    );
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    let waiting = {
+        let socket = d.socket.clone();
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            let line = format!(
+                "{}\n",
+                json!({"v": 1, "op": "wait", "job_id": id, "timeout_s": 30})
+            );
+            s.write_all(line.as_bytes()).unwrap();
+            let mut reply = String::new();
+            BufReader::new(s).read_line(&mut reply).unwrap();
+            serde_json::from_str::<Value>(&reply).unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let ghost = "6b000000-00000000";
+    for args in [
+        vec!["wait", id.as_str(), "--timeout", "0"],
+        vec!["show", id.as_str()],
+        vec!["cancel", id.as_str()],
+    ] {
+        let out = d.cli(Some(OTHER), &args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains("no job"), "{args:?}: {err}");
+        // The same answer as for an id that does not exist.
+        let mut ghost_args = args.clone();
+        ghost_args[1] = ghost;
+        let ghost_out = d.cli(Some(OTHER), &ghost_args);
+        assert_eq!(out.status.code(), ghost_out.status.code(), "{args:?}");
+    }
+    let reply = waiting.join().unwrap();
+    assert_eq!(reply["ok"], true, "the owner's wait was ended: {reply}");
+    assert_eq!(reply["job"]["state"], "verified", "{reply}");
 }
