@@ -650,6 +650,11 @@ pub struct Job {
     /// nothing ran waits up to `max_target_wait_s` from then).
     #[serde(skip)]
     pub first_try_at: Option<i64>,
+    /// Whether it may have run already (claimed from `unsettled`): it is
+    /// settled by its key before anything local may refuse it, and it
+    /// never stops waiting for its target.
+    #[serde(skip)]
+    pub in_doubt: bool,
 }
 
 impl fmt::Debug for Job {
@@ -697,6 +702,7 @@ impl Job {
             finished_at: None,
             outcome: None,
             first_try_at: None,
+            in_doubt: false,
         }
     }
 

@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/006_exposure_preflight.sql"),
         rollback: include_str!("../sql/rollback/006_exposure_preflight.sql"),
     },
+    Migration {
+        version: "007_refuse_settles_first",
+        sql: include_str!("../sql/migrations/007_refuse_settles_first.sql"),
+        rollback: include_str!("../sql/rollback/007_refuse_settles_first.sql"),
+    },
 ];
 
 /// The demo IU Core schema (`--demo`).

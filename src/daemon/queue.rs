@@ -277,8 +277,9 @@ impl Queue {
         self.call(|r| Op::Preset(job_id.clone(), refusal, r)).await
     }
 
-    /// After a crash: every running job goes back to queued, in order, to
-    /// be settled through the same path (the ledger decides).
+    /// After a crash: every running job goes back to the queue, in order,
+    /// to be settled through the same path (the ledger decides); a running
+    /// apply comes back `unsettled` (it may have committed).
     pub async fn recover(&self) -> Result<usize, QueueError> {
         self.call(Op::Recover).await
     }
@@ -353,6 +354,7 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
                 o
             }),
         first_try_at: r.get(18)?,
+        in_doubt: false,
     })
 }
 
@@ -610,7 +612,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         Op::Recover(reply) => {
             let r = exec(
                 tx,
-                "UPDATE jobs SET state = 'queued' WHERE state = 'running'",
+                // An apply that was running may have committed: it is
+                // settled by its key before anything else may end it.
+                "UPDATE jobs SET state = CASE WHEN mode = 'apply' THEN 'unsettled' ELSE 'queued' END WHERE state = 'running'",
                 [],
             );
             respond(reply, r, path)
@@ -696,6 +700,7 @@ fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
         "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
         params![j.job_id.as_str(), now()],
     )?;
+    j.in_doubt = j.state == JobState::Unsettled;
     j.state = JobState::Running;
     Ok(Some(j))
 }

@@ -152,6 +152,9 @@ async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut
         .unwrap_or(600);
     let state = match pending {
         Pending::Unsettled => JobState::Unsettled,
+        // A job that may have run (an earlier attempt was cut off) never
+        // stops waiting: only the ledger, under its key, may end it.
+        Pending::NothingRan if job.in_doubt => JobState::Unsettled,
         Pending::NothingRan => {
             let first = job.first_try_at.unwrap_or_else(unix_now);
             if unix_now() - first >= max_wait {

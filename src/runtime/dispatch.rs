@@ -336,7 +336,11 @@ fn fits(entry: Entry, mode: Mode, run: &RunRow) -> Result<(), String> {
                 || run.status == RunStatus::Refused
                 || (run.status == RunStatus::Failed && mode != Mode::Plan)
         }
-        Entry::Refuse => run.status == RunStatus::Refused && !run.replayed,
+        // Both settle by key first: a success under the key is replayed.
+        Entry::Refuse => {
+            (run.replayed && run.status == success)
+                || (!run.replayed && run.status == RunStatus::Refused)
+        }
         Entry::Fail => {
             (run.replayed && run.status == success)
                 || (!run.replayed
@@ -403,6 +407,11 @@ mod tests {
         let err = fits(Entry::Dispatch, Mode::Verify, &applied).unwrap_err();
         assert!(err.contains("does not fit a verify job"), "{err}");
         assert!(fits(Entry::Refuse, Mode::Apply, &applied).is_err());
+        let replayed = run_row(
+            r#"{"run_id": 7, "status": "applied", "class": null, "replayed": true, "params_digest": "d"}"#,
+        );
+        assert!(fits(Entry::Refuse, Mode::Apply, &replayed).is_ok());
+        assert!(fits(Entry::Refuse, Mode::Verify, &replayed).is_err());
         let bad_id =
             run_row(r#"{"run_id": 0, "status": "applied", "class": null, "params_digest": "d"}"#);
         assert!(fits(Entry::Dispatch, Mode::Apply, &bad_id).is_err());

@@ -161,7 +161,7 @@ impl DaemonProc {
         }
     }
 
-    fn request(&self, v: Value) -> Value {
+    pub(crate) fn request(&self, v: Value) -> Value {
         let mut line = serde_json::to_vec(&v).unwrap();
         line.push(b'\n');
         self.raw(&line).expect("a reply")
@@ -217,7 +217,7 @@ pub(crate) fn submit(
     d.request(json!({"v": 1, "op": "submit", "command": command, "mode": mode, "params": params, "wait": wait}))
 }
 
-fn wait_terminal(d: &DaemonProc, job_id: &str) -> Value {
+pub(crate) fn wait_terminal(d: &DaemonProc, job_id: &str) -> Value {
     let r = d.request(json!({"v": 1, "op": "wait", "job_id": job_id, "timeout_s": 120}));
     assert_eq!(r["ok"], true, "{r}");
     r["job"].clone()

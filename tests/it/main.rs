@@ -15,6 +15,7 @@ mod layout;
 mod seed_lock;
 mod service;
 mod session;
+mod settle;
 mod ssh;
 mod sshd;
 mod values;

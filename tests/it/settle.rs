@@ -1,0 +1,144 @@
+//! Truth at the limits: a job that may have run is settled by its key
+//! before anything local may refuse it, and never stops waiting for its
+//! target; an apply is `failed` only when nothing ran or the database
+//! proved nothing committed.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use govsql::runtime::{Mode, RunStatus};
+use serde_json::{json, Value};
+
+use crate::daemon::{configure, wait_terminal, DaemonProc, OPEN_ACCESS};
+use crate::harness::*;
+
+/// An apply whose key already applied (an orphaned transaction of an
+/// earlier attempt committed) met the local kill switch — or an approval
+/// expiry, or a cancel — before the ledger and ended `refused` although
+/// applied. The refusal entry now settles by key first.
+#[tokio::test]
+async fn a_local_refusal_of_a_key_that_already_applied_reports_the_original_run() {
+    let db = test_db().await;
+    db.open_all();
+    db.switch(true);
+    let rt = db.runtime();
+    let mut first = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "once")],
+    );
+    first.idempotency_key = "settle-first-1".into();
+    let o = rt.run(&first).await;
+    assert_eq!(o.status, RunStatus::Applied, "{o:?}");
+    let run_id = o.run_id;
+    // The kill switch is turned off in an emergency; the job runs again
+    // (a retry after a crash) with the same key.
+    db.switch(false);
+    let mut again = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "once")],
+    );
+    again.idempotency_key = "settle-first-1".into();
+    let o = rt.run(&again).await;
+    assert_eq!(
+        o.status,
+        RunStatus::Applied,
+        "settled by its key, not refused: {o:?}"
+    );
+    assert_eq!(o.run_id, run_id, "the original run");
+    assert!(o.message.contains("was applied"), "{}", o.message);
+    // Other params under the key, or a fresh key: refused by the switch.
+    let mut other = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "other")],
+    );
+    other.idempotency_key = "settle-first-1".into();
+    assert_eq!(rt.run(&other).await.class(), Some("kill_switch"));
+    let fresh = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "fresh")],
+    );
+    assert_eq!(rt.run(&fresh).await.class(), Some("kill_switch"));
+    assert_eq!(db.count("iu_collection"), 1);
+}
+
+fn state(d: &DaemonProc, id: &str) -> Value {
+    d.request(json!({"v": 1, "op": "status", "job_id": id}))["job"].clone()
+}
+
+/// An apply cut off mid-flight (the daemon killed while its transaction
+/// waited on a lock; the orphaned transaction then committed), whose
+/// target then stayed unreachable longer than max_target_wait_s, ended
+/// `failed / target_unreachable` ("nothing ran"). It must stay unsettled
+/// until the ledger answers, then end applied, once.
+#[tokio::test]
+async fn an_apply_in_doubt_outlasts_max_target_wait_and_is_settled_by_its_key() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let text = std::fs::read_to_string(&db.config_path).unwrap();
+    std::fs::write(
+        &db.config_path,
+        text.replacen(
+            "[targets.main]\n",
+            "[targets.main]\nmax_target_wait_s = 2\n",
+            1,
+        ),
+    )
+    .unwrap();
+    db.open_all();
+    db.switch(true);
+    let mut lock = pg().session(&db.name);
+    let stdin = lock.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"BEGIN;\nLOCK TABLE iu_collection IN ACCESS EXCLUSIVE MODE;\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let d = DaemonProc::start(&db);
+    let r = d.request(json!({
+        "v": 1, "op": "submit", "command": "dot_iu_create_collection", "mode": "apply",
+        "params": [["title", "in-doubt"]], "idempotency_key": "doubt-1"
+    }));
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&d, &id)["state"] != "running" {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its transaction now waits for the lock; the daemon dies (SIGKILL).
+    std::thread::sleep(Duration::from_millis(700));
+    drop(d);
+    pg().admin(
+        "postgres",
+        &format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name),
+    );
+    // The orphaned transaction gets its lock and commits.
+    let stdin = lock.stdin.as_mut().unwrap();
+    stdin.write_all(b"COMMIT;\n\\q\n").unwrap();
+    stdin.flush().unwrap();
+    let _ = lock.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    // The daemon comes back; the target refuses connections for longer
+    // than max_target_wait_s.
+    let d = DaemonProc::start(&db);
+    std::thread::sleep(Duration::from_secs(5));
+    let j = state(&d, &id);
+    assert_eq!(
+        j["state"], "unsettled",
+        "an apply that may have run gave up on its target: {j}"
+    );
+    pg().admin(
+        "postgres",
+        &format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name),
+    );
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "applied", "{done}");
+    assert_eq!(db.count("iu_collection WHERE title = 'in-doubt'"), 1);
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE idempotency_key = 'doubt-1' AND run_status = 'applied'"),
+        1
+    );
+}
