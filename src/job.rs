@@ -398,7 +398,7 @@ pub enum ErrorClass {
     UnexpectedStatus,
     /// verify: a check answered not ok.
     VerificationFailed,
-    /// Past the job's deadline; its backend was cancelled.
+    /// Past the job's deadline; its backend was told to stop.
     Timeout,
     /// The result exceeded max_result_bytes.
     ResultTooLarge,

@@ -34,17 +34,41 @@ impl Runtime {
             .unwrap_or(false)
     }
 
-    /// An apply whose outcome is unknown. A timeout's backend was already
-    /// cancelled: the fail entry, under the key's lock, reports the
-    /// original run if it committed and records the failure otherwise. A
-    /// lost connection: any orphan is cancelled, then the job is run again
-    /// through the same path; the key's lock waits for the orphan, and the
-    /// dispatcher returns the original run if it committed. The answer is
-    /// never [`Verdict::Unknown`].
+    /// An apply whose outcome is unknown. A timeout (a cancel was sent to
+    /// its backend, which is not proven gone: a backend frozen inside its
+    /// COMMIT still commits): the fail entry, under the key's lock — which
+    /// waits for that backend — reports the original run if it committed
+    /// and records the failure otherwise; when it cannot answer, the job
+    /// is unsettled, never failed. A lost connection: any orphan is
+    /// cancelled, then the job is run again through the same path; the
+    /// key's lock waits for the orphan, and the dispatcher returns the
+    /// original run if it committed. The answer is never
+    /// [`Verdict::Unknown`].
     pub(super) async fn settle(&self, ctx: &Ctx<'_>, class: &ErrorClass, cause: &str) -> Verdict {
         tracing::warn!(job_id = %ctx.job.job_id, class = %class, "apply outcome unknown; settling by idempotency key");
         if *class == ErrorClass::Timeout {
-            return Verdict::record(class.clone(), cause.to_string());
+            return match self.call(ctx, dispatch::Entry::Fail, Some(class)).await {
+                Ok(answer) => {
+                    let row = answer.run.log_row();
+                    let (replayed, run_id) = (row.replayed, row.run_id);
+                    let mut verdict = dispatch::written(ctx, answer);
+                    if let Verdict::Written { message, .. } = &mut verdict {
+                        *message = if replayed {
+                            format!("{cause}; the ledger shows it was applied (run {run_id}): not run again")
+                        } else {
+                            format!("{cause}; under its key the ledger proves nothing committed")
+                        };
+                    }
+                    verdict
+                }
+                Err(other) => Verdict::Unsettled {
+                    class: class.clone(),
+                    message: format!(
+                        "{cause}; the ledger could not yet say whether it committed ({other}); it stays unsettled and is settled by its key (--idempotency-key {}) as soon as the target answers",
+                        ctx.key()
+                    ),
+                },
+            };
         }
         let _ = crate::transport::cancel_tagged(self.executor.as_ref(), &self.tag(ctx)).await;
         match self.call(ctx, dispatch::Entry::Dispatch, None).await {

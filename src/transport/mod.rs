@@ -139,7 +139,7 @@ impl Runner {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {
     /// The deadline passed; the backend was terminated.
-    #[error("job deadline of {} s passed; its backend was cancelled", .0.as_secs_f64())]
+    #[error("job deadline of {} s passed; its backend was told to stop", .0.as_secs_f64())]
     Timeout(Duration),
     /// The target could not be reached; nothing was sent.
     #[error("target unreachable: {0}")]

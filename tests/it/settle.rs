@@ -142,3 +142,75 @@ async fn an_apply_in_doubt_outlasts_max_target_wait_and_is_settled_by_its_key() 
         1
     );
 }
+
+/// A backend frozen (SIGSTOP) past the job's deadline, inside the apply's
+/// transaction: the cancel is not proven to have worked, and the ledger
+/// cannot answer while the frozen backend holds the key's lock. The job
+/// ended `failed / timeout` ("could not write the ledger row"); it must be
+/// unsettled, and settled by its key once the backend is gone.
+#[tokio::test]
+async fn an_apply_whose_backend_is_frozen_past_its_deadline_is_unsettled_not_failed() {
+    let db = test_db_with(&std::fs::read_to_string(catalog_path()).unwrap(), 2).await;
+    db.open_all();
+    db.switch(true);
+    let mut lock = pg().session(&db.name);
+    let stdin = lock.stdin.as_mut().unwrap();
+    stdin
+        .write_all(b"BEGIN;\nLOCK TABLE iu_collection IN ACCESS EXCLUSIVE MODE;\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut j = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "frozen")],
+    );
+    j.idempotency_key = "frozen-1".into();
+    let tag = format!("govsql:{}", j.job_id);
+    let rt = std::sync::Arc::new(db.runtime());
+    let running = {
+        let (rt, j) = (rt.clone(), j.clone());
+        tokio::spawn(async move { rt.run(&j).await })
+    };
+    // Its backend waits for the table lock, holding the key's lock: freeze it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid: i32 = loop {
+        let pid = db.sql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = '{tag}' AND wait_event_type = 'Lock'"
+        ));
+        if let Ok(pid) = pid.trim().parse() {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the apply's backend never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let backend = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(backend, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let stdin = lock.stdin.as_mut().unwrap();
+    stdin.write_all(b"COMMIT;\n\\q\n").unwrap();
+    stdin.flush().unwrap();
+    let _ = lock.wait();
+    let o = running.await.unwrap();
+    nix::sys::signal::kill(backend, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Not over: the daemon keeps it `unsettled` (never `failed`).
+    assert_eq!(
+        o.pending,
+        Some(govsql::job::Pending::Unsettled),
+        "reported failed while it may commit: {o:?}"
+    );
+    assert!(!o.message.contains("was cancelled"), "{}", o.message);
+    // Settled by its key once the backend is gone: applied exactly once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let o = rt.run(&j).await;
+    assert_eq!(o.status, RunStatus::Applied, "{o:?}");
+    assert_eq!(db.count("iu_collection WHERE title = 'frozen'"), 1);
+    assert_eq!(
+        db.count(
+            "dot_iu_command_run WHERE idempotency_key = 'frozen-1' AND run_status = 'applied'"
+        ),
+        1
+    );
+}
