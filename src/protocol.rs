@@ -253,6 +253,10 @@ pub struct TargetHealth {
     /// The script format its remote-gate announced (none seen: absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_format: Option<u32>,
+    /// Session mode is paused on it (resets kept failing; retried with
+    /// backoff).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sessions_paused: bool,
 }
 
 /// A reply.

@@ -476,10 +476,13 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
                 at.map(|a| format!("{} s ago", crate::job::unix_now() - a))
                     .unwrap_or_else(|| "never".into())
             };
-            let gate = t
+            let mut gate = t
                 .gate_format
                 .map(|v| format!(", remote-gate format {v}"))
                 .unwrap_or_default();
+            if t.sessions_paused {
+                gate.push_str(", psql sessions PAUSED (resets fail; one psql per job, retried)");
+            }
             out!(
                 "  {} ({}{gate}): {}; last success {}; last error {}{}",
                 t.name,

@@ -291,6 +291,13 @@ impl Metrics {
         );
         per_target(
             &mut out,
+            "govsql_psql_sessions_paused",
+            "gauge",
+            "1 while session mode is paused on the target (resets kept failing; it is tried again with backoff).",
+            &|t| Some(u8::from(t.stats.sessions_paused).to_string()),
+        );
+        per_target(
+            &mut out,
             "govsql_remote_gate_format",
             "gauge",
             "The script format the target's remote-gate announced (absent: no gate seen).",

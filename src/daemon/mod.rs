@@ -403,6 +403,7 @@ impl Daemon {
                         last_error_at: r.last_error.as_ref().map(|(at, _)| *at),
                         last_error_class: r.last_error.map(|(_, c)| c),
                         gate_format: t.executor.stats().gate_format,
+                        sessions_paused: t.executor.stats().sessions_paused,
                     }
                 })
                 .collect(),

@@ -162,6 +162,7 @@ impl Executor for LocalExecutor {
         super::TransportStats {
             warm_sessions,
             psql_started,
+            sessions_paused: self.runner.sessions_paused(),
             ..Default::default()
         }
     }

@@ -102,6 +102,11 @@ impl Runner {
         (warm, self.started())
     }
 
+    /// Whether session mode is paused now.
+    pub fn sessions_paused(&self) -> bool {
+        self.pool.as_ref().is_some_and(|p| p.paused())
+    }
+
     fn started(&self) -> u64 {
         self.started.load(Ordering::Relaxed)
     }
@@ -221,6 +226,8 @@ pub struct TransportStats {
     /// The script format the database host's remote-gate announced (SSH
     /// behind a gate only).
     pub gate_format: Option<u32>,
+    /// Session mode is paused (resets kept failing; it is tried again).
+    pub sessions_paused: bool,
 }
 
 /// Runs psql scripts on one target.

@@ -484,6 +484,39 @@ pub struct Pool {
     slots: Semaphore,
     /// Consecutive sessions whose very first reset failed.
     reset_failures: AtomicU32,
+    /// While session mode is given up (resets fail): when it is tried
+    /// again, and how long the next pause is. Idle sessions killed by the
+    /// server (ChannelTimeout, a killed psql) are normal, so the pause
+    /// ends and session mode comes back.
+    fallback: StdMutex<Fallback>,
+}
+
+/// The pause of session mode after resets kept failing.
+#[derive(Debug, Default)]
+struct Fallback {
+    /// Session mode is tried again after this instant.
+    until: Option<Instant>,
+    /// The next pause (doubles, at most [`FALLBACK_MAX`]).
+    next: Duration,
+}
+
+/// The first pause of session mode after resets kept failing.
+const FALLBACK_FIRST: Duration = Duration::from_secs(30);
+/// The longest pause.
+const FALLBACK_MAX: Duration = Duration::from_secs(600);
+
+/// The first pause: [`FALLBACK_FIRST`], or `GOVSQL_TEST_SESSION_PAUSE_MS`
+/// in a test build (read once).
+fn first_pause() -> Duration {
+    static PAUSE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        let test = cfg!(debug_assertions)
+            .then(|| std::env::var("GOVSQL_TEST_SESSION_PAUSE_MS").ok())
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis);
+        test.unwrap_or(FALLBACK_FIRST)
+    })
 }
 
 impl Pool {
@@ -494,6 +527,7 @@ impl Pool {
             idle: StdMutex::new(Vec::new()),
             slots: Semaphore::new(settings.max_sessions.max(1)),
             reset_failures: AtomicU32::new(0),
+            fallback: StdMutex::new(Fallback::default()),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(reap(Arc::downgrade(&pool)));
@@ -502,8 +536,45 @@ impl Pool {
     }
 
     /// Whether session mode was given up on this target (resets fail).
+    /// While paused, jobs run one psql each; when the pause ends, session
+    /// mode is tried again (three more failed resets pause it longer).
     fn fell_back(&self) -> bool {
-        self.reset_failures.load(Ordering::Relaxed) >= RESET_FAILURES_BEFORE_FALLBACK
+        if self.reset_failures.load(Ordering::Relaxed) < RESET_FAILURES_BEFORE_FALLBACK {
+            return false;
+        }
+        let mut f = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+        match f.until {
+            Some(until) if Instant::now() < until => true,
+            _ => {
+                // The pause is over: try sessions again.
+                f.until = None;
+                self.reset_failures.store(0, Ordering::Relaxed);
+                tracing::info!("trying psql sessions again on this target");
+                false
+            }
+        }
+    }
+
+    /// Whether session mode is paused now (for health and metrics).
+    pub fn paused(&self) -> bool {
+        let f = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+        f.until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// Pauses session mode, for longer each time it is paused again.
+    fn pause(&self) {
+        let mut f = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+        let pause = if f.next.is_zero() {
+            first_pause()
+        } else {
+            f.next
+        };
+        f.until = Some(Instant::now() + pause);
+        f.next = (pause * 2).min(FALLBACK_MAX);
+        tracing::error!(
+            pause_s = pause.as_secs(),
+            "psql sessions on this target cannot reset between jobs; one psql per job until they are tried again (set session_mode = false to make it explicit)"
+        );
     }
 
     /// Runs one script on a warm session (starting one if none is idle).
@@ -569,13 +640,15 @@ impl Pool {
             if session.settle().await {
                 if first_reset {
                     self.reset_failures.store(0, Ordering::Relaxed);
+                    // Sessions work: the next pause starts short again.
+                    self.fallback.lock().unwrap_or_else(|p| p.into_inner()).next = Duration::ZERO;
                 }
                 return Some(session);
             }
             if first_reset {
                 let n = self.reset_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if n == RESET_FAILURES_BEFORE_FALLBACK {
-                    tracing::error!("psql sessions on this target cannot reset between jobs; falling back to one psql per job (set session_mode = false to make it explicit)");
+                    self.pause();
                 }
             }
         }

@@ -749,6 +749,7 @@ impl Executor for SshExecutor {
             warm_sessions,
             psql_started,
             gate_format: Some(self.gate_format.load(Ordering::Relaxed)).filter(|&v| v > 0),
+            sessions_paused: self.runner.sessions_paused(),
         }
     }
 

@@ -255,3 +255,51 @@ async fn per_job_mode_starts_one_psql_per_job() {
     assert_ne!(a, b, "per-job mode reused a backend");
     assert!(per_job.runner().pool().is_none());
 }
+
+/// Session mode switched itself off for the daemon's whole life after
+/// three sessions died idle (a server's ChannelTimeout, a killed psql):
+/// a normal event. It pauses, says so in its stats, and comes back.
+#[tokio::test]
+async fn session_mode_pauses_when_sessions_keep_dying_and_comes_back() {
+    use govsql::transport::Executor;
+    std::env::set_var("GOVSQL_TEST_SESSION_PAUSE_MS", "1500");
+    let db = test_db().await;
+    let exec = std::sync::Arc::new(db.session_executor(""));
+    let rt = db.runtime_with(exec.clone());
+    let verify = || run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]);
+    let kill_sessions = || {
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &format!("psql .*-d {}$", db.name)])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    };
+    // (A job that meets a session as it is killed may fail: the daemon
+    // retries those; what matters here is the pool's state.)
+    for _ in 0..4 {
+        let _ = verify().await;
+        kill_sessions();
+    }
+    let _ = verify().await;
+    assert!(
+        exec.stats().sessions_paused,
+        "three dead sessions pause session mode"
+    );
+    // Paused: one psql per job.
+    let before = exec.stats().psql_started;
+    for _ in 0..3 {
+        assert_eq!(verify().await.status, RunStatus::Verified);
+    }
+    assert_eq!(exec.stats().psql_started - before, 3);
+    // The pause ends: sessions again (one psql for several jobs).
+    tokio::time::sleep(std::time::Duration::from_millis(1700)).await;
+    let before = exec.stats().psql_started;
+    for _ in 0..5 {
+        assert_eq!(verify().await.status, RunStatus::Verified);
+    }
+    assert!(!exec.stats().sessions_paused);
+    assert!(
+        exec.stats().psql_started - before <= 1,
+        "session mode came back: {} psql for 5 jobs",
+        exec.stats().psql_started - before
+    );
+}
