@@ -999,11 +999,13 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
 
     // An apply cut off mid-run while the target stays down: unsettled,
     // never reported failed; settled by its key once the target is back.
+    // (It sleeps long enough that a loaded machine still stops sshd while
+    // it runs.)
     let j = submit(
         &d,
         "dot_iu_diag_sleep",
         "apply",
-        json!([["seconds", "2"]]),
+        json!([["seconds", "8"]]),
         false,
     );
     let id = j["job"]["job_id"].as_str().unwrap().to_string();
