@@ -585,3 +585,204 @@ async fn a_script_the_gate_refuses_fails_remote_gate_and_nothing_ran() {
     assert_eq!(o.status, RunStatus::Applied, "{o:?}");
     s.stop();
 }
+
+/// A Dropbear sshd on loopback whose every login runs `command` (its
+/// `-c`, which sets SSH_ORIGINAL_COMMAND as OpenSSH's `command=` does),
+/// for one user whose home holds the authorized key. Stopped on drop.
+struct Dropbear {
+    child: std::process::Child,
+    port: u16,
+    known_hosts: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+const DROPBEAR_USER: &str = "govsqlt_dropbear";
+
+impl Dropbear {
+    fn start(command: &str) -> Dropbear {
+        let dir = tempfile::Builder::new()
+            .prefix("govsql-dropbear-")
+            .tempdir()
+            .unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(home.join(".ssh")).unwrap();
+        for d in [dir.path(), home.as_path()] {
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        let exists = Command::new("id")
+            .arg(DROPBEAR_USER)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        let st = if exists {
+            Command::new("usermod")
+                .args(["-d"])
+                .arg(&home)
+                .arg(DROPBEAR_USER)
+                .status()
+        } else {
+            Command::new("useradd")
+                .args(["-M", "-s", "/bin/bash", "-p", "*", "-d"])
+                .arg(&home)
+                .arg(DROPBEAR_USER)
+                .status()
+        };
+        assert!(st.unwrap().success());
+        std::fs::write(
+            home.join(".ssh/authorized_keys"),
+            format!("{}\n", public_key(&keys().ed25519)),
+        )
+        .unwrap();
+        let user = nix::unistd::User::from_name(DROPBEAR_USER)
+            .unwrap()
+            .unwrap();
+        for p in [
+            home.clone(),
+            home.join(".ssh"),
+            home.join(".ssh/authorized_keys"),
+        ] {
+            nix::unistd::chown(&p, Some(user.uid), Some(user.gid)).unwrap();
+        }
+        let hostkey = dir.path().join("hostkey");
+        let out = Command::new("dropbearkey")
+            .args(["-t", "ed25519", "-f"])
+            .arg(&hostkey)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dropbearkey (scripts/test installs dropbear-bin)"
+        );
+        let port = free_port();
+        let child = Command::new("/usr/sbin/dropbear")
+            .args([
+                "-F",
+                "-E",
+                "-s",
+                "-m",
+                "-p",
+                &format!("127.0.0.1:{port}"),
+                "-r",
+            ])
+            .arg(&hostkey)
+            .args(["-c", command])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dropbear did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let scan = Command::new("ssh-keyscan")
+            .args(["-p", &port.to_string(), "-t", "ed25519", "127.0.0.1"])
+            .output()
+            .unwrap();
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(&known_hosts, scan.stdout).unwrap();
+        Dropbear {
+            child,
+            port,
+            known_hosts,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Dropbear {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn remote_gate_holds_behind_dropbear_too() {
+    let bin = installed_binary();
+    let db = test_db().await;
+    db.open_all();
+    let pg = pg();
+    let gate = format!(
+        "{} remote-gate --psql {} --db-host {} --db-port {} --db-name {} --db-user {RUNTIME_ROLE}",
+        bin.display(),
+        pg.psql.display(),
+        pg.dir.display(),
+        pg.port,
+        db.name
+    );
+    let own = govsql::psql::command_line(&govsql::psql::command_words(
+        db.config.target(None).unwrap().1,
+        DbRole::Runtime,
+    ));
+    let d = Dropbear::start(&gate);
+    let ssh_to = |stdin: &[u8]| -> (Option<i32>, String) {
+        use std::io::Write;
+        let mut child = Command::new("ssh")
+            .args(["-p", &d.port.to_string(), "-i"])
+            .arg(&keys().ed25519)
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+            ])
+            .arg(format!("UserKnownHostsFile={}", d.known_hosts.display()))
+            .arg(format!("{DROPBEAR_USER}@127.0.0.1"))
+            .arg(&own)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = writer.join();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    // A valid govsql script passes and answers.
+    let (code, out) = ssh_to(valid_script().as_bytes());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("GOVSQL-GATE:format="), "{out}");
+    // Every door of the corpus, in its first positions, is refused.
+    let marks = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        marks.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    for (i, (name, payload)) in hostile_corpus()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 < 3)
+    {
+        let m = marks.path().join(format!("m{i}"));
+        let input = String::from_utf8_lossy(payload).replace("{M}", &m.to_string_lossy());
+        let (code, out) = ssh_to(input.as_bytes());
+        assert!(!m.exists(), "dropbear: {name}: something ran or wrote");
+        assert_eq!(
+            code,
+            Some(govsql::grammar::REFUSED_EXIT),
+            "dropbear: {name}: {out}"
+        );
+    }
+}
