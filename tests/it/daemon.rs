@@ -999,18 +999,27 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
 
     // An apply cut off mid-run while the target stays down: unsettled,
     // never reported failed; settled by its key once the target is back.
-    // (It sleeps long enough that a loaded machine still stops sshd while
-    // it runs.)
+    // Its transaction is held on a table lock, so sshd is stopped while it
+    // surely runs (no race with a loaded machine).
+    let mut lock = pg().session(&db.name);
+    {
+        let stdin = lock.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"BEGIN;\nLOCK TABLE iu_collection IN ACCESS EXCLUSIVE MODE;\n")
+            .unwrap();
+        stdin.flush().unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let j = submit(
         &d,
-        "dot_iu_diag_sleep",
+        "dot_iu_create_collection",
         "apply",
-        json!([["seconds", "8"]]),
+        json!([["title", "cut-off"]]),
         false,
     );
     let id = j["job"]["job_id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while db.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%fn_dot_iu_dispatch(%' AND application_name LIKE 'govsql:%' AND datname = current_database()") == "0" {
+    while db.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name LIKE 'govsql:%' AND datname = current_database()") == "0" {
         assert!(Instant::now() < deadline, "the apply never started");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1022,12 +1031,24 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
         if st == "unsettled" {
             break;
         }
-        assert!(Instant::now() < deadline, "never unsettled: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "never unsettled: {st}\n{}",
+            d.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // A client waiting with a timeout is told it is still unsettled (5).
     let out = d.cli(None, &["status", &id, "--json"]);
     assert_eq!(out.status.code(), Some(0));
+    // The orphaned transaction gets its lock and commits; then the target
+    // is back and the job is settled by its key: applied once.
+    {
+        let stdin = lock.stdin.as_mut().unwrap();
+        stdin.write_all(b"COMMIT;\n\\q\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    let _ = lock.wait();
     s.launch();
     let done = wait_terminal(&d, &id);
     assert_eq!(done["state"], "applied", "{done}");
@@ -1035,6 +1056,7 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
         db.count("dot_iu_command_run WHERE run_mode = 'apply' AND run_status = 'applied'"),
         1
     );
+    assert_eq!(db.count("iu_collection WHERE title = 'cut-off'"), 1);
     s.stop();
 }
 
