@@ -267,11 +267,23 @@ async fn session_mode_pauses_when_sessions_keep_dying_and_comes_back() {
     let exec = std::sync::Arc::new(db.session_executor(""));
     let rt = db.runtime_with(exec.clone());
     let verify = || run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]);
+    let pattern = format!("psql .*-d {}$", db.name);
     let kill_sessions = || {
         let _ = std::process::Command::new("pkill")
-            .args(["-KILL", "-f", &format!("psql .*-d {}$", db.name)])
+            .args(["-KILL", "-f", &pattern])
             .status();
-        std::thread::sleep(std::time::Duration::from_millis(150));
+        // Gone, and time for the pool to have read its end (a loaded
+        // machine delivers it late).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::process::Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(std::time::Instant::now() < deadline, "psql did not die");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     };
     // (A job that meets a session as it is killed may fail: the daemon
     // retries those; what matters here is the pool's state.)
