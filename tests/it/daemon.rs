@@ -1001,15 +1001,7 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
     // never reported failed; settled by its key once the target is back.
     // Its transaction is held on a table lock, so sshd is stopped while it
     // surely runs (no race with a loaded machine).
-    let mut lock = pg().session(&db.name);
-    {
-        let stdin = lock.stdin.as_mut().unwrap();
-        stdin
-            .write_all(b"BEGIN;\nLOCK TABLE iu_collection IN ACCESS EXCLUSIVE MODE;\n")
-            .unwrap();
-        stdin.flush().unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let lock = TableLock::take(&db.name, "iu_collection");
     let j = submit(
         &d,
         "dot_iu_create_collection",
@@ -1043,12 +1035,7 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
     assert_eq!(out.status.code(), Some(0));
     // The orphaned transaction gets its lock and commits; then the target
     // is back and the job is settled by its key: applied once.
-    {
-        let stdin = lock.stdin.as_mut().unwrap();
-        stdin.write_all(b"COMMIT;\n\\q\n").unwrap();
-        stdin.flush().unwrap();
-    }
-    let _ = lock.wait();
+    lock.release();
     s.launch();
     let done = wait_terminal(&d, &id);
     assert_eq!(done["state"], "applied", "{done}");

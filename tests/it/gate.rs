@@ -25,10 +25,19 @@ fn public_key(key: &Path) -> String {
         .to_string()
 }
 
-/// Runs `command` over SSH with the OpenSSH client; (exit code, stderr).
-fn ssh(s: &Sshd, user: &str, key: &Path, command: &str) -> (Option<i32>, String) {
-    let out = Command::new("ssh")
-        .args(["-p", &s.port.to_string(), "-i"])
+/// Runs `command` over SSH with the OpenSSH client, `stdin` as its
+/// input; (exit code, stderr, stdout).
+fn ssh_run(
+    port: u16,
+    known_hosts: &Path,
+    user: &str,
+    key: &Path,
+    command: &str,
+    stdin: &[u8],
+) -> (Option<i32>, String, String) {
+    use std::io::Write;
+    let mut child = Command::new("ssh")
+        .args(["-p", &port.to_string(), "-i"])
         .arg(key)
         .args([
             "-o",
@@ -41,16 +50,33 @@ fn ssh(s: &Sshd, user: &str, key: &Path, command: &str) -> (Option<i32>, String)
             "LogLevel=ERROR",
             "-o",
         ])
-        .arg(format!("UserKnownHostsFile={}", s.known_hosts.display()))
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
         .arg(format!("{user}@127.0.0.1"))
         .arg(command)
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// Runs `command` over SSH to a test sshd with no input; (exit code,
+/// stderr).
+fn ssh(s: &Sshd, user: &str, key: &Path, command: &str) -> (Option<i32>, String) {
+    let (code, err, _) = ssh_run(s.port, &s.known_hosts, user, key, command, b"");
+    (code, err)
 }
 
 #[tokio::test]
@@ -171,7 +197,8 @@ fn db_target_keys(db: &TestDb) -> String {
     )
 }
 
-/// Runs `command` over SSH with `stdin` as its input; (exit code, stderr).
+/// Runs `command` over SSH to a test sshd with `stdin` as its input;
+/// (exit code, stderr).
 fn ssh_stdin(
     s: &Sshd,
     user: &str,
@@ -179,40 +206,8 @@ fn ssh_stdin(
     command: &str,
     stdin: &[u8],
 ) -> (Option<i32>, String) {
-    use std::io::Write;
-    let mut child = Command::new("ssh")
-        .args(["-p", &s.port.to_string(), "-i"])
-        .arg(key)
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-        ])
-        .arg(format!("UserKnownHostsFile={}", s.known_hosts.display()))
-        .arg(format!("{user}@127.0.0.1"))
-        .arg(command)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    let out = child.wait_with_output().unwrap();
-    let _ = writer.join();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, err, _) = ssh_run(s.port, &s.known_hosts, user, key, command, stdin);
+    (code, err)
 }
 
 /// Renders a door in one position.
@@ -723,41 +718,15 @@ async fn remote_gate_holds_behind_dropbear_too() {
     ));
     let d = Dropbear::start(&gate);
     let ssh_to = |stdin: &[u8]| -> (Option<i32>, String) {
-        use std::io::Write;
-        let mut child = Command::new("ssh")
-            .args(["-p", &d.port.to_string(), "-i"])
-            .arg(&keys().ed25519)
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-            ])
-            .arg(format!("UserKnownHostsFile={}", d.known_hosts.display()))
-            .arg(format!("{DROPBEAR_USER}@127.0.0.1"))
-            .arg(&own)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let data = stdin.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = input.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        let _ = writer.join();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned()
-                + &String::from_utf8_lossy(&out.stdout),
-        )
+        let (code, err, out) = ssh_run(
+            d.port,
+            &d.known_hosts,
+            DROPBEAR_USER,
+            &keys().ed25519,
+            &own,
+            stdin,
+        );
+        (code, err + &out)
     };
     // A valid govsql script passes and answers.
     let (code, out) = ssh_to(valid_script().as_bytes());

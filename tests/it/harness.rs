@@ -600,3 +600,41 @@ pub fn assert_seed_figures(db: &TestDb) {
         format!("4|2|1|1|0|2|{}", db.catalog.commands().len())
     );
 }
+
+/// A transaction of the admin that holds `ACCESS EXCLUSIVE` on a table of
+/// a test database until [`TableLock::release`] commits it: a governed
+/// job that touches the table waits inside its own transaction (so a test
+/// can cut it off, freeze it or kill its daemon while it surely runs).
+pub struct TableLock {
+    session: std::process::Child,
+}
+
+impl TableLock {
+    /// Takes the lock (returns once it is held).
+    pub fn take(db: &str, table: &str) -> TableLock {
+        use std::io::{BufRead, Write};
+        let mut session = pg().session(db);
+        let stdin = session.stdin.as_mut().unwrap();
+        writeln!(
+            stdin,
+            "BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\nSELECT 'locked';"
+        )
+        .unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(session.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        TableLock { session }
+    }
+
+    /// Commits: whatever waited on the lock goes on.
+    pub fn release(mut self) {
+        use std::io::Write;
+        let stdin = self.session.stdin.as_mut().unwrap();
+        let _ = stdin.write_all(b"COMMIT;\n\\q\n");
+        let _ = stdin.flush();
+        let _ = self.session.wait();
+    }
+}

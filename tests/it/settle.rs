@@ -3,7 +3,6 @@
 //! target; an apply is `failed` only when nothing ran or the database
 //! proved nothing committed.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use govsql::runtime::{Mode, RunStatus};
@@ -90,13 +89,7 @@ async fn an_apply_in_doubt_outlasts_max_target_wait_and_is_settled_by_its_key() 
     .unwrap();
     db.open_all();
     db.switch(true);
-    let mut lock = pg().session(&db.name);
-    let stdin = lock.stdin.as_mut().unwrap();
-    stdin
-        .write_all(b"BEGIN;\nLOCK TABLE iu_collection IN ACCESS EXCLUSIVE MODE;\n")
-        .unwrap();
-    stdin.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let lock = TableLock::take(&db.name, "iu_collection");
     let d = DaemonProc::start(&db);
     let r = d.request(json!({
         "v": 1, "op": "submit", "command": "dot_iu_create_collection", "mode": "apply",
@@ -116,10 +109,7 @@ async fn an_apply_in_doubt_outlasts_max_target_wait_and_is_settled_by_its_key() 
         &format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name),
     );
     // The orphaned transaction gets its lock and commits.
-    let stdin = lock.stdin.as_mut().unwrap();
-    stdin.write_all(b"COMMIT;\n\\q\n").unwrap();
-    stdin.flush().unwrap();
-    let _ = lock.wait();
+    lock.release();
     std::thread::sleep(Duration::from_millis(500));
     // The daemon comes back; the target refuses connections for longer
     // than max_target_wait_s.
@@ -153,13 +143,7 @@ async fn an_apply_whose_backend_is_frozen_past_its_deadline_is_unsettled_not_fai
     let db = test_db_with(&std::fs::read_to_string(catalog_path()).unwrap(), 2).await;
     db.open_all();
     db.switch(true);
-    let mut lock = pg().session(&db.name);
-    let stdin = lock.stdin.as_mut().unwrap();
-    stdin
-        .write_all(b"BEGIN;\nLOCK TABLE iu_collection IN ACCESS EXCLUSIVE MODE;\n")
-        .unwrap();
-    stdin.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let lock = TableLock::take(&db.name, "iu_collection");
     let mut j = job(
         "dot_iu_create_collection",
         Mode::Apply,
@@ -189,10 +173,7 @@ async fn an_apply_whose_backend_is_frozen_past_its_deadline_is_unsettled_not_fai
     };
     let backend = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(backend, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let stdin = lock.stdin.as_mut().unwrap();
-    stdin.write_all(b"COMMIT;\n\\q\n").unwrap();
-    stdin.flush().unwrap();
-    let _ = lock.wait();
+    lock.release();
     let o = running.await.unwrap();
     nix::sys::signal::kill(backend, nix::sys::signal::Signal::SIGCONT).unwrap();
     // Not over: the daemon keeps it `unsettled` (never `failed`).
