@@ -232,16 +232,26 @@ pub fn serve(door: &Door, check_grammar: bool, kernel_wall: bool) -> ! {
         }
     };
     let mut psql_in = child.stdin.take().expect("stdin is piped");
+    // psql may end on its own (a refused login, ON_ERROR_STOP) while the
+    // channel stays open (session mode sends no EOF): the gate ends with
+    // it, whatever the filter is waiting for. A refusal is noted first so
+    // the gate's own exit code wins.
+    static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    std::thread::spawn(move || {
+        let status = child.wait();
+        if REFUSED.load(std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(grammar::REFUSED_EXIT);
+        }
+        exit_like(status)
+    });
     let ended = filter(
         &mut std::io::stdin().lock(),
         &mut psql_in,
         door.grammar,
         check_grammar,
     );
-    // psql meets the end of its input: it never reads a refused unit.
-    drop(psql_in);
-    if let Ended::Refused(refusal, digest) = ended {
-        let _ = child.wait();
+    if let Ended::Refused(refusal, digest) = &ended {
+        REFUSED.store(true, std::sync::atomic::Ordering::SeqCst);
         let msg = format!(
             "remote-gate: refused the script for role {}: {refusal} (md5 of the refused line {digest}); psql ended before that unit",
             door.role
@@ -252,26 +262,31 @@ pub fn serve(door: &Door, check_grammar: bool, kernel_wall: bool) -> ! {
             grammar::REFUSAL_PREFIX,
             grammar::VERSION
         );
-        std::process::exit(grammar::REFUSED_EXIT);
     }
-    let status = child.wait();
-    match status {
-        Ok(s) => {
-            if let Some(code) = s.code() {
-                std::process::exit(code);
-            }
-            if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&s) {
-                // Die of the same signal, so sshd reports it as psql's.
-                // SAFETY: resetting a handler and raising a signal.
-                unsafe {
-                    nix::libc::signal(sig, nix::libc::SIG_DFL);
-                    nix::libc::raise(sig);
-                }
-            }
-            std::process::exit(1)
+    // psql meets the end of its input (it never reads a refused unit);
+    // the watcher exits the gate once psql has ended.
+    drop(psql_in);
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Exits as psql did: its code, or the same signal (so sshd reports it
+/// as psql's).
+fn exit_like(status: std::io::Result<std::process::ExitStatus>) -> ! {
+    if let Ok(s) = status {
+        if let Some(code) = s.code() {
+            std::process::exit(code);
         }
-        Err(_) => std::process::exit(1),
+        if let Some(sig) = std::os::unix::process::ExitStatusExt::signal(&s) {
+            // SAFETY: resetting a handler and raising a signal.
+            unsafe {
+                nix::libc::signal(sig, nix::libc::SIG_DFL);
+                nix::libc::raise(sig);
+            }
+        }
     }
+    std::process::exit(1)
 }
 
 /// Copies the channel into psql through the grammar.

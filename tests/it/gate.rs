@@ -755,3 +755,48 @@ async fn remote_gate_holds_behind_dropbear_too() {
         );
     }
 }
+
+/// psql ending on its own behind the gate (here: a database that does not
+/// exist) ends the gate too, at once: in session mode the channel sends no
+/// EOF, and a gate still waiting on it made every such job run into its
+/// deadline (the demo's "no pg_hba line" case took 30 s, then `timeout`).
+#[tokio::test]
+async fn a_psql_that_cannot_connect_behind_the_gate_fails_at_once_naming_why() {
+    let s = Sshd::start();
+    let bin = installed_binary();
+    let db = ssh_db(&s.target_toml(USER, &keys().ed25519), 20).await;
+    let pg = pg();
+    let line = format!(
+        "command=\"{} remote-gate --psql {} --db-host {} --db-port {} --db-name no_such_db --db-user {RUNTIME_ROLE}\",restrict {}\n",
+        bin.display(),
+        pg.psql.display(),
+        pg.dir.display(),
+        pg.port,
+        public_key(&keys().ed25519)
+    );
+    std::fs::write(s.dir.join("authorized_keys").join(USER), &line).unwrap();
+    let toml = format!(
+        "{}{}session_mode = {}\n",
+        s.target_toml(USER, &keys().ed25519),
+        db_target_keys(&db).replace(
+            &format!("db_name = \"{}\"", db.name),
+            "db_name = \"no_such_db\""
+        ),
+        session_mode()
+    );
+    let target: govsql::config::TargetConfig = toml::from_str(&toml).unwrap();
+    let rt = db.runtime_with(govsql::transport::for_target(&target, DbRole::Runtime).unwrap());
+    let started = std::time::Instant::now();
+    let o = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}: {o:?}",
+        started.elapsed()
+    );
+    assert_eq!(o.class(), Some("db_unavailable"), "{o:?}");
+    assert!(
+        o.message.contains("no_such_db does not exist"),
+        "{}",
+        o.message
+    );
+}
