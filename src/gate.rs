@@ -26,8 +26,6 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use md5::{Digest, Md5};
-
 use crate::grammar::{self, RuntimeChecker};
 
 /// Which grammar stdin is held to.
@@ -183,8 +181,8 @@ pub fn syslog(priority: nix::libc::c_int, msg: &str) {
 enum Ended {
     /// stdin ended (or psql stopped reading): psql's own exit follows.
     Eof,
-    /// A unit broke the grammar: psql was stopped.
-    Refused(grammar::Refusal, String),
+    /// A unit broke the grammar: it never reached psql.
+    Refused(grammar::Refusal),
 }
 
 /// Runs psql for an accepted line behind the walls; never returns. A
@@ -250,7 +248,8 @@ pub fn serve(door: &Door, check_grammar: bool, kernel_wall: bool) -> ! {
         door.grammar,
         check_grammar,
     );
-    if let Ended::Refused(refusal, digest) = &ended {
+    if let Ended::Refused(refusal) = &ended {
+        let digest = &refusal.digest;
         REFUSED.store(true, std::sync::atomic::Ordering::SeqCst);
         let msg = format!(
             "remote-gate: refused the script for role {}: {refusal} (md5 of the refused line {digest}); psql ended before that unit",
@@ -312,8 +311,7 @@ fn filter(input: &mut impl Read, psql: &mut impl Write, grammar: Grammar, check:
                     // Units that ended before the refused line passed:
                     // psql runs them, then meets the end of its input.
                     let _ = psql.write_all(&runtime.take_ready());
-                    let digest = hex::encode(Md5::digest(offending_line(data)));
-                    return Ended::Refused(r, digest);
+                    return Ended::Refused(r);
                 }
                 let ready = runtime.take_ready();
                 if !ready.is_empty() && psql.write_all(&ready).and_then(|_| psql.flush()).is_err() {
@@ -324,11 +322,11 @@ fn filter(input: &mut impl Read, psql: &mut impl Write, grammar: Grammar, check:
             Grammar::Admin => {
                 admin.extend_from_slice(data);
                 if admin.len() > grammar::MAX_UNIT_BYTES {
-                    let r = grammar::Refusal {
-                        line: 0,
-                        rule: "an admin script longer than the gate holds",
-                    };
-                    return Ended::Refused(r, hex::encode(Md5::digest(&admin)));
+                    return Ended::Refused(grammar::Refusal::new(
+                        0,
+                        "an admin script longer than the gate holds",
+                        &admin,
+                    ));
                 }
             }
         }
@@ -339,33 +337,19 @@ fn filter(input: &mut impl Read, psql: &mut impl Write, grammar: Grammar, check:
     match grammar {
         Grammar::Runtime => {
             if let Err(r) = runtime.finish() {
-                return Ended::Refused(r, String::from("-"));
+                return Ended::Refused(r);
             }
             let _ = psql.write_all(&runtime.take_ready());
         }
         Grammar::Admin => {
             if let Err(r) = grammar::check_admin_script(&admin) {
-                let line = admin
-                    .split(|&b| b == b'\n')
-                    .nth(r.line.saturating_sub(1) as usize)
-                    .unwrap_or_default();
-                return Ended::Refused(r, hex::encode(Md5::digest(line)));
+                return Ended::Refused(r);
             }
             let _ = psql.write_all(&admin);
         }
     }
     let _ = psql.flush();
     Ended::Eof
-}
-
-/// The last complete line of a chunk that broke the grammar (what the
-/// digest names; the chunk's earlier lines passed).
-fn offending_line(data: &[u8]) -> &[u8] {
-    let body = data.strip_suffix(b"\n").unwrap_or(data);
-    match memchr::memrchr(b'\n', body) {
-        Some(i) => &body[i + 1..],
-        None => body,
-    }
 }
 
 /// `--check`: raises the walls in this process and proves them: psql

@@ -85,16 +85,17 @@ pub enum Entry {
     Status,
 }
 
+/// The function the preamble calls before any value is sent.
+pub const PREFLIGHT_FUNCTION: &str = "fn_dot_iu_preflight";
+
 /// Every function the runtime role may execute: the entries, and the
 /// preflight the preamble calls.
-pub const RUNTIME_FUNCTIONS: [&str; 6] = [
-    "fn_dot_iu_dispatch",
-    "fn_dot_iu_refuse",
-    "fn_dot_iu_fail",
-    "fn_dot_iu_ledger",
-    "fn_dot_iu_status",
-    "fn_dot_iu_preflight",
-];
+pub fn runtime_functions() -> impl Iterator<Item = &'static str> {
+    Entry::ALL
+        .iter()
+        .map(|e| e.function())
+        .chain(std::iter::once(PREFLIGHT_FUNCTION))
+}
 
 impl Entry {
     const ALL: [Entry; 5] = [
@@ -236,6 +237,11 @@ const PREAMBLE_MID: &str = ", false) || set_config('statement_timeout', '";
 const PREAMBLE_TAIL: &str = "', false)) IS NULL;";
 const PREAMBLE_TAIL_PREFLIGHT: &str = "', false)) IS NULL OR public.fn_dot_iu_preflight() IS NULL;";
 
+#[test]
+fn the_preamble_calls_the_preflight_by_its_name() {
+    assert!(PREAMBLE_TAIL_PREFLIGHT.contains(&format!("public.{PREFLIGHT_FUNCTION}()")));
+}
+
 /// The SQLSTATE the preflight raises when a value could be exposed.
 pub const PREFLIGHT_SQLSTATE: &str = "GV009";
 
@@ -262,7 +268,8 @@ const CANCEL_TAIL: &str = " AND pid <> pg_backend_pid()";
 pub const RESET_SQL: &str = "SELECT 1 WHERE 1 / (statement_timestamp() = transaction_timestamp())::int = 0 \\; CLOSE ALL \\; SET SESSION AUTHORIZATION DEFAULT \\; RESET ALL \\; DEALLOCATE ALL \\; UNLISTEN * \\; SELECT 1 WHERE pg_advisory_unlock_all()::text IS NULL \\; DISCARD TEMP \\; DISCARD SEQUENCES;";
 
 /// Why a script (or a line of it) is outside the grammar. It names the
-/// line and the rule, never the bytes (they may hold a value).
+/// line, the rule and an md5 of the refused line, never its bytes (they
+/// may hold a value).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {rule}")]
 pub struct Refusal {
@@ -270,6 +277,19 @@ pub struct Refusal {
     pub line: u64,
     /// Which rule the line broke.
     pub rule: &'static str,
+    /// md5 hex of the refused line (for the system log).
+    pub digest: String,
+}
+
+impl Refusal {
+    pub fn new(line: u64, rule: &'static str, bytes: &[u8]) -> Refusal {
+        use md5::{Digest, Md5};
+        Refusal {
+            line,
+            rule,
+            digest: hex::encode(Md5::digest(bytes)),
+        }
+    }
 }
 
 /// What an accepted runtime line is.
@@ -329,12 +349,22 @@ fn meta_line(line: &[u8]) -> Result<LineKind, &'static str> {
     if line == ENCODING_LINE.as_bytes() {
         return Ok(LineKind::Statement);
     }
-    for (name, value) in RUNTIME_VARIABLES {
-        if line == format!("\\set {name} {value}").as_bytes()
-            || line == format!("\\unset {name}").as_bytes()
-        {
-            return Ok(LineKind::Statement);
-        }
+    // `\set NAME VALUE` / `\unset NAME` of the runtime's own variables,
+    // compared without building the lines (this runs for every line).
+    let set = line.strip_prefix(b"\\set ").and_then(|r| {
+        let (name, value) = r.split_at(r.iter().position(|&b| b == b' ')?);
+        Some((name, Some(&value[1..])))
+    });
+    let var = set.or_else(|| line.strip_prefix(b"\\unset ").map(|name| (name, None)));
+    if let Some((name, value)) = var {
+        let known = RUNTIME_VARIABLES
+            .iter()
+            .any(|(n, v)| n.as_bytes() == name && value.map_or(true, |val| v.as_bytes() == val));
+        return if known {
+            Ok(LineKind::Statement)
+        } else {
+            Err("a variable outside the runtime's own")
+        };
     }
     let rest = line
         .strip_prefix(b"\\echo GOVSQL:")
@@ -466,16 +496,16 @@ impl RuntimeChecker {
     pub fn feed(&mut self, mut data: &[u8]) -> Result<(), Refusal> {
         while let Some(nl) = memchr::memchr(b'\n', data) {
             self.lines += 1;
-            let kind = if self.partial.is_empty() {
-                check_runtime_line(&data[..nl])
-            } else {
+            if !self.partial.is_empty() {
                 self.partial.extend_from_slice(&data[..nl]);
-                check_runtime_line(&self.partial)
+            }
+            let line: &[u8] = if self.partial.is_empty() {
+                &data[..nl]
+            } else {
+                &self.partial
             };
-            let kind = kind.map_err(|rule| Refusal {
-                line: self.lines,
-                rule,
-            })?;
+            let kind =
+                check_runtime_line(line).map_err(|rule| Refusal::new(self.lines, rule, line))?;
             if self.partial.is_empty() {
                 self.held.extend_from_slice(&data[..=nl]);
             } else {
@@ -489,10 +519,11 @@ impl RuntimeChecker {
         }
         self.partial.extend_from_slice(data);
         if self.partial.len() + self.held.len() > MAX_UNIT_BYTES {
-            return Err(Refusal {
-                line: self.lines + 1,
-                rule: "a unit longer than the gate holds",
-            });
+            return Err(Refusal::new(
+                self.lines + 1,
+                "a unit longer than the gate holds",
+                &self.partial,
+            ));
         }
         Ok(())
     }
@@ -507,10 +538,11 @@ impl RuntimeChecker {
     /// incomplete.
     pub fn finish(&mut self) -> Result<(), Refusal> {
         if !self.partial.is_empty() {
-            return Err(Refusal {
-                line: self.lines + 1,
-                rule: "a last line without its newline",
-            });
+            return Err(Refusal::new(
+                self.lines + 1,
+                "a last line without its newline",
+                &self.partial,
+            ));
         }
         self.ready.append(&mut self.held);
         Ok(())
@@ -535,11 +567,14 @@ impl<'a> AdminLexer<'a> {
         AdminLexer { s, i: 0, line: 1 }
     }
 
+    /// A refusal of the current line (its digest covers the whole line).
     fn refuse(&self, rule: &'static str) -> Refusal {
-        Refusal {
-            line: self.line,
-            rule,
-        }
+        let start = self.s[..self.i]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
+        let end = memchr::memchr(b'\n', &self.s[self.i..]).map_or(self.s.len(), |p| self.i + p);
+        Refusal::new(self.line, rule, &self.s[start..end])
     }
 
     fn peek(&self, k: usize) -> Option<u8> {

@@ -7,7 +7,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
-use crate::psql::{self, control_rows, FinishedScript, PsqlResult, Script, Sections};
+use crate::psql::{control_rows, FinishedScript, PsqlResult, Script, Sections};
 use crate::transport::{run_script, Executor};
 
 /// One embedded migration and its rollback.
@@ -118,9 +118,8 @@ pub struct MigrateReport {
 /// What the runtime role may execute: the dispatcher's entries and the
 /// preflight, as an SQL list.
 fn entry_functions() -> String {
-    crate::grammar::RUNTIME_FUNCTIONS
-        .iter()
-        .map(|f| format!("'{f}'"))
+    crate::grammar::runtime_functions()
+        .map(crate::grammar::word_literal)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -167,15 +166,15 @@ pub fn migrate_script(
     for m in all {
         s.meta(&format!(
             "SELECT NOT EXISTS (SELECT 1 FROM public.dot_schema_migrations WHERE version = {}) AS govsql_need \\gset",
-            psql::quote_plain(m.version)
+            crate::grammar::word_literal(m.version)
         ));
         s.meta("\\if :govsql_need");
         s.sql("BEGIN");
         s.meta(m.sql);
         s.sql(&format!(
             "INSERT INTO public.dot_schema_migrations (version, checksum) VALUES ({}, {})",
-            psql::quote_plain(m.version),
-            psql::quote_plain(&checksum(m.sql))
+            crate::grammar::word_literal(m.version),
+            crate::grammar::word_literal(&checksum(m.sql))
         ));
         s.sql("COMMIT");
         s.meta(&format!("\\echo applied {}", m.version));

@@ -202,12 +202,6 @@ pub struct FinishedScript {
     pub sections: usize,
 }
 
-/// A string literal for values we own (tags, keys, digests): refuses
-/// anything but a conservative character set rather than escaping.
-pub fn quote_plain(s: &str) -> String {
-    crate::grammar::word_literal(s)
-}
-
 /// A string literal for trusted catalog text (NUL refused at catalog
 /// load); every script sets standard_conforming_strings first.
 pub fn quote_trusted(s: &str) -> String {
@@ -218,11 +212,6 @@ pub fn quote_trusted(s: &str) -> String {
 pub fn text_array(items: &[String]) -> String {
     let inner: Vec<String> = items.iter().map(|s| quote_trusted(s)).collect();
     format!("ARRAY[{}]::text[]", inner.join(", "))
-}
-
-/// A jsonb literal, dollar-quoted with a tag that does not occur in it.
-pub fn jsonb_literal(v: &serde_json::Value) -> String {
-    crate::grammar::json_literal(v)
 }
 
 /// Output that does not have the shape the script promised.

@@ -232,9 +232,6 @@ pub async fn run_once(
     reading.into_output(written)
 }
 
-/// The reset after each job in session mode (see the grammar).
-const RESET_SQL: &str = crate::grammar::RESET_SQL;
-
 /// The psql variables a script sets with `\set` (the session unsets them
 /// after the job), or `None` when it uses `\gset`, whose names cannot be
 /// known from the text: such a script runs in its own psql.
@@ -265,12 +262,12 @@ pub fn session_input(req: &ScriptRequest) -> Option<String> {
 
 /// A job's script followed by the session's reset and ready marker.
 fn session_text(req: &ScriptRequest, vars: &[String]) -> String {
-    let mut text = String::with_capacity(req.text.len() + RESET_SQL.len() + 64);
+    let mut text = String::with_capacity(req.text.len() + crate::grammar::RESET_SQL.len() + 64);
     text.push_str(&req.text);
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(RESET_SQL);
+    text.push_str(crate::grammar::RESET_SQL);
     text.push('\n');
     for v in vars {
         text.push_str("\\unset ");

@@ -207,28 +207,23 @@ fn whatever_the_checker_accepts_starts_nothing_and_writes_nothing() {
     let control = b"\\! true\n\\o out.txt\nSELECT 1;\n".to_vec();
     assert!(govsql::grammar::check_runtime_script(&control).is_err());
     accepted.insert(0, control);
+    // govsql's own psql line, as the gate runs it (as the admin here).
+    let words = govsql::psql::PsqlLine {
+        psql: pg.psql.display().to_string(),
+        container: None,
+        db_host: Some(pg.dir.display().to_string()),
+        db_port: pg.port,
+        db_name: db.clone(),
+        db_user: "postgres".into(),
+    }
+    .words();
     let work = tempfile::tempdir().unwrap();
     for (i, input) in accepted.iter().enumerate() {
         let trace = work.path().join(format!("trace{i}"));
         let mut child = Command::new("strace")
             .args(["-f", "-qq", "-e", "trace=execve,open,openat,creat", "-o"])
             .arg(&trace)
-            .arg(&pg.psql)
-            .args([
-                "-X",
-                "-w",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-A",
-                "-t",
-                "-0",
-                "-F",
-                "~|~",
-                "-h",
-            ])
-            .arg(&pg.dir)
-            .args(["-p", &pg.port.to_string(), "-U", "postgres", "-d", &db])
+            .args(&words)
             .current_dir(work.path())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
