@@ -233,6 +233,10 @@ pub struct Health {
     /// Each target's reachability, as its recent jobs found it.
     #[serde(default)]
     pub target_health: Vec<TargetHealth>,
+    /// Seconds since the oldest unsettled apply was submitted (none:
+    /// absent). An unsettled job waits for its ledger without bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_unsettled_s: Option<u64>,
 }
 
 /// How a target's recent jobs went.

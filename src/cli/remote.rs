@@ -509,6 +509,11 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
                 jobs.join(", ")
             }
         );
+        if let Some(age) = h.oldest_unsettled_s {
+            out!(
+                "oldest unsettled apply: submitted {age} s ago (settled by its key once its target answers; `govsql jobs --state unsettled`)"
+            );
+        }
     }
     let targets_ok = h.target_health.iter().all(|t| t.reachable);
     Ok(if h.workers_alive && targets_ok {

@@ -61,6 +61,8 @@ struct Counters {
 pub struct Snapshot {
     /// Jobs in the queue by state.
     pub queue: BTreeMap<JobState, i64>,
+    /// Seconds since the oldest unsettled apply was submitted.
+    pub oldest_unsettled_s: Option<i64>,
     /// Per target: name, transport kind, its stats, last success, last
     /// error (time, class), reachable.
     pub targets: Vec<TargetSnapshot>,
@@ -205,6 +207,17 @@ impl Metrics {
             out,
             "govsql_unsettled_jobs {}",
             snap.queue.get(&JobState::Unsettled).copied().unwrap_or(0)
+        );
+        family(
+            &mut out,
+            "govsql_unsettled_oldest_seconds",
+            "gauge",
+            "Age of the oldest unsettled apply (0: none). It waits for the ledger without bound.",
+        );
+        let _ = writeln!(
+            out,
+            "govsql_unsettled_oldest_seconds {}",
+            snap.oldest_unsettled_s.unwrap_or(0)
         );
 
         let targets = &snap.targets;

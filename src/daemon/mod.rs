@@ -103,6 +103,20 @@ pub struct TargetSlot {
     alive_at: AtomicU64,
     /// How its recent jobs went, for health.
     record: Mutex<TargetRecord>,
+    /// The probe of a target that is down: one job at a time, at most
+    /// every [`PROBE_EVERY`].
+    probe: Mutex<Probe>,
+}
+
+/// How often a target that is down is tried (with its oldest waiting job)
+/// while its jobs sleep out their backoff.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The probe of a target that is down.
+#[derive(Debug, Default)]
+struct Probe {
+    in_flight: bool,
+    last: Option<Instant>,
 }
 
 /// When a target's jobs last reached the database, and last did not.
@@ -110,6 +124,9 @@ pub struct TargetSlot {
 pub struct TargetRecord {
     last_ok_at: Option<i64>,
     last_error: Option<(i64, String)>,
+    /// Its last job that reached neither SSH nor the database came after
+    /// its last job that did: its waiting jobs sleep, and a probe runs.
+    down: bool,
 }
 
 impl TargetRecord {
@@ -123,18 +140,52 @@ impl TargetRecord {
 }
 
 impl TargetSlot {
-    /// Notes how a job on this target went.
-    pub fn note(&self, outcome: &Outcome) {
+    /// Notes how a job on this target went. True when the target is back:
+    /// this job reached the database after jobs that could not.
+    pub fn note(&self, outcome: &Outcome) -> bool {
         use crate::job::ErrorClass as C;
         let now = unix_now();
         let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        if outcome.pending == Some(crate::job::Pending::NothingRan) {
+            r.down = true;
+        }
         match &outcome.error_class {
             Some(
                 c
                 @ (C::TargetUnreachable | C::DbUnavailable | C::HostKey | C::SshAuth | C::Timeout),
-            ) if outcome.run_id.is_none() => r.last_error = Some((now, c.as_str().to_string())),
-            _ => r.last_ok_at = Some(now),
+            ) if outcome.run_id.is_none() => {
+                r.last_error = Some((now, c.as_str().to_string()));
+                false
+            }
+            _ => {
+                r.last_ok_at = Some(now);
+                std::mem::replace(&mut r.down, false)
+            }
         }
+    }
+
+    /// Whether a probe of this target is due now: it is down, no probe
+    /// is running, and the last began [`PROBE_EVERY`] ago. Marks one as
+    /// begun when due.
+    fn begin_probe(&self) -> bool {
+        if !self.record.lock().unwrap_or_else(|p| p.into_inner()).down {
+            return false;
+        }
+        let mut p = self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        if p.in_flight || p.last.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
+            return false;
+        }
+        p.in_flight = true;
+        p.last = Some(Instant::now());
+        true
+    }
+
+    /// The probe job ended (or none was claimed).
+    fn end_probe(&self) {
+        self.probe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight = false;
     }
 
     fn runtime(&self) -> Arc<Runtime> {
@@ -211,6 +262,10 @@ pub struct Daemon {
     reload_refused: std::sync::Mutex<Option<String>>,
     /// Cancelled once, at SIGTERM; every task watches it.
     shutdown: CancellationToken,
+    /// Cancelled once the jobs of the last run are back in the queue: no
+    /// worker claims before (a job it claimed would be put back and run a
+    /// second time beside itself).
+    recovered: CancellationToken,
     /// Every connection and job task, so shutdown can wait for them.
     tasks: TaskTracker,
     /// Open connections per uid.
@@ -264,6 +319,29 @@ impl Daemon {
     /// The queue.
     pub fn queue(&self) -> &queue::Queue {
         &self.queue
+    }
+
+    /// Waits until the jobs of the last run are back in the queue (false:
+    /// the daemon is shutting down first).
+    pub async fn recovered(&self) -> bool {
+        tokio::select! {
+            _ = self.recovered.cancelled() => true,
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// The target answers again after jobs that could not reach it: its
+    /// waiting jobs go at once, oldest first (not after their backoff).
+    pub async fn target_back(&self, target: &str) {
+        match self.queue.wake_waiting(target).await {
+            Ok(n) => {
+                tracing::info!(target = %target, waiting = n, "target answers again; its waiting jobs go now")
+            }
+            Err(e) => {
+                tracing::error!(target = %target, cause = %e, "cannot wake the target's waiting jobs")
+            }
+        }
+        self.wake(target);
     }
 
     /// Wakes the worker of a target.
@@ -373,6 +451,7 @@ impl Daemon {
         let now = unix_now() as u64;
         let alive = self.workers_alive(now);
         let jobs = self.queue.counts().await?;
+        let oldest = self.queue.oldest_unsettled().await?;
         let switch = ApplySwitch::new(&self.config().daemon.state_dir);
         let apply_switch = tokio::task::spawn_blocking(move || switch.is_on())
             .await
@@ -407,6 +486,7 @@ impl Daemon {
                     }
                 })
                 .collect(),
+            oldest_unsettled_s: oldest.map(|at| (now as i64 - at).max(0) as u64),
         })
     }
 
@@ -473,6 +553,7 @@ impl Daemon {
                 BTreeMap::new()
             }
         };
+        let oldest_unsettled = self.queue.oldest_unsettled().await.ok().flatten();
         let targets = self
             .targets
             .iter()
@@ -490,6 +571,7 @@ impl Daemon {
             .collect();
         self.metrics.render(&metrics::Snapshot {
             queue,
+            oldest_unsettled_s: oldest_unsettled.map(|at| (unix_now() - at).max(0)),
             targets,
             started_at: self.started_at,
         })
@@ -648,8 +730,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let catalog = Arc::new(Catalog::load(&config.daemon.catalog)?);
     let queue = queue::Queue::open(&config.daemon.state_dir.join("queue.db"))?;
     // On a full disk the daemon still starts and serves status; the jobs
-    // that were running are put back as soon as the queue can write.
-    tokio::spawn(recover(queue.clone()));
+    // that were running are put back as soon as the queue can write, and
+    // the workers claim only after that.
+    let recovered = CancellationToken::new();
+    tokio::spawn(recover(queue.clone(), recovered.clone()));
     let mut targets = BTreeMap::new();
     for (name, t) in &config.targets {
         let executor = crate::transport::for_target(t, DbRole::Runtime)
@@ -673,6 +757,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 wake: Notify::new(),
                 alive_at: AtomicU64::new(unix_now() as u64),
                 record: Mutex::new(TargetRecord::default()),
+                probe: Mutex::new(Probe::default()),
             },
         );
     }
@@ -698,6 +783,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         heartbeat_at: AtomicU64::new(unix_now() as u64),
         reload_refused: std::sync::Mutex::new(None),
         shutdown: CancellationToken::new(),
+        recovered,
         tasks: TaskTracker::new(),
         connections: Mutex::new(HashMap::new()),
     });
@@ -752,7 +838,16 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 
 /// Puts the jobs that were running at the last stop back in the queue, to
 /// be settled through the same path; retried until the queue can write.
-async fn recover(queue: queue::Queue) {
+/// `done` is cancelled once they are back (the workers wait for it).
+async fn recover(queue: queue::Queue, done: CancellationToken) {
+    let _done = done.drop_guard();
+    if let Some(ms) = std::env::var("GOVSQL_TEST_RECOVER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        // A test widens the window between the start and the recovery.
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mut wait = Duration::from_millis(500);
     loop {
         match queue.recover().await {

@@ -57,7 +57,9 @@ enum Op {
     Submit(Box<Job>, Reply<Job>),
     Get(JobId, Reply<Option<Job>>),
     List(u32, u64, Option<u32>, Box<ListFilter>, Reply<Vec<Job>>),
-    ClaimNext(String, Reply<Option<Job>>),
+    ClaimNext(String, bool, Reply<Option<Job>>),
+    WakeWaiting(String, Reply<usize>),
+    OldestUnsettled(Reply<Option<i64>>),
     Finish(
         JobId,
         JobState,
@@ -202,9 +204,28 @@ impl Queue {
             .await
     }
 
-    /// Moves the oldest queued job of `target` to running and returns it.
-    pub async fn claim_next(&self, target: &str) -> Result<Option<Job>, QueueError> {
-        self.call(|r| Op::ClaimNext(target.to_string(), r)).await
+    /// Moves the oldest claimable job of `target` (queued or unsettled,
+    /// its backoff over) to running and returns it. A probe of a target
+    /// that is down (`ignore_backoff`) takes the oldest waiting job even
+    /// while its backoff runs: the first to go when the target is back.
+    pub async fn claim_next(
+        &self,
+        target: &str,
+        ignore_backoff: bool,
+    ) -> Result<Option<Job>, QueueError> {
+        self.call(|r| Op::ClaimNext(target.to_string(), ignore_backoff, r))
+            .await
+    }
+
+    /// The target answers again: its waiting jobs (queued or unsettled)
+    /// may be claimed at once, oldest first. Returns how many waited.
+    pub async fn wake_waiting(&self, target: &str) -> Result<usize, QueueError> {
+        self.call(|r| Op::WakeWaiting(target.to_string(), r)).await
+    }
+
+    /// When the oldest unsettled job was submitted (unix seconds).
+    pub async fn oldest_unsettled(&self) -> Result<Option<i64>, QueueError> {
+        self.call(Op::OldestUnsettled).await
     }
 
     /// Records a job's terminal state (from its outcome) and erases the
@@ -462,6 +483,8 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             !matches!(
                 op,
                 Op::ClaimNext(..)
+                    | Op::WakeWaiting(..)
+                    | Op::OldestUnsettled(..)
                     | Op::Finish(..)
                     | Op::ExpireResults(..)
                     | Op::Owed(..)
@@ -532,7 +555,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         Op::List(limit, offset, uid, filter, reply) => {
             respond(reply, list(tx, limit, offset, uid, &filter), path)
         }
-        Op::ClaimNext(target, reply) => respond(reply, claim(tx, &target), path),
+        Op::ClaimNext(target, probe, reply) => respond(reply, claim(tx, &target, probe), path),
+        Op::WakeWaiting(target, reply) => {
+            let r = exec(
+                tx,
+                "UPDATE jobs SET not_before = NULL WHERE target = ?1 AND state IN ('queued', 'unsettled') AND not_before IS NOT NULL",
+                [target],
+            );
+            respond(reply, r, path)
+        }
+        Op::OldestUnsettled(reply) => {
+            let r = one_row(
+                tx,
+                "SELECT min(submitted_at) FROM jobs WHERE state = 'unsettled'",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            );
+            respond(reply, r, path)
+        }
         Op::Finish(id, state, stored, owed, reply) => {
             let (outcome, result) = *stored;
             let json = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -685,10 +725,10 @@ fn list(
     rows
 }
 
-fn claim(tx: &Connection, target: &str) -> rusqlite::Result<Option<Job>> {
+fn claim(tx: &Connection, target: &str, probe: bool) -> rusqlite::Result<Option<Job>> {
     let job = one_row(tx,
-            &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state IN ('queued', 'unsettled') AND coalesce(not_before, 0) <= ?2 ORDER BY seq LIMIT 1"),
-            params![target, now()],
+            &format!("SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state IN ('queued', 'unsettled') AND (?3 OR coalesce(not_before, 0) <= ?2) ORDER BY seq LIMIT 1"),
+            params![target, now(), probe],
             row_to_job,
         )
         .optional()?;
@@ -774,14 +814,17 @@ mod tests {
         for id in ["a", "b", "c"] {
             q.submit(job(id)).await.unwrap();
         }
-        let first = q.claim_next("main").await.unwrap().unwrap();
+        let first = q.claim_next("main", false).await.unwrap().unwrap();
         assert_eq!(first.job_id, id("a"));
         assert_eq!(first.param_pairs()[0].1, "CANARY-q1");
-        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, id("b"));
-        assert!(q.claim_next("other").await.unwrap().is_none());
+        assert_eq!(
+            q.claim_next("main", false).await.unwrap().unwrap().job_id,
+            id("b")
+        );
+        assert!(q.claim_next("other", false).await.unwrap().is_none());
         // A crash: running jobs go back to the queue, in order.
         assert_eq!(q.recover().await.unwrap(), 2);
-        let again = q.claim_next("main").await.unwrap().unwrap();
+        let again = q.claim_next("main", false).await.unwrap().unwrap();
         assert_eq!(again.job_id, id("a"));
         let outcome: Outcome = serde_json::from_value(serde_json::json!({
             "job_id": "a", "command": "dot_iu_add_piece", "mode": "apply", "status": "applied",
@@ -811,17 +854,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_probe_takes_the_oldest_waiting_job_and_a_wake_ends_every_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("queue.db")).unwrap();
+        for id in ["a", "b", "c"] {
+            q.submit(job(id)).await.unwrap();
+        }
+        for id in ["a", "b"] {
+            q.claim_next("main", false).await.unwrap().unwrap();
+            q.retry(&super::tests::id(id), JobState::Queued)
+                .await
+                .unwrap();
+        }
+        // a and b sleep out their backoff; c has not been tried.
+        assert_eq!(
+            q.claim_next("main", false).await.unwrap().unwrap().job_id,
+            id("c")
+        );
+        assert!(q.claim_next("main", false).await.unwrap().is_none());
+        // A probe takes the oldest even while it backs off.
+        assert_eq!(
+            q.claim_next("main", true).await.unwrap().unwrap().job_id,
+            id("a")
+        );
+        q.retry(&id("a"), JobState::Unsettled).await.unwrap();
+        assert_eq!(q.wake_waiting("other").await.unwrap(), 0);
+        assert_eq!(q.wake_waiting("main").await.unwrap(), 2);
+        assert_eq!(
+            q.claim_next("main", false).await.unwrap().unwrap().job_id,
+            id("a")
+        );
+        assert_eq!(
+            q.claim_next("main", false).await.unwrap().unwrap().job_id,
+            id("b")
+        );
+        assert_eq!(q.oldest_unsettled().await.unwrap(), None);
+    }
+
+    #[tokio::test]
     async fn approval_moves_a_waiting_job_to_the_queue_once() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(&dir.path().join("queue.db")).unwrap();
         let mut j = job("w");
         j.state = JobState::AwaitingApproval;
         q.submit(j).await.unwrap();
-        assert!(q.claim_next("main").await.unwrap().is_none());
+        assert!(q.claim_next("main", false).await.unwrap().is_none());
         let approved = q.approve(&id("w"), "bob", None).await.unwrap();
         assert_eq!(approved.approved_by.as_deref(), Some("bob"));
         assert!(q.approve(&id("w"), "bob", None).await.is_err());
-        assert_eq!(q.claim_next("main").await.unwrap().unwrap().job_id, id("w"));
+        assert_eq!(
+            q.claim_next("main", false).await.unwrap().unwrap().job_id,
+            id("w")
+        );
     }
 
     #[tokio::test]
@@ -843,7 +927,7 @@ mod tests {
             q.submit(j).await.unwrap();
             if i % 3 == 2 {
                 for _ in 0..2 {
-                    let claimed = q.claim_next("main").await.unwrap().unwrap();
+                    let claimed = q.claim_next("main", false).await.unwrap().unwrap();
                     let outcome: Outcome = serde_json::from_value(serde_json::json!({
                         "job_id": claimed.job_id, "command": "dot_iu_add_piece", "mode": "apply",
                         "status": "applied", "run_id": finished, "params_digest": "d", "closed_gates": [],
@@ -855,7 +939,7 @@ mod tests {
                 }
             }
         }
-        while let Some(claimed) = q.claim_next("main").await.unwrap() {
+        while let Some(claimed) = q.claim_next("main", false).await.unwrap() {
             let outcome: Outcome = serde_json::from_value(serde_json::json!({
                 "job_id": claimed.job_id, "command": "dot_iu_add_piece", "mode": "apply",
                 "status": "applied", "run_id": 1, "params_digest": "d", "closed_gates": [],
@@ -894,7 +978,7 @@ mod tests {
             let mut j = job(&format!("p{i}"));
             j.params = Some(crate::job::Params(vec![("title".into(), "x".repeat(200))]));
             q.submit(j).await.unwrap();
-            let claimed = q.claim_next("main").await.unwrap().unwrap();
+            let claimed = q.claim_next("main", false).await.unwrap().unwrap();
             let outcome: Outcome = serde_json::from_value(serde_json::json!({
                 "job_id": claimed.job_id, "command": "dot_iu_add_piece", "mode": "apply",
                 "status": "applied", "run_id": i, "params_digest": "d", "closed_gates": [],

@@ -14,11 +14,18 @@ use super::Daemon;
 use crate::job::{unix_now, ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal};
 use crate::switch::ApplySwitch;
 
-/// The worker loop of one target.
+/// The worker loop of one target. It claims only once the jobs of the
+/// last run are back in the queue. While the target is down, its waiting
+/// jobs sleep out their backoff and the oldest of them is tried every
+/// [`super::PROBE_EVERY`] (a probe); the first job that reaches the
+/// database wakes them all.
 pub async fn run_target(daemon: Arc<Daemon>, target: String) {
     let Some(slot) = daemon.targets.get(&target) else {
         return;
     };
+    if !daemon.recovered().await {
+        return;
+    }
     let shutdown = daemon.shutdown_token().clone();
     loop {
         slot.alive_at.store(unix_now() as u64, Ordering::SeqCst);
@@ -30,24 +37,38 @@ pub async fn run_target(daemon: Arc<Daemon>, target: String) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             _ = shutdown.cancelled() => return,
         };
-        match daemon.queue.claim_next(&target).await {
+        let probe = slot.begin_probe();
+        match daemon.queue.claim_next(&target, probe).await {
             Ok(Some(job)) => {
                 let d = daemon.clone();
+                let name = job.target.clone();
                 daemon.tasks().spawn(async move {
                     run_job(&d, job).await;
                     drop(permit);
+                    if probe {
+                        if let Some(slot) = d.targets.get(&name) {
+                            slot.end_probe();
+                            slot.wake.notify_one();
+                        }
+                    }
                 });
             }
             Ok(None) => {
                 drop(permit);
+                if probe {
+                    slot.end_probe();
+                }
                 tokio::select! {
                     _ = slot.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(super::PROBE_EVERY) => {}
                     _ = shutdown.cancelled() => return,
                 }
             }
             Err(e) => {
                 drop(permit);
+                if probe {
+                    slot.end_probe();
+                }
                 tracing::error!(target = %target, cause = %e, "cannot read the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -83,8 +104,12 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         supervise(async move { rt.run(&job).await })
     };
     let mut outcome = task.await.unwrap_or_else(|panic| panicked(&job, &panic));
-    if let Some(slot) = daemon.targets.get(&job.target) {
-        slot.note(&outcome);
+    if daemon
+        .targets
+        .get(&job.target)
+        .is_some_and(|slot| slot.note(&outcome))
+    {
+        daemon.target_back(&job.target).await;
     }
     let mut row_owed = false;
     if let Some(pending) = outcome.pending {

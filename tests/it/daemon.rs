@@ -30,7 +30,7 @@ impl DaemonProc {
         DaemonProc::start_with(db, &[])
     }
 
-    fn start_with(db: &TestDb, envs: &[(&str, &Path)]) -> DaemonProc {
+    pub(crate) fn start_with(db: &TestDb, envs: &[(&str, &Path)]) -> DaemonProc {
         DaemonProc::start_config(db, &db.config_path, &db.config.daemon.socket, envs)
     }
 

@@ -195,3 +195,125 @@ async fn an_apply_whose_backend_is_frozen_past_its_deadline_is_unsettled_not_fai
         1
     );
 }
+
+/// Sets a key of `[targets.main]` in a daemon test's config (`key = v`).
+fn set_target_key(db: &TestDb, line: &str) {
+    let key = line.split('=').next().unwrap().trim();
+    let text: String = std::fs::read_to_string(&db.config_path)
+        .unwrap()
+        .lines()
+        .filter(|l| l.split('=').next().map(str::trim) != Some(key))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &db.config_path,
+        text.replacen("[targets.main]\n", &format!("[targets.main]\n{line}\n"), 1),
+    )
+    .unwrap();
+}
+
+fn submit_apply(d: &DaemonProc, title: &str) -> String {
+    let r = d.request(json!({
+        "v": 1, "op": "submit", "command": "dot_iu_create_collection", "mode": "apply",
+        "params": [["title", title]], "idempotency_key": title
+    }));
+    r["job"]["job_id"].as_str().expect("a job id").to_string()
+}
+
+/// Start-up recovery raced the first claims: a job claimed before the
+/// recovery ran was put back by it and claimed again while its first run
+/// was still in flight (the same job twice at once in one daemon). The
+/// workers now claim only after the recovery.
+#[tokio::test]
+async fn a_job_claimed_at_start_is_not_put_back_and_run_beside_itself() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    set_target_key(&db, "max_channels = 1");
+    db.open_all();
+    db.switch(true);
+    let lock = TableLock::take(&db.name, "iu_collection");
+    let d = DaemonProc::start(&db);
+    let first = submit_apply(&d, "race-first");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&d, &first)["state"] != "running" {
+        assert!(Instant::now() < deadline, "the first job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The second waits in the queue behind the first; the daemon dies.
+    let second = submit_apply(&d, "race-second");
+    drop(d);
+    // Restarted with room for both, and a slow recovery.
+    set_target_key(&db, "max_channels = 3");
+    let delay = std::path::Path::new("1500");
+    let d = DaemonProc::start_with(&db, &[("GOVSQL_TEST_RECOVER_DELAY_MS", delay)]);
+    let tag = format!("govsql:{second}");
+    let backends = || {
+        db.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{tag}'"
+        ))
+        .trim()
+        .parse::<i64>()
+        .unwrap()
+    };
+    let (mut most, until) = (0, Instant::now() + Duration::from_secs(5));
+    while Instant::now() < until {
+        most = most.max(backends());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(most, 1, "the second job ran {most} times at once");
+    lock.release();
+    for (id, title) in [(&first, "race-first"), (&second, "race-second")] {
+        let done = wait_terminal(&d, id);
+        assert_eq!(done["state"], "applied", "{done}");
+        assert_eq!(
+            db.count(&format!("iu_collection WHERE title = '{title}'")),
+            1
+        );
+    }
+    let finished = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("job finished") && l.contains(second.as_str()))
+        .count();
+    assert_eq!(finished, 1, "{}", d.log_text());
+}
+
+/// Jobs that waited through an outage slept out a backoff of up to 30 s
+/// after the target came back, while newer jobs overtook them. The target
+/// is probed with its oldest waiting job every second, and the first job
+/// that reaches the database wakes the others.
+#[tokio::test]
+async fn jobs_that_waited_through_an_outage_go_as_soon_as_the_target_answers() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    set_target_key(&db, "max_target_wait_s = 600");
+    db.open_all();
+    db.switch(true);
+    let allow = |yes: bool| {
+        pg().admin(
+            "postgres",
+            &format!("ALTER DATABASE {} ALLOW_CONNECTIONS {yes}", db.name),
+        );
+    };
+    allow(false);
+    let d = DaemonProc::start(&db);
+    let ids: Vec<String> = (0..3)
+        .map(|i| submit_apply(&d, &format!("outage-{i}")))
+        .collect();
+    // Long enough for their backoff to grow past what the test allows.
+    std::thread::sleep(Duration::from_secs(9));
+    for id in &ids {
+        assert_eq!(state(&d, id)["state"], "queued", "{}", d.log_text());
+    }
+    allow(true);
+    let back = Instant::now();
+    for id in &ids {
+        let done = wait_terminal(&d, id);
+        assert_eq!(done["state"], "applied", "{done}");
+    }
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the waiting jobs ended {took:?} after the target came back"
+    );
+}
