@@ -240,6 +240,14 @@ impl RunStatus {
         })
     }
 
+    /// Planned, applied or verified: the key is used up.
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Planned | RunStatus::Applied | RunStatus::Verified
+        )
+    }
+
     /// The process exit code of a job that ended so.
     pub fn exit_code(self) -> ExitCode {
         match self {
@@ -750,6 +758,9 @@ pub enum Pending {
     NothingRan,
     /// An apply whose outcome is unknown: settled by idempotency key.
     Unsettled,
+    /// The outcome is final (a timed-out job), but its ledger row could
+    /// not be confirmed: the daemon writes it once the target answers.
+    RowOwed,
 }
 
 impl Outcome {

@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/007_refuse_settles_first.sql"),
         rollback: include_str!("../sql/rollback/007_refuse_settles_first.sql"),
     },
+    Migration {
+        version: "008_fail_once_per_job",
+        sql: include_str!("../sql/migrations/008_fail_once_per_job.sql"),
+        rollback: include_str!("../sql/rollback/008_fail_once_per_job.sql"),
+    },
 ];
 
 /// The demo IU Core schema (`--demo`).

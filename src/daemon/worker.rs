@@ -176,6 +176,11 @@ async fn keep_trying(daemon: &Daemon, job: &Job, pending: Pending, outcome: &mut
         .map(|(_, t)| t.max_target_wait_s as i64)
         .unwrap_or(600);
     let state = match pending {
+        // The outcome is final; its row is written once the target answers.
+        Pending::RowOwed => {
+            outcome.pending = None;
+            return Next::End { row_owed: true };
+        }
         Pending::Unsettled => JobState::Unsettled,
         // A job that may have run (an earlier attempt was cut off) never
         // stops waiting: only the ledger, under its key, may end it.

@@ -52,7 +52,7 @@ pub(super) struct Answer {
 }
 
 /// The entries of the database's dispatcher family.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Entry {
     /// Plan, apply or verify a command.
     Dispatch,
@@ -341,21 +341,22 @@ fn fits(entry: Entry, mode: Mode, run: &RunRow) -> Result<(), String> {
             (run.replayed && run.status == success)
                 || (!run.replayed && run.status == RunStatus::Refused)
         }
+        // A replayed failure is the row this job already has (its owed
+        // row, written once however often it is sent).
         Entry::Fail => {
             (run.replayed && run.status == success)
-                || (!run.replayed
-                    && run.status
-                        == if mode == Mode::Plan {
-                            RunStatus::Refused
-                        } else {
-                            RunStatus::Failed
-                        })
+                || run.status
+                    == if mode == Mode::Plan {
+                        RunStatus::Refused
+                    } else {
+                        RunStatus::Failed
+                    }
         }
     };
     if !status_ok {
         return bad(&format!("status {}", run.status));
     }
-    if run.replayed && run.status != success {
+    if run.replayed && run.status != success && entry != Entry::Fail {
         return bad("a replayed run that did not succeed");
     }
     match (run.status == success, class) {

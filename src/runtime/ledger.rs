@@ -4,6 +4,8 @@
 
 use serde_json::{json, Value};
 
+use crate::job::Pending;
+
 use super::*;
 
 impl Runtime {
@@ -39,7 +41,7 @@ impl Runtime {
             Verdict::NotStarted { class, message } => {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, cause = %message, "target unreachable");
                 let msg = format!("{message}; nothing ran and no ledger row could be written");
-                let pending = Some(crate::job::Pending::NothingRan);
+                let pending = Some(Pending::NothingRan);
                 self.without_row(ctx, RunStatus::Failed, class, msg, pending)
             }
             Verdict::Unlogged { class, message } => {
@@ -47,7 +49,7 @@ impl Runtime {
             }
             Verdict::Unsettled { class, message } => {
                 tracing::error!(job_id = %ctx.job.job_id, class = %class, "apply outcome still unknown");
-                let pending = Some(crate::job::Pending::Unsettled);
+                let pending = Some(Pending::Unsettled);
                 self.without_row(ctx, RunStatus::Failed, class, message, pending)
             }
             Verdict::Unknown { class, message } => {
@@ -64,7 +66,7 @@ impl Runtime {
         status: RunStatus,
         class: ErrorClass,
         message: String,
-        pending: Option<crate::job::Pending>,
+        pending: Option<Pending>,
     ) -> Outcome {
         let ev = self.evidence(ctx, Some(&class), &[], None);
         let mut o = self.outcome(
@@ -97,7 +99,7 @@ impl Runtime {
         let ev = self.evidence(ctx, Some(&class), &closed, None);
         match self.write_log(ctx, &class).await {
             // An apply that committed after all (settlement).
-            Ok(row) if row.replayed => {
+            Ok(row) if row.replayed && row.status.is_success() => {
                 let msg = format!(
                     "{message}; the ledger shows it was applied (run {}): not run again",
                     row.run_id
@@ -112,20 +114,32 @@ impl Runtime {
             Err(fault) => {
                 let why = fault.to_string();
                 tracing::error!(job_id = %ctx.job.job_id, cause = %why, "could not write the ledger row");
-                let (status, class) = match &fault {
-                    PsqlResult::NotStarted { class, .. } | PsqlResult::CutOff { class, .. } => {
-                        (RunStatus::Failed, class.clone())
+                // Nothing reached the database: the job waits for its
+                // target and is tried again. A job that ran (it timed
+                // out), or whose write was cut off (it may not have
+                // committed), ends now and owes its row: the daemon
+                // writes it once the target answers (the fail entry keeps
+                // one row per job).
+                let ran = class == ErrorClass::Timeout;
+                let (status, class, pending) = match fault {
+                    PsqlResult::NotStarted { class: c, .. } if !ran => {
+                        (RunStatus::Failed, c, Some(Pending::NothingRan))
                     }
-                    _ => (status, class),
+                    PsqlResult::NotStarted { class: c, .. }
+                    | PsqlResult::CutOff { class: c, .. } => {
+                        let class = if ran { class } else { c };
+                        (RunStatus::Failed, class, Some(Pending::RowOwed))
+                    }
+                    _ => (status, class, None),
                 };
-                // Nothing reached the database: the row is owed, and the
-                // daemon keeps the job until the target answers.
-                let owed = matches!(fault, PsqlResult::NotStarted { .. });
-                let msg = format!("{message}; could not write the ledger row: {why}");
+                let owed = if pending == Some(Pending::RowOwed) {
+                    "; it is written once the target answers"
+                } else {
+                    ""
+                };
+                let msg = format!("{message}; could not write the ledger row: {why}{owed}");
                 let mut o = self.outcome(ctx, None, status, Some(class), closed, ev, None, msg);
-                if owed {
-                    o.pending = Some(crate::job::Pending::NothingRan);
-                }
+                o.pending = pending;
                 o
             }
         }

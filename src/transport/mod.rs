@@ -143,9 +143,9 @@ impl Runner {
 /// reached) or the run's outcome is unknown.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {
-    /// The deadline passed; the backend was terminated.
-    #[error("job deadline of {} s passed; its backend was told to stop", .0.as_secs_f64())]
-    Timeout(Duration),
+    /// The deadline passed; what the cancel found of its backend.
+    #[error("job deadline of {} s passed; {}", .0.as_secs_f64(), .1)]
+    Timeout(Duration, Cancelled),
     /// The target could not be reached; nothing was sent.
     #[error("target unreachable: {0}")]
     Unreachable(String),
@@ -172,7 +172,7 @@ impl TransportError {
     /// The error class recorded in evidence and the job's state.
     pub fn class(&self) -> ErrorClass {
         match self {
-            TransportError::Timeout(_) => ErrorClass::Timeout,
+            TransportError::Timeout(..) => ErrorClass::Timeout,
             TransportError::Unreachable(_) | TransportError::Lost(_) => {
                 ErrorClass::TargetUnreachable
             }
@@ -290,27 +290,64 @@ pub async fn run_with_deadline(
         Ok(result) => result,
         Err(_) => {
             tracing::warn!(tag = %tag, deadline_s = deadline.as_secs_f64(), "job deadline passed; cancelling its backend");
-            if let Err(e) = cancel_tagged(exec, &tag).await {
-                tracing::error!(tag = %tag, cause = %e, "could not cancel the backend of a timed-out job");
-            }
-            Err(TransportError::Timeout(deadline))
+            let cancelled = match cancel_tagged(exec, &tag).await {
+                Ok(found) => Cancelled::Found(found),
+                Err(e) => {
+                    tracing::error!(tag = %tag, cause = %e, "could not cancel the backend of a timed-out job");
+                    Cancelled::NotReached
+                }
+            };
+            Err(TransportError::Timeout(deadline, cancelled))
         }
     }
 }
 
-/// Terminates every backend whose application_name is `tag`, and waits
-/// (briefly) until none is left.
-pub async fn cancel_tagged(exec: &dyn Executor, tag: &str) -> Result<(), TransportError> {
+/// What the cancel of a timed-out job found. Never a proof that its
+/// backend is gone: a backend frozen inside its COMMIT may still commit
+/// (the ledger, under the job's key, settles that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// This many backends carried the job's tag and were told to stop.
+    Found(u64),
+    /// The cancel itself did not get through.
+    NotReached,
+}
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cancelled::Found(0) => {
+                f.write_str("no backend of it was running (it had not started, or had ended)")
+            }
+            Cancelled::Found(1) => f.write_str("its backend was told to stop"),
+            Cancelled::Found(n) => write!(f, "its {n} backends were told to stop"),
+            Cancelled::NotReached => f.write_str(
+                "its backend could not be told to stop (the cancel did not get through)",
+            ),
+        }
+    }
+}
+
+/// Terminates every backend whose application_name is `tag` (waiting up
+/// to 5 s for each to go); returns how many carried the tag.
+pub async fn cancel_tagged(exec: &dyn Executor, tag: &str) -> Result<u64, TransportError> {
     let mut script = Script::new(&format!("{tag}:cancel"), 10_000);
+    script.section();
     script.sql(&crate::grammar::cancel_statement(tag));
-    let req = ScriptRequest::new(&script.finish(), &format!("{tag}:cancel"));
+    let script = script.finish();
+    let req = ScriptRequest::new(&script, &format!("{tag}:cancel"));
     let out = tokio::time::timeout(Duration::from_secs(15), exec.run(req))
         .await
         .map_err(|_| TransportError::Lost("the cancel script timed out".into()))??;
-    match out.exit {
-        Exit::Code(0) => Ok(()),
-        other => Err(TransportError::Lost(format!(
-            "the cancel script ended with {other}"
-        ))),
+    let lost = |why: String| TransportError::Lost(format!("the cancel script {why}"));
+    match PsqlResult::read(&out, &script) {
+        PsqlResult::Complete(secs) => {
+            let rows = crate::psql::control_rows(0, secs.get(0).unwrap_or_default(), 1)
+                .map_err(|e| lost(format!("answered {e}")))?;
+            rows.first()
+                .and_then(|r| r[0].parse().ok())
+                .ok_or_else(|| lost("answered no count".into()))
+        }
+        other => Err(lost(format!("ended with {other}"))),
     }
 }

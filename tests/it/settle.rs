@@ -317,3 +317,60 @@ async fn jobs_that_waited_through_an_outage_go_as_soon_as_the_target_answers() {
         "the waiting jobs ended {took:?} after the target came back"
     );
 }
+
+/// A timed-out job whose failure row could not be written (the fail
+/// entry's own call was cut off at its deadline) ended with no ledger row
+/// at all. It now owes the row, written once the target answers, once.
+#[tokio::test]
+async fn a_timed_out_job_whose_row_was_cut_off_gets_it_once_the_target_answers() {
+    let mut db = test_db_with(&std::fs::read_to_string(catalog_path()).unwrap(), 2).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    let ledger = TableLock::take(&db.name, "dot_iu_command_run");
+    let d = DaemonProc::start(&db);
+    let r = d.request(json!({
+        "v": 1, "op": "submit", "command": "dot_iu_healthcheck", "mode": "verify",
+        "params": [], "idempotency_key": "owed-timeout-1"
+    }));
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "timeout", "{done}");
+    let message = done["outcome"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("written once the target answers"),
+        "{message}"
+    );
+    ledger.release();
+    let rows = || {
+        db.count(&format!(
+            "dot_iu_command_run WHERE idempotency_key = 'owed-timeout-1' AND run_status = 'failed' AND evidence->>'job_id' = '{id}'"
+        ))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the owed row was never written: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        db.count(
+            "dot_iu_command_run WHERE idempotency_key = 'owed-timeout-1' AND evidence->>'error_class' = 'timeout'"
+        ),
+        1
+    );
+    // Sent again (a second payment, a retry), the fail entry keeps one row
+    // per job: it returns the one it has.
+    let client = json!({"job_id": id}).to_string();
+    let again = |class: &str| {
+        db.sql(&format!(
+            "SET ROLE govsql_runtime; SELECT kind, value FROM public.fn_dot_iu_fail('verify', 'dot_iu_healthcheck', '[]', 'owed-timeout-1', 'root', '{class}', '{client}')"
+        ))
+    };
+    let answer = again("timeout");
+    assert!(answer.contains("\"replayed\": true"), "{answer}");
+    assert_eq!(rows(), 1);
+}
