@@ -111,6 +111,9 @@ fn join_hint(socket: &Path) -> String {
     }
 }
 
+/// How long [`Client::connect`] retries a busy socket (EAGAIN).
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A connection to the daemon.
 pub struct Client {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -118,9 +121,25 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the socket.
+    /// Connects to the socket. A full accept backlog (EAGAIN: the daemon
+    /// is busy accepting a burst) is retried with backoff for a few
+    /// seconds before it is an error.
     pub async fn connect(socket: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(socket).await.map_err(|source| {
+        let mut wait = std::time::Duration::from_millis(5);
+        let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+        let connected = loop {
+            match UnixStream::connect(socket).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && tokio::time::Instant::now() + wait < deadline =>
+                {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_millis(250));
+                }
+                other => break other,
+            }
+        };
+        let stream = connected.map_err(|source| {
             if source.kind() == std::io::ErrorKind::PermissionDenied {
                 ClientError::Denied {
                     socket: socket.to_path_buf(),

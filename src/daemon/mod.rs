@@ -273,12 +273,12 @@ pub struct Daemon {
 }
 
 /// One open connection of a uid; given back when dropped.
-pub struct ConnectionSlot<'a> {
-    daemon: &'a Daemon,
+pub struct ConnectionSlot {
+    daemon: Arc<Daemon>,
     uid: u32,
 }
 
-impl Drop for ConnectionSlot<'_> {
+impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut map = self
             .daemon
@@ -412,14 +412,17 @@ impl Daemon {
     }
 
     /// A connection slot for `uid`, unless it has too many open.
-    pub fn connection_slot(&self, uid: u32) -> Option<ConnectionSlot<'_>> {
+    pub fn connection_slot(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
         let mut map = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(uid).or_insert(0);
         if *n >= server::MAX_CONNECTIONS_PER_UID {
             return None;
         }
         *n += 1;
-        Some(ConnectionSlot { daemon: self, uid })
+        Some(ConnectionSlot {
+            daemon: self.clone(),
+            uid,
+        })
     }
 
     /// Whether shutdown began.

@@ -4,9 +4,7 @@
 //! ledger is this user, never a name the client sends.
 
 use std::ffi::CString;
-use std::os::fd::AsFd;
 
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
 
 use crate::config::AccessConfig;
@@ -24,17 +22,6 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Reads the peer of a connected unix socket. The user and group
-    /// look-ups (NSS: files, LDAP, sssd…) may block, so they run off the
-    /// async runtime.
-    pub async fn of(sock: &impl AsFd) -> std::io::Result<Peer> {
-        let cred = getsockopt(sock, PeerCredentials).map_err(std::io::Error::from)?;
-        let (uid, gid) = (cred.uid(), cred.gid());
-        tokio::task::spawn_blocking(move || Peer::from_ids(uid, gid))
-            .await
-            .map_err(std::io::Error::other)
-    }
-
     /// The peer with this uid and primary gid.
     pub fn from_ids(uid: u32, gid: u32) -> Peer {
         let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();

@@ -11,6 +11,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
 use super::peer::{denial, Peer};
 use super::{Daemon, DaemonError};
 use crate::config::DaemonConfig;
@@ -131,35 +133,73 @@ fn set_group(socket: &Path, group: &str, gid: nix::unistd::Gid) -> Result<(), Da
 }
 
 /// Accepts connections until shutdown; each runs as a tracked task.
+/// Fairness: the accept loop never waits for a permit. The peer's uid
+/// (SO_PEERCRED, one syscall) is checked against its own share first; a
+/// connection over its uid's share, or over the daemon's total, gets a
+/// one-line answer at once and is closed. Only then does the connection
+/// task look the user up (NSS may block), so one user's churn neither
+/// fills the accept backlog nor the look-ups of others.
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let shutdown = daemon.shutdown_token().clone();
     let mut backoff = Duration::from_millis(10);
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.cancelled() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.cancelled() => return,
         };
-        match accepted {
+        let stream = match accepted {
             Ok((stream, _)) => {
                 backoff = Duration::from_millis(10);
-                let d = daemon.clone();
-                daemon.tasks().spawn(async move {
-                    connection(d, stream).await;
-                    drop(permit);
-                });
+                stream
             }
             Err(e) => {
                 tracing::error!(cause = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
-        }
+        };
+        let cred = match getsockopt(&stream, PeerCredentials) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(cause = %e, "cannot read the peer's credentials; closing");
+                continue;
+            }
+        };
+        let Some(slot) = daemon.connection_slot(cred.uid()) else {
+            turn_away(
+                &stream,
+                &format!(
+                    "uid {} has {MAX_CONNECTIONS_PER_UID} connections open already; close some and try again",
+                    cred.uid()
+                ),
+            );
+            continue;
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            turn_away(
+                &stream,
+                &format!("the daemon has {MAX_CONNECTIONS} connections open; try again shortly"),
+            );
+            continue;
+        };
+        let d = daemon.clone();
+        daemon.tasks().spawn(async move {
+            connection(d, stream, cred.uid(), cred.gid()).await;
+            drop(slot);
+            drop(permit);
+        });
     }
+}
+
+/// Answers a connection that gets no slot with one `unavailable` line,
+/// without waiting (a fresh socket's buffer takes it), and closes it.
+fn turn_away(stream: &UnixStream, why: &str) {
+    let mut bytes = serde_json::to_vec(&Reply::error(ReplyKind::Unavailable, why))
+        .unwrap_or_else(|_| b"{\"v\":1,\"ok\":false}".to_vec());
+    bytes.push(b'\n');
+    let _ = stream.try_write(&bytes);
 }
 
 enum Line {
@@ -200,26 +240,12 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(
     }
 }
 
-async fn connection(daemon: Arc<Daemon>, stream: UnixStream) {
-    let peer = match Peer::of(&stream).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(cause = %e, "cannot read the peer's credentials; closing");
-            return;
-        }
-    };
-    let (rd, mut wr) = stream.into_split();
-    let Some(_slot) = daemon.connection_slot(peer.uid) else {
-        let reply = Reply::error(
-            ReplyKind::Unavailable,
-            format!(
-                "user {} has {MAX_CONNECTIONS_PER_UID} connections open already; close some and try again",
-                peer.user
-            ),
-        );
-        let _ = write_reply(&mut wr, &reply).await;
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream, uid: u32, gid: u32) {
+    // The user and group look-ups (NSS: files, LDAP, sssd…) may block.
+    let Ok(peer) = tokio::task::spawn_blocking(move || Peer::from_ids(uid, gid)).await else {
         return;
     };
+    let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let shutdown = daemon.shutdown_token().clone();
     loop {

@@ -15,7 +15,7 @@ use crate::harness::*;
 use crate::sshd::{self, keys, USER};
 
 /// A second real unix user (created by the SSH harness).
-const OTHER: &str = "govsqlt_dash";
+pub(crate) const OTHER: &str = "govsqlt_dash";
 
 /// A `govsql daemon` child process with its log file.
 pub(crate) struct DaemonProc {

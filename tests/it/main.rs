@@ -1,6 +1,7 @@
 //! govsql's integration tests: one binary, against a real PostgreSQL and a
 //! real OpenSSH sshd that the harness starts on loopback.
 
+mod abuse;
 mod cli;
 mod core;
 mod daemon;
