@@ -411,9 +411,51 @@ impl Reply {
     }
 }
 
+/// The deepest nesting a request may have (a param pair is at depth 3).
+pub const MAX_DEPTH: usize = 8;
+/// The most JSON values a request may hold (params included).
+pub const MAX_ITEMS: usize = 1024;
+
+/// A streaming check of a request's shape before anything is allocated
+/// for it: nesting at most [`MAX_DEPTH`], at most [`MAX_ITEMS`] values (a
+/// 4 MiB array of zeros would otherwise become two million values).
+fn check_shape(line: &[u8]) -> Result<(), String> {
+    let (mut depth, mut items, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in line {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("request nested deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' => {
+                items += 1;
+                if items > MAX_ITEMS {
+                    return Err(format!("request holds more than {MAX_ITEMS} values"));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Parses one request line; the error is the reply to send.
 pub fn parse_request(line: &[u8]) -> Result<Request, Box<Reply>> {
     let bad = |msg: String| Box::new(Reply::error(ReplyKind::BadRequest, msg));
+    check_shape(line).map_err(|why| bad(format!("{why}; send one flat request per line")))?;
     let text = std::str::from_utf8(line).map_err(|_| bad("request is not UTF-8".into()))?;
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         bad(format!(
@@ -457,6 +499,26 @@ fn redact_quoted(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_or_huge_requests_are_refused_before_parsing() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let e = parse_request(deep.as_bytes()).unwrap_err();
+        assert!(e.error.unwrap().message.contains("nested"));
+        let wide = format!(
+            r#"{{"v":1,"op":"health","x":[{}0]}}"#,
+            "0,".repeat(MAX_ITEMS)
+        );
+        let e = parse_request(wide.as_bytes()).unwrap_err();
+        assert!(e.error.unwrap().message.contains("values"));
+        // Brackets and commas inside strings are text, not structure.
+        let text = format!(
+            r#"{{"v":1,"op":"submit","command":"dot_iu_create_collection","mode":"apply","params":[["title","{}\"{}"]]}}"#,
+            "[,".repeat(MAX_ITEMS),
+            "{".repeat(MAX_DEPTH + 1)
+        );
+        parse_request(text.as_bytes()).unwrap();
+    }
 
     #[test]
     fn requests_round_trip_and_bad_ones_get_reasons() {

@@ -208,12 +208,28 @@ enum Line {
     Eof,
 }
 
+/// Request lines longer than this need one of [`LARGE_REQUESTS`]'
+/// permits to grow further: a flood of 4 MiB lines is read and parsed a
+/// few at a time, never all at once.
+const SMALL_LINE: usize = 64 * 1024;
+/// How many large request lines are read and parsed at once.
+static LARGE_REQUESTS: Semaphore = Semaphore::const_new(4);
+
 async fn read_line_limited<R: AsyncBufRead + Unpin>(
     r: &mut R,
     max: usize,
+    large: &mut Option<tokio::sync::SemaphorePermit<'static>>,
 ) -> std::io::Result<Line> {
     let mut buf = Vec::new();
     loop {
+        if buf.len() > SMALL_LINE && large.is_none() {
+            *large = Some(
+                LARGE_REQUESTS
+                    .acquire()
+                    .await
+                    .map_err(std::io::Error::other)?,
+            );
+        }
         let avail = r.fill_buf().await?;
         if avail.is_empty() {
             return Ok(if buf.is_empty() {
@@ -249,8 +265,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, uid: u32, gid: u32)
     let mut rd = BufReader::new(rd);
     let shutdown = daemon.shutdown_token().clone();
     loop {
+        let mut large = None;
         let read = tokio::select! {
-            r = tokio::time::timeout(IDLE_TIMEOUT, read_line_limited(&mut rd, MAX_LINE)) => r,
+            r = tokio::time::timeout(IDLE_TIMEOUT, read_line_limited(&mut rd, MAX_LINE, &mut large)) => r,
             _ = shutdown.cancelled() => return,
         };
         let line = match read {
@@ -272,7 +289,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, uid: u32, gid: u32)
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let reply = match parse_request(&line) {
+        let parsed = parse_request(&line);
+        drop(line);
+        drop(large);
+        let reply = match parsed {
             Ok(req) => dispatch(&daemon, &peer, req).await,
             Err(reply) => *reply,
         };

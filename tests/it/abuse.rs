@@ -79,3 +79,59 @@ async fn one_users_connection_churn_does_not_lock_another_out() {
         "slowest health call: {slowest:?}"
     );
 }
+
+/// The daemon's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A 4 MiB JSON array per request was parsed whole before any check: 32
+/// connections of one uid took the daemon to ~345 MiB. The shape is
+/// checked while streaming (depth, value count) and large lines are read
+/// a few at a time.
+#[tokio::test]
+async fn a_flood_of_huge_requests_is_refused_without_the_memory_it_asks_for() {
+    use std::io::{BufRead, BufReader, Write};
+    let db = test_db().await;
+    let d = DaemonProc::start(&db);
+    let before = peak_rss_kib(d.pid());
+    let mut line =
+        br#"{"v":1,"op":"submit","command":"dot_iu_healthcheck","mode":"verify","params":["#
+            .to_vec();
+    while line.len() < 4 * 1024 * 1024 - 64 {
+        line.extend_from_slice(b"0,");
+    }
+    line.extend_from_slice(b"0]}\n");
+    let line = std::sync::Arc::new(line);
+    let socket = db.config.daemon.socket.clone();
+    let senders: Vec<_> = (0..32)
+        .map(|_| {
+            let (line, socket) = (line.clone(), socket.clone());
+            std::thread::spawn(move || {
+                let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let _ = s.write_all(&line);
+                let mut reply = String::new();
+                let _ = BufReader::new(s).read_line(&mut reply);
+                reply
+            })
+        })
+        .collect();
+    for t in senders {
+        let reply = t.join().unwrap();
+        assert!(reply.contains("bad_request"), "{reply}");
+    }
+    let grew_mib = (peak_rss_kib(d.pid()) - before) / 1024;
+    eprintln!("peak RSS grew by {grew_mib} MiB");
+    assert!(
+        grew_mib < 120,
+        "the daemon's peak RSS grew by {grew_mib} MiB"
+    );
+    let out = d.cli(None, &["health", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+}
