@@ -59,9 +59,9 @@ pub const MIGRATIONS: &[Migration] = &[
         rollback: include_str!("../sql/rollback/007_refuse_settles_first.sql"),
     },
     Migration {
-        version: "008_fail_once_per_job",
-        sql: include_str!("../sql/migrations/008_fail_once_per_job.sql"),
-        rollback: include_str!("../sql/rollback/008_fail_once_per_job.sql"),
+        version: "008_keys_per_actor",
+        sql: include_str!("../sql/migrations/008_keys_per_actor.sql"),
+        rollback: include_str!("../sql/rollback/008_keys_per_actor.sql"),
     },
 ];
 

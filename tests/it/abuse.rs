@@ -135,3 +135,46 @@ async fn a_flood_of_huge_requests_is_refused_without_the_memory_it_asks_for() {
     let out = d.cli(None, &["health", "--json"]);
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Idempotency keys were global: another apply user replaying your key
+/// learned, from replay versus conflict, whether a guessed value matched
+/// your run. A key is its actor's: any other actor is refused
+/// `idempotency_conflict`, whatever the params.
+#[tokio::test]
+async fn another_users_key_is_a_conflict_whatever_the_params() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    db.switch(true);
+    let d = DaemonProc::start(&db);
+    let apply = |user: Option<&str>, title: &str| {
+        let out = d.cli(
+            user,
+            &[
+                "apply",
+                "dot_iu_create_collection",
+                "--param",
+                &format!("title={title}"),
+                "--idempotency-key",
+                "mine-1",
+                "--wait",
+                "--json",
+            ],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let first = apply(None, "secret-guess");
+    assert_eq!(first["status"], "applied", "{first}");
+    // The owner's replay: the original run, nothing run again.
+    let again = apply(None, "secret-guess");
+    assert_eq!(again["run_id"], first["run_id"], "{again}");
+    // Another actor: a conflict, the same for a right and a wrong guess.
+    for guess in ["secret-guess", "wrong-guess"] {
+        let other = apply(Some(OTHER), guess);
+        assert_eq!(other["status"], "refused", "{other}");
+        assert_eq!(other["error_class"], "idempotency_conflict", "{other}");
+        assert_ne!(other["run_id"], first["run_id"]);
+    }
+    assert_eq!(db.count("iu_collection"), 1);
+}
