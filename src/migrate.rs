@@ -77,6 +77,11 @@ pub const DEMO: &[Migration] = &[
         sql: include_str!("../sql/demo/002_least_privilege.sql"),
         rollback: include_str!("../sql/rollback/demo_002_least_privilege.sql"),
     },
+    Migration {
+        version: "demo_003_diag_notify",
+        sql: include_str!("../sql/demo/003_diag_notify.sql"),
+        rollback: include_str!("../sql/rollback/demo_003_diag_notify.sql"),
+    },
 ];
 
 /// A migrate or rollback that did not complete.

@@ -9,6 +9,11 @@
 -- entries call under the key's lock; exactly-once is unchanged (the unique
 -- index on (idempotency_key, run_mode) still holds one success per key).
 --
+-- Notifications: the dispatcher ends an apply's statements with UNLISTEN
+-- *, so a governed function that LISTENed and NOTIFYed gets nothing
+-- delivered amid the job's output (psql printed it there, and a first run
+-- was reported as "already applied").
+--
 -- Failure rows: a timed-out job whose failure row could not be confirmed
 -- (the fail entry's own call was cut off: it may have committed) owes that
 -- row, and the daemon writes it again once the target answers. So the fail
@@ -188,6 +193,9 @@ BEGIN
         IF p_mode = 'verify' THEN
             RAISE EXCEPTION USING ERRCODE = 'GV090', MESSAGE = 'end of the read-only checks';
         END IF;
+        -- A governed function that LISTENed would have a notification
+        -- delivered amid the job's output after the commit: none is.
+        UNLISTEN *;
         IF NOT v_ok THEN
             RAISE EXCEPTION USING ERRCODE = 'GV091', MESSAGE = 'unexpected status';
         END IF;

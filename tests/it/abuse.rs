@@ -178,3 +178,19 @@ async fn another_users_key_is_a_conflict_whatever_the_params() {
     }
     assert_eq!(db.count("iu_collection"), 1);
 }
+
+/// An apply whose own function LISTENs and NOTIFYs got the notification
+/// printed amid its output: the answer was malformed, and the user was
+/// told "already applied … not run again" for its own first run.
+#[tokio::test]
+async fn a_notification_from_the_jobs_own_function_is_not_in_its_answer() {
+    let db = test_db().await;
+    db.open_all();
+    db.switch(true);
+    let rt = db.runtime();
+    for _ in 0..2 {
+        let o = run(&rt, "dot_iu_diag_notify", govsql::runtime::Mode::Apply, &[]).await;
+        assert_eq!(o.status, govsql::runtime::RunStatus::Applied, "{o:?}");
+        assert!(o.message.starts_with("applied "), "{}", o.message);
+    }
+}
