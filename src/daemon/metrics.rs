@@ -332,8 +332,12 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Scrapes served at once; more connections are closed on accept.
+pub const MAX_SCRAPES: usize = 16;
+
 /// Serves `GET /metrics` on a loopback listener until shutdown. Anything
-/// else gets 404; a request is read for at most 5 s and 8 KiB.
+/// else gets 404; a request is read for at most 5 s and 8 KiB, at most
+/// [`MAX_SCRAPES`] at once.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     render: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>
@@ -343,6 +347,7 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let render = std::sync::Arc::new(render);
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         let (mut stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -355,8 +360,15 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => return,
         };
+        // Over the cap, a connection is closed at once: held connections
+        // cannot take the daemon's file descriptors.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let render = render.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
             let head = tokio::time::timeout(Duration::from_secs(5), async {
@@ -388,8 +400,11 @@ pub async fn serve(
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     .to_string()
             };
-            let _ = stream.write_all(reply.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = stream.write_all(reply.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         });
     }
 }

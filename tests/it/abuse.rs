@@ -194,3 +194,42 @@ async fn a_notification_from_the_jobs_own_function_is_not_in_its_answer() {
         assert!(o.message.starts_with("applied "), "{}", o.message);
     }
 }
+
+/// The metrics listener spawned a task per TCP connection with no cap:
+/// 1 100 held connections took the daemon to its file limit, and then
+/// the socket's users were refused too. Connections past the cap are
+/// closed on accept.
+#[tokio::test]
+async fn held_metrics_connections_do_not_take_the_daemons_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
+    let port = free_port();
+    let mut db = test_db().await;
+    configure(
+        &mut db,
+        OPEN_ACCESS,
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+    );
+    let d = DaemonProc::start(&db);
+    let held: Vec<_> = (0..1100)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    let out = d.cli(None, &["health", "--json"]);
+    drop(held);
+    assert!(fds < 300, "the daemon holds {fds} files");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once they are gone, scrapes work.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = d.cli(None, &["metrics"]);
+    assert_eq!(out.status.code(), Some(0));
+}
