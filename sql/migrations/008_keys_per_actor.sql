@@ -1,5 +1,6 @@
--- Idempotency keys are their actor's, and a job's failure row is written
--- once.
+-- Idempotency keys are their actor's, a job's failure row is written
+-- once, no notification reaches a job's output, and `log` is served by an
+-- index.
 --
 -- Keys: a key used up (planned, applied, verified) by one actor is refused
 -- `idempotency_conflict` to every other actor, whatever the params, so
@@ -301,5 +302,44 @@ BEGIN
             p_class, NULL, NULL);
     END IF;
     RETURN NEXT;
+END
+$$;
+
+-- `govsql log` (005's, same answer): the query is built from the filters
+-- given, so a non-admin's actor filter is a plain equality the index below
+-- serves (the catch-all `IS NULL OR` form scanned the whole ledger: 30
+-- `log` calls of one user on a 1 M-row ledger slowed everyone's jobs).
+CREATE INDEX IF NOT EXISTS dot_iu_command_run_actor_idx ON public.dot_iu_command_run (actor, run_id DESC);
+
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_ledger(p_filter jsonb, p_limit int) RETURNS TABLE (kind text, value text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    f jsonb := coalesce(p_filter, '{}'::jsonb);
+    v_where text := '';
+BEGIN
+    IF f ->> 'command' IS NOT NULL THEN v_where := v_where || ' AND r.command_name = $1'; END IF;
+    IF f ->> 'status' IS NOT NULL THEN v_where := v_where || ' AND r.run_status = $2'; END IF;
+    IF f ->> 'mode' IS NOT NULL THEN v_where := v_where || ' AND r.run_mode = $3'; END IF;
+    IF f ->> 'actor' IS NOT NULL THEN v_where := v_where || ' AND r.actor = $4'; END IF;
+    IF f ->> 'target' IS NOT NULL THEN v_where := v_where || ' AND r.evidence ->> ''target'' = $5'; END IF;
+    IF f ->> 'since' IS NOT NULL THEN v_where := v_where || ' AND r.created_at >= $6'; END IF;
+    IF coalesce((f ->> 'no_verify')::boolean, false) THEN v_where := v_where || ' AND r.run_mode <> ''verify'''; END IF;
+    RETURN QUERY EXECUTE
+        'SELECT ''entry''::text, jsonb_build_object(
+            ''run_id'', r.run_id,
+            ''at'', to_char(r.created_at AT TIME ZONE ''UTC'', ''YYYY-MM-DD HH24:MI:SS"Z"''),
+            ''at_unix'', floor(extract(epoch FROM r.created_at))::bigint,
+            ''command'', r.command_name,
+            ''mode'', r.run_mode,
+            ''status'', r.run_status,
+            ''actor'', r.actor,
+            ''error_class'', r.evidence ->> ''error_class'',
+            ''duration_ms'', (r.evidence ->> ''duration_ms'')::bigint,
+            ''job_id'', r.evidence ->> ''job_id'',
+            ''target'', r.evidence ->> ''target'')::text
+          FROM public.dot_iu_command_run r WHERE true' || v_where ||
+        ' ORDER BY r.run_id DESC LIMIT $7'
+        USING f ->> 'command', f ->> 'status', f ->> 'mode', f ->> 'actor', f ->> 'target',
+              (f ->> 'since')::timestamptz, least(greatest(coalesce(p_limit, 50), 1), 1000);
 END
 $$;

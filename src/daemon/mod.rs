@@ -269,22 +269,50 @@ pub struct Daemon {
     /// Every connection and job task, so shutdown can wait for them.
     tasks: TaskTracker,
     /// Open connections per uid.
-    connections: Mutex<HashMap<u32, usize>>,
+    connections: Arc<PerUid>,
+    /// `govsql log` reads running per uid.
+    reads: Arc<PerUid>,
 }
 
-/// One open connection of a uid; given back when dropped.
-pub struct ConnectionSlot {
-    daemon: Arc<Daemon>,
+/// A count per uid with a limit: each uid's share of something.
+pub struct PerUid {
+    counts: Mutex<HashMap<u32, usize>>,
+    limit: usize,
+}
+
+impl PerUid {
+    /// A share of `limit` per uid.
+    pub fn new(limit: usize) -> Arc<PerUid> {
+        Arc::new(PerUid {
+            counts: Mutex::new(HashMap::new()),
+            limit,
+        })
+    }
+
+    /// One more for `uid`, or None when it holds its share already.
+    pub fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(uid).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            of: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// One unit of a uid's share; given back when dropped.
+pub struct UidSlot {
+    of: Arc<PerUid>,
     uid: u32,
 }
 
-impl Drop for ConnectionSlot {
+impl Drop for UidSlot {
     fn drop(&mut self) {
-        let mut map = self
-            .daemon
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut map = self.of.counts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
@@ -412,17 +440,14 @@ impl Daemon {
     }
 
     /// A connection slot for `uid`, unless it has too many open.
-    pub fn connection_slot(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
-        let mut map = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(uid).or_insert(0);
-        if *n >= server::MAX_CONNECTIONS_PER_UID {
-            return None;
-        }
-        *n += 1;
-        Some(ConnectionSlot {
-            daemon: self.clone(),
-            uid,
-        })
+    pub fn connection_slot(&self, uid: u32) -> Option<UidSlot> {
+        self.connections.take(uid)
+    }
+
+    /// A `govsql log` read of a uid (at most [`server::MAX_READS_PER_UID`]
+    /// at once), or None.
+    pub fn read_slot(&self, uid: u32) -> Option<UidSlot> {
+        self.reads.take(uid)
     }
 
     /// Whether shutdown began.
@@ -524,8 +549,13 @@ impl Daemon {
             ],
         ));
         let script = s.finish();
-        match crate::transport::run_script(slot.executor.as_ref(), &script, "govsql:log", timeout)
-            .await
+        match crate::transport::run_read_script(
+            slot.executor.as_ref(),
+            &script,
+            "govsql:log",
+            timeout,
+        )
+        .await
         {
             crate::psql::PsqlResult::Complete(secs) => {
                 let rows = crate::psql::copy_rows(0, secs.get(0).unwrap_or_default())
@@ -788,7 +818,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         shutdown: CancellationToken::new(),
         recovered,
         tasks: TaskTracker::new(),
-        connections: Mutex::new(HashMap::new()),
+        connections: PerUid::new(server::MAX_CONNECTIONS_PER_UID),
+        reads: PerUid::new(server::MAX_READS_PER_UID),
     });
     // The loops run until shutdown; they are not drained, only stopped.
     let mut loops = tokio::task::JoinSet::new();
@@ -950,5 +981,21 @@ async fn heartbeat(daemon: Arc<Daemon>) {
             _ = tokio::time::sleep(every) => {}
             _ = daemon.shutdown.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PerUid;
+
+    #[test]
+    fn each_uid_has_its_own_share_given_back_on_drop() {
+        let reads = PerUid::new(2);
+        let a1 = reads.take(1000).unwrap();
+        let _a2 = reads.take(1000).unwrap();
+        assert!(reads.take(1000).is_none(), "over its share");
+        let _b = reads.take(1001).expect("another uid is not affected");
+        drop(a1);
+        assert!(reads.take(1000).is_some(), "given back");
     }
 }

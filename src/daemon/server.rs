@@ -28,6 +28,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 512;
 /// Concurrent connections of one uid, so no user can lock others out.
 pub const MAX_CONNECTIONS_PER_UID: usize = 32;
+/// Concurrent `govsql log` reads of one uid (they share one read channel
+/// per target, never the jobs' slots).
+pub const MAX_READS_PER_UID: usize = 2;
 
 /// The socket this daemon bound: removed at exit only while it is still
 /// this daemon's file (another daemon may have bound the path since).
@@ -414,6 +417,12 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
                 filter.actor = Some(peer.user.clone());
             }
             let limit = limit.unwrap_or(50).clamp(1, 1000);
+            let Some(_read) = daemon.read_slot(peer.uid) else {
+                return Reply::error(
+                    ReplyKind::Unavailable,
+                    format!("user {} has {MAX_READS_PER_UID} `govsql log` reads running already; wait for them and try again", peer.user),
+                );
+            };
             match daemon.ledger(&target, &filter, limit).await {
                 Ok(rows) => Reply {
                     log: Some(rows),

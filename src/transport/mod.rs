@@ -36,6 +36,9 @@ pub struct ScriptRequest {
     pub nonce: String,
     /// The `application_name` the script sets (for cancellation).
     pub tag: String,
+    /// A read for an operator (`govsql log`): it runs in its own psql on
+    /// the target's read channel, never in a job's slot or warm session.
+    pub read: bool,
 }
 
 impl ScriptRequest {
@@ -45,6 +48,7 @@ impl ScriptRequest {
             text: script.text.clone(),
             nonce: script.nonce.clone(),
             tag: tag.to_string(),
+            read: false,
         }
     }
 }
@@ -69,6 +73,11 @@ impl Launch for Counted {
     fn launch(&self) -> BoxFuture<'_, Result<session::Process, TransportError>> {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.inner.launch()
+    }
+
+    fn launch_read(&self) -> BoxFuture<'_, Result<session::Process, TransportError>> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.inner.launch_read()
     }
 }
 
@@ -111,9 +120,17 @@ impl Runner {
         self.started.load(Ordering::Relaxed)
     }
 
-    /// Runs one script.
+    /// Runs one script (a read in its own psql, on the read channel).
     pub async fn run(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
         match &self.pool {
+            _ if req.read => {
+                run_once(
+                    self.launch.launch_read().await?,
+                    req.text.as_bytes(),
+                    self.limits,
+                )
+                .await
+            }
             Some(pool) => pool.run(self.launch.as_ref(), &req, self.limits).await,
             None => {
                 run_once(
@@ -263,7 +280,28 @@ pub async fn run_script(
     tag: &str,
     deadline: Duration,
 ) -> PsqlResult {
-    let req = ScriptRequest::new(script, tag);
+    run_request(exec, ScriptRequest::new(script, tag), script, deadline).await
+}
+
+/// [`run_script`] for an operator's read (`govsql log`): its own psql on
+/// the target's read channel, never a job's slot.
+pub async fn run_read_script(
+    exec: &dyn Executor,
+    script: &FinishedScript,
+    tag: &str,
+    deadline: Duration,
+) -> PsqlResult {
+    let mut req = ScriptRequest::new(script, tag);
+    req.read = true;
+    run_request(exec, req, script, deadline).await
+}
+
+async fn run_request(
+    exec: &dyn Executor,
+    req: ScriptRequest,
+    script: &FinishedScript,
+    deadline: Duration,
+) -> PsqlResult {
     match run_with_deadline(exec, req, deadline).await {
         Ok(out) => PsqlResult::read(&out, script),
         Err(TransportError::RemoteGate(m)) => PsqlResult::GateRefused(m),

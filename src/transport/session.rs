@@ -58,6 +58,12 @@ pub struct Process {
 pub trait Launch: Send + Sync + 'static {
     /// Starts one psql running the target's command line.
     fn launch(&self) -> BoxFuture<'_, Result<Process, TransportError>>;
+
+    /// Starts one psql for an operator's read, on its own budget where
+    /// the transport has one (SSH: the read channel).
+    fn launch_read(&self) -> BoxFuture<'_, Result<Process, TransportError>> {
+        self.launch()
+    }
 }
 
 /// How much output one run may hold: a hostile or broken host that
@@ -732,6 +738,7 @@ mod tests {
             text: "SELECT 1;".into(),
             nonce: "abc".into(),
             tag: "t".into(),
+            read: false,
         };
         let text = session_text(&req, &["v".to_string()]);
         assert!(text.starts_with("SELECT 1;\nSELECT 1 WHERE 1 / "));

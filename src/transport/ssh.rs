@@ -328,6 +328,8 @@ struct SshLink {
     cmd: String,
     slot: Mutex<SessionSlot>,
     channels: Arc<Semaphore>,
+    /// The channels for operators' reads (`govsql log`), beside the jobs'.
+    reads: Arc<Semaphore>,
     seen: Arc<StdMutex<HostKeySeen>>,
 }
 
@@ -335,6 +337,9 @@ const MAX_ATTEMPTS: u32 = 6;
 
 /// How long an abandoned channel waits for the server's Close before its
 /// slot is given back anyway.
+/// Channels for operators' reads per target, beside `max_channels`.
+pub const READ_CHANNELS: usize = 1;
+
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 impl SshExecutor {
@@ -374,6 +379,7 @@ impl SshLink {
             cmd: command_line(&command_words(target, role)),
             slot: Mutex::new(SessionSlot::default()),
             channels: Arc::new(Semaphore::new(target.max_channels)),
+            reads: Arc::new(Semaphore::new(READ_CHANNELS)),
             seen: Arc::new(StdMutex::new(HostKeySeen::default())),
         })
     }
@@ -562,11 +568,10 @@ impl SshLink {
         }
     }
 
-    /// Opens a channel running the psql command: a slot first (held until
-    /// the channel is gone), then the channel, then exec.
-    async fn start(&self) -> Result<Process, TransportError> {
-        let permit = self
-            .channels
+    /// Opens a channel running the psql command: a slot of `budget`
+    /// first (held until the channel is gone), then the channel, then exec.
+    async fn start(&self, budget: &Arc<Semaphore>) -> Result<Process, TransportError> {
+        let permit = budget
             .clone()
             .acquire_owned()
             .await
@@ -593,7 +598,11 @@ impl SshLink {
 
 impl Launch for SshLink {
     fn launch(&self) -> BoxFuture<'_, Result<Process, TransportError>> {
-        Box::pin(self.start())
+        Box::pin(self.start(&self.channels))
+    }
+
+    fn launch_read(&self) -> BoxFuture<'_, Result<Process, TransportError>> {
+        Box::pin(self.start(&self.reads))
     }
 }
 

@@ -233,3 +233,48 @@ async fn held_metrics_connections_do_not_take_the_daemons_files() {
     let out = d.cli(None, &["metrics"]);
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// `govsql log` ran on the target's job channels: a flood of reads from
+/// one user took another user's jobs from 0.1 s to 6-8 s. A read runs on
+/// the target's own read channel (never a job's slot or warm session), at
+/// most two at once per user. Here every job slot is held by a job that
+/// waits on a lock, and `log` still answers.
+#[tokio::test]
+async fn log_answers_while_every_job_slot_is_busy() {
+    let s = crate::sshd::shared();
+    let toml = s
+        .target_toml(crate::sshd::USER, &crate::sshd::keys().ed25519)
+        .replace("max_channels = 8", "max_channels = 1");
+    let mut db = ssh_db(&toml, 20).await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db.open_all();
+    db.switch(true);
+    let d = DaemonProc::start(&db);
+    let first = d.cli(None, &["verify", "--wait", "--json"]);
+    assert_eq!(first.status.code(), Some(0));
+    let lock = TableLock::take(&db.name, "iu_collection");
+    let held = d.request(serde_json::json!({
+        "v": 1, "op": "submit", "command": "dot_iu_create_collection", "mode": "apply",
+        "params": [["title", "held"]]
+    }));
+    let id = held["job"]["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.request(serde_json::json!({"v": 1, "op": "status", "job_id": id}))["job"]["state"]
+        != "running"
+    {
+        assert!(Instant::now() < deadline, "the held job never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let out = d.cli(None, &["log", "--json", "--limit", "5"]);
+    let took = t.elapsed();
+    lock.release();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(5), "log took {took:?}");
+}

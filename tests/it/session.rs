@@ -188,6 +188,7 @@ async fn output_that_breaks_the_framing_ends_the_session() {
         text: format!("{}\\echo stray\n", f.text),
         nonce: f.nonce.clone(),
         tag: "govsql:noisy".into(),
+        read: false,
     };
     let out = exec.run(req).await.unwrap();
     assert!(matches!(
