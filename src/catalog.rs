@@ -58,7 +58,7 @@ struct CatalogFile {
 }
 
 /// One governed command.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
     /// `dot_*` name used on the CLI and in the ledger.

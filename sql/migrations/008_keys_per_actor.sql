@@ -233,7 +233,9 @@ BEGIN
 END
 $$;
 
--- The refuse entry (007's): settles by key first, its actor's key only.
+-- The refuse entry (007's): settles by key first, its actor's key only;
+-- it also records `unknown_command` (a job whose command left the
+-- daemon's catalog while it waited, the database still knowing it).
 CREATE OR REPLACE FUNCTION public.fn_dot_iu_refuse(
     p_mode text, p_command text, p_params jsonb, p_key text, p_actor text, p_class text, p_client jsonb
 ) RETURNS TABLE (kind text, value text)
@@ -245,7 +247,7 @@ DECLARE
 BEGIN
     PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
     IF p_class IS NULL OR p_class NOT IN ('bad_params', 'unsafe_plan', 'not_allowed', 'approval_missing',
-        'approval_expired', 'rejected', 'cancelled', 'kill_switch', 'log_exposure') THEN
+        'approval_expired', 'rejected', 'cancelled', 'kill_switch', 'log_exposure', 'unknown_command') THEN
         RAISE EXCEPTION USING ERRCODE = 'GV006', MESSAGE = 'not a refusal class';
     END IF;
     c := public.fn_dot_iu_entry_command(p_command);

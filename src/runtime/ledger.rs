@@ -145,6 +145,46 @@ impl Runtime {
         }
     }
 
+    /// A job whose command this catalog does not know (it left with a
+    /// reload while the job waited): its refusal is written through the
+    /// refuse entry when the database still knows the command, so the
+    /// invocation has its ledger row; otherwise it stays a local refusal.
+    pub(super) async fn refuse_unknown(&self, job: &Job, refused: Outcome) -> Outcome {
+        if !valid_identifier(&job.idempotency_key) || !valid_identifier(&job.actor) {
+            return refused;
+        }
+        let cmd = crate::catalog::Command {
+            name: job.command.clone(),
+            ..Default::default()
+        };
+        let ctx = Ctx {
+            job,
+            cmd: &cmd,
+            started: Instant::now(),
+        };
+        let class = ErrorClass::UnknownCommand;
+        match self.write_log(&ctx, &class).await {
+            Ok(row) if !row.replayed => {
+                let ev = self.evidence(&ctx, Some(&class), &[], None);
+                let message = format!(
+                    "{}; refused (the database still knows the command: its ledger row is written)",
+                    refused.message
+                );
+                self.outcome(
+                    &ctx,
+                    Some(&row),
+                    row.status,
+                    Some(class),
+                    Vec::new(),
+                    ev,
+                    None,
+                    message,
+                )
+            }
+            _ => refused,
+        }
+    }
+
     /// Records a refusal (refuse entry) or a failure (fail entry, which
     /// returns the original run of an apply that committed after all).
     async fn write_log(&self, ctx: &Ctx<'_>, class: &ErrorClass) -> Result<LogRow, PsqlResult> {

@@ -202,6 +202,11 @@ impl Runtime {
                 }
                 outcome
             }
+            // A job whose command left the catalog (a reload while it
+            // waited for approval): the database may still know it.
+            Err(refused) if refused.error_class == Some(ErrorClass::UnknownCommand) => {
+                self.refuse_unknown(job, *refused).await
+            }
             Err(refused) => *refused,
         };
         ledger::log_outcome(job, &outcome, started);

@@ -278,3 +278,59 @@ async fn log_answers_while_every_job_slot_is_busy() {
     );
     assert!(took < Duration::from_secs(5), "log took {took:?}");
 }
+
+/// A job awaiting approval whose command a SIGHUP removed from the catalog
+/// ended `refused unknown_command` with no ledger row, although the
+/// database still knew the command. Its refusal is now written.
+#[tokio::test]
+async fn a_job_whose_command_left_the_catalog_still_gets_its_ledger_row() {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    let d = DaemonProc::start(&db);
+    let r = d.request(serde_json::json!({
+        "v": 1, "op": "submit", "command": "dot_iu_purge_piece", "mode": "apply",
+        "params": [["piece_id", "00000000-0000-0000-0000-000000000001"]]
+    }));
+    assert_eq!(r["job"]["state"], "awaiting_approval", "{r}");
+    let id = r["job"]["job_id"].as_str().unwrap().to_string();
+    let cat = db.dir.path().join("catalog.toml");
+    let text = std::fs::read_to_string(&cat).unwrap();
+    std::fs::write(
+        &cat,
+        text.replace(
+            "name = \"dot_iu_purge_piece\"",
+            "name = \"dot_iu_purge_piece_v2\"",
+        ),
+    )
+    .unwrap();
+    let digest = || {
+        d.request(serde_json::json!({"v": 1, "op": "health"}))["health"]["catalog_digest"].clone()
+    };
+    let before = digest();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while digest() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the new catalog was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = d.cli(Some(OTHER), &["approve", &id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done = crate::daemon::wait_terminal(&d, &id);
+    assert_eq!(done["state"], "refused", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "unknown_command", "{done}");
+    assert_eq!(
+        db.count(&format!(
+            "dot_iu_command_run WHERE run_status = 'refused' AND evidence->>'job_id' = '{id}' AND evidence->>'error_class' = 'unknown_command'"
+        )),
+        1,
+        "{done}"
+    );
+}
