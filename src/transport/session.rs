@@ -602,10 +602,14 @@ impl Pool {
                 Some(s) => (s, true),
                 None => (Session::new(launch.launch().await?), false),
             };
+            let first_reuse = reused && session.jobs == 1;
             match session.run(req, &vars, limits).await {
                 // Dropped: its process is stopped.
                 SessionRun::TooLarge(e) => return Err(e),
                 SessionRun::Done(out) => {
+                    if first_reuse {
+                        self.note_first_reuse(true);
+                    }
                     self.give_back(session).await;
                     return Ok(out);
                 }
@@ -617,6 +621,9 @@ impl Pool {
                     // Run it once more on a fresh session.
                     let started = crate::psql::Sections::split(&out.stdout, &req.nonce)
                         .map_or(true, |secs| secs.complete || !secs.parts.is_empty());
+                    if first_reuse && !started {
+                        self.note_first_reuse(false);
+                    }
                     if reused && !retried && !started && matches!(out.exit, Exit::Code(_)) {
                         tracing::info!(
                             "a warm psql session had ended; running the job on a fresh one"
@@ -641,19 +648,29 @@ impl Pool {
             }
             let first_reset = session.jobs == 1;
             if session.settle().await {
-                if first_reset {
-                    self.reset_failures.store(0, Ordering::Relaxed);
-                    // Sessions work: the next pause starts short again.
-                    self.fallback.lock().unwrap_or_else(|p| p.into_inner()).next = Duration::ZERO;
-                }
                 return Some(session);
             }
             if first_reset {
-                let n = self.reset_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if n == RESET_FAILURES_BEFORE_FALLBACK {
-                    self.pause();
-                }
+                self.note_first_reuse(false);
             }
+        }
+    }
+
+    /// How a session's first reuse went (its first reset, then its second
+    /// job's start): three failures in a row pause session mode; a
+    /// success ends the count and the next pause starts short again. A
+    /// session whose psql died idle may pass its reset check before its
+    /// end is read (a loaded machine), so a second job that meets a dead
+    /// psql counts too.
+    fn note_first_reuse(&self, ok: bool) {
+        if ok {
+            self.reset_failures.store(0, Ordering::Relaxed);
+            self.fallback.lock().unwrap_or_else(|p| p.into_inner()).next = Duration::ZERO;
+            return;
+        }
+        let n = self.reset_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == RESET_FAILURES_BEFORE_FALLBACK {
+            self.pause();
         }
     }
 
