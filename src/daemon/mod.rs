@@ -272,6 +272,8 @@ pub struct Daemon {
     connections: Arc<PerUid>,
     /// `govsql log` reads running per uid.
     reads: Arc<PerUid>,
+    /// Users and groups of recent peers.
+    pub peers: peer::PeerCache,
 }
 
 /// A count per uid with a limit: each uid's share of something.
@@ -820,6 +822,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         tasks: TaskTracker::new(),
         connections: PerUid::new(server::MAX_CONNECTIONS_PER_UID),
         reads: PerUid::new(server::MAX_READS_PER_UID),
+        peers: peer::PeerCache::default(),
     });
     // The loops run until shutdown; they are not drained, only stopped.
     let mut loops = tokio::task::JoinSet::new();

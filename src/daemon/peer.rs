@@ -1,14 +1,53 @@
 //! Who is on the other end of the socket, and what they may do. The uid
 //! and gid come from SO_PEERCRED; `@group` entries match the peer's
 //! supplementary groups too (getgrouplist). The actor written to the
-//! ledger is this user, never a name the client sends.
+//! ledger is this user, never a name the client sends. Look-ups are kept
+//! for [`PEER_TTL`].
 
+use std::collections::HashMap;
 use std::ffi::CString;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
 
 use crate::config::AccessConfig;
 use crate::job::Mode;
+
+/// How long a uid's look-up answer is kept: a user added to or removed
+/// from a group is seen within this time.
+pub const PEER_TTL: Duration = Duration::from_secs(5);
+
+/// Peers looked up recently, by (uid, gid): a user's connection churn
+/// costs one NSS look-up every [`PEER_TTL`], not one per connection.
+#[derive(Default)]
+pub struct PeerCache {
+    seen: Mutex<HashMap<(u32, u32), (Peer, Instant)>>,
+}
+
+impl PeerCache {
+    /// The peer of these ids, looked up off the async runtime when not
+    /// known or older than [`PEER_TTL`]. None when the look-up task failed.
+    pub async fn get(&self, uid: u32, gid: u32) -> Option<Peer> {
+        {
+            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((peer, at)) = seen.get(&(uid, gid)) {
+                if at.elapsed() < PEER_TTL {
+                    return Some(peer.clone());
+                }
+            }
+        }
+        let peer = tokio::task::spawn_blocking(move || Peer::from_ids(uid, gid))
+            .await
+            .ok()?;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 4096 {
+            seen.retain(|_, (_, at)| at.elapsed() < PEER_TTL);
+        }
+        seen.insert((uid, gid), (peer.clone(), Instant::now()));
+        Some(peer)
+    }
+}
 
 /// The peer of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,6 +147,7 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let shutdown = daemon.shutdown_token().clone();
     let mut backoff = Duration::from_millis(10);
+    let mut rates = AcceptRates::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -170,6 +172,16 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
                 continue;
             }
         };
+        if !rates.admit(cred.uid()) {
+            turn_away(
+                &stream,
+                &format!(
+                    "uid {} opens more than {ACCEPT_RATE} connections a second; slow down and try again",
+                    cred.uid()
+                ),
+            );
+            continue;
+        }
         let Some(slot) = daemon.connection_slot(cred.uid()) else {
             turn_away(
                 &stream,
@@ -193,6 +205,38 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
             drop(slot);
             drop(permit);
         });
+    }
+}
+
+/// New connections a second one uid may open (a burst of as many).
+pub const ACCEPT_RATE: f64 = 200.0;
+
+/// Each uid's share of the accept loop: a token bucket of
+/// [`ACCEPT_RATE`] new connections a second. A uid past it is turned away
+/// at accept, before its connection costs a task or a look-up.
+#[derive(Default)]
+struct AcceptRates {
+    buckets: HashMap<u32, (f64, std::time::Instant)>,
+}
+
+impl AcceptRates {
+    fn admit(&mut self, uid: u32) -> bool {
+        let now = std::time::Instant::now();
+        if self.buckets.len() > 4096 {
+            // Full buckets carry no state: forget them.
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * ACCEPT_RATE < ACCEPT_RATE
+            });
+        }
+        let (tokens, at) = self.buckets.entry(uid).or_insert((ACCEPT_RATE, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * ACCEPT_RATE).min(ACCEPT_RATE);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -260,8 +304,9 @@ async fn read_line_limited<R: AsyncBufRead + Unpin>(
 }
 
 async fn connection(daemon: Arc<Daemon>, stream: UnixStream, uid: u32, gid: u32) {
-    // The user and group look-ups (NSS: files, LDAP, sssd…) may block.
-    let Ok(peer) = tokio::task::spawn_blocking(move || Peer::from_ids(uid, gid)).await else {
+    // The user and group look-ups (NSS: files, LDAP, sssd…) may block;
+    // a uid's answer is kept a few seconds.
+    let Some(peer) = daemon.peers.get(uid, gid).await else {
         return;
     };
     let (rd, mut wr) = stream.into_split();
