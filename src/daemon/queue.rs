@@ -735,11 +735,15 @@ fn claim(tx: &Connection, target: &str, probe: bool) -> rusqlite::Result<Option<
     let Some(mut j) = job else {
         return Ok(None);
     };
+    let at = now();
     exec(
         tx,
-        "UPDATE jobs SET state = 'running', started_at = ?2 WHERE job_id = ?1",
-        params![j.job_id.as_str(), now()],
+        // A job waits for its target from its first try (max_target_wait_s),
+        // not from the end of that try (a connect's backoff took seconds).
+        "UPDATE jobs SET state = 'running', started_at = ?2, first_try_at = coalesce(first_try_at, ?2) WHERE job_id = ?1",
+        params![j.job_id.as_str(), at],
     )?;
+    j.first_try_at = Some(j.first_try_at.unwrap_or(at));
     j.in_doubt = j.state == JobState::Unsettled;
     j.state = JobState::Running;
     Ok(Some(j))
