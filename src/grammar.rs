@@ -244,6 +244,9 @@ fn the_preamble_calls_the_preflight_by_its_name() {
 
 /// The SQLSTATE the preflight raises when a value could be exposed.
 pub const PREFLIGHT_SQLSTATE: &str = "GV009";
+/// The SQLSTATE of the fail entry when a timed-out job still has a
+/// backend (frozen, its call maybe unread): the job stays unsettled.
+pub const BACKEND_ALIVE_SQLSTATE: &str = "GV010";
 
 /// A framing marker line: `\echo GOVSQL:<nonce>:<label>`.
 pub fn marker(nonce: &str, label: &str) -> String {

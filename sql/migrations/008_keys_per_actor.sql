@@ -15,6 +15,11 @@
 -- delivered amid the job's output (psql printed it there, and a first run
 -- was reported as "already applied").
 --
+-- A timed-out job: the fail entry settles it only once no backend of the
+-- job is left (GV010 otherwise, and the job stays unsettled): a backend
+-- frozen with its dispatch still unread could take the key's lock after
+-- the failure row and commit.
+--
 -- Failure rows: a timed-out job whose failure row could not be confirmed
 -- (the fail entry's own call was cut off: it may have committed) owes that
 -- row, and the daemon writes it again once the target answers. So the fail
@@ -285,6 +290,14 @@ BEGIN
     c := public.fn_dot_iu_entry_command(p_command);
     v_digest := public.fn_dot_iu_params_digest(p_command, p_params);
     PERFORM pg_advisory_xact_lock(hashtextextended('govsql:' || p_mode || ':' || p_key, 0));
+    -- A timed-out job is settled here only once no backend of it is left:
+    -- a backend frozen with its call still unread would take the key's
+    -- lock after this row and commit.
+    IF p_class = 'timeout' AND jsonb_typeof(p_client -> 'job_id') = 'string' AND EXISTS (
+        SELECT 1 FROM pg_stat_activity
+         WHERE application_name = 'govsql:' || (p_client ->> 'job_id') AND pid <> pg_backend_pid()) THEN
+        RAISE EXCEPTION USING ERRCODE = 'GV010', MESSAGE = 'a backend of the job is still there';
+    END IF;
     SELECT p.run_id, p.run_status, NULL::text AS class INTO v_prior
       FROM public.fn_dot_iu_key_prior(p_mode, p_key, p_actor, v_digest) AS p WHERE p.replay;
     IF NOT FOUND AND jsonb_typeof(p_client -> 'job_id') = 'string' THEN

@@ -2,9 +2,9 @@
 //! connection limit, read one bounded line at a time (a silent client is
 //! closed after a timeout), and dispatch each request to its handler.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -61,6 +61,17 @@ impl Runtime {
                     }
                     verdict
                 }
+                Err(PsqlResult::SqlError { state, .. })
+                    if state == crate::grammar::BACKEND_ALIVE_SQLSTATE =>
+                {
+                    Verdict::Unsettled {
+                        class: class.clone(),
+                        message: format!(
+                            "{cause}; a backend of it is still there (frozen or slow to die), so the ledger cannot prove it will not commit; it stays unsettled and is settled by its key (--idempotency-key {}) once that backend is gone",
+                            ctx.key()
+                        ),
+                    }
+                }
                 Err(other) => Verdict::Unsettled {
                     class: class.clone(),
                     message: format!(

@@ -374,3 +374,69 @@ async fn a_timed_out_job_whose_row_was_cut_off_gets_it_once_the_target_answers()
     assert!(answer.contains("\"replayed\": true"), "{answer}");
     assert_eq!(rows(), 1);
 }
+
+/// A timed-out apply was settled `failed` by the fail entry while a
+/// backend of it was still there (frozen with its call unread, it could
+/// take the key's lock after the failure row and commit). The fail entry
+/// now refuses (GV010) while a backend carries the job's tag, and the
+/// job stays unsettled.
+#[tokio::test]
+async fn the_fail_entry_does_not_settle_a_timeout_while_a_backend_of_the_job_is_there() {
+    use std::io::{BufRead, Write};
+    let db = test_db().await;
+    let job_id = "6b000000-00000001";
+    let mut other = pg().session(&db.name);
+    let stdin = other.stdin.as_mut().unwrap();
+    writeln!(
+        stdin,
+        "SELECT set_config('application_name', 'govsql:{job_id}', false);\nSELECT 'tagged';"
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut reader = std::io::BufReader::new(other.stdout.as_mut().unwrap());
+    let mut line = String::new();
+    while line.trim() != "tagged" {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    let client = json!({"job_id": job_id}).to_string();
+    let fail = || {
+        pg().psql_as(
+            "postgres",
+            &db.name,
+            &format!(
+                "SET ROLE govsql_runtime; SELECT kind FROM public.fn_dot_iu_fail('apply', 'dot_iu_create_collection', '{{\"title\": \"t\"}}', 'alive-1', 'root', 'timeout', '{client}')"
+            ),
+        )
+    };
+    let out = fail();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("still there"),
+        "{err}"
+    );
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE idempotency_key = 'alive-1'"),
+        0
+    );
+    // Once that backend is gone, the fail entry writes the row.
+    let _ = other.kill();
+    let _ = other.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = fail();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        db.count("dot_iu_command_run WHERE idempotency_key = 'alive-1' AND run_status = 'failed'"),
+        1
+    );
+}
