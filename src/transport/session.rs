@@ -94,12 +94,34 @@ impl Default for OutputLimits {
     }
 }
 
+/// Output bytes held by all runs at once, across every target: however
+/// many channels answer without end, the daemon buffers at most this
+/// much of them (a run that cannot get more is stopped, like one over its
+/// own limit).
+pub const OUTPUT_BUDGET: usize = 64 << 20;
+/// The budget's unit.
+const BUDGET_CHUNK: usize = 1 << 20;
+static BUDGET: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(OUTPUT_BUDGET / BUDGET_CHUNK);
+
+/// Room for `more` bytes in `buf`, grown by at most one budget chunk
+/// past what it holds (a doubling Vec would hold up to twice its bytes,
+/// beyond the budget).
+fn grow_exact(buf: &mut Vec<u8>, more: usize) {
+    if buf.capacity() - buf.len() < more {
+        buf.reserve_exact(more.max(BUDGET_CHUNK.min(buf.len().max(4096))));
+    }
+}
+
 /// What was read of one job.
 #[derive(Default)]
 struct Reading {
     limits: OutputLimits,
     /// Which stream passed its limit (the run was stopped there).
     over: Option<&'static str>,
+    /// This run's share of [`OUTPUT_BUDGET`], and its size in bytes.
+    budget: Option<tokio::sync::SemaphorePermit<'static>>,
+    budget_bytes: usize,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     exit: Option<Exit>,
@@ -123,14 +145,20 @@ impl Reading {
             Event::Out(b) => {
                 if self.stdout.len() + b.len() > self.limits.stdout {
                     self.over = Some("stdout");
+                } else if !self.reserve(b.len()) {
+                    self.over = Some("budget");
                 } else {
+                    grow_exact(&mut self.stdout, b.len());
                     self.stdout.extend_from_slice(&b);
                 }
             }
             Event::Err(b) => {
                 if self.stderr.len() + b.len() > self.limits.stderr {
                     self.over = Some("stderr");
+                } else if !self.reserve(b.len()) {
+                    self.over = Some("budget");
                 } else {
+                    grow_exact(&mut self.stderr, b.len());
                     self.stderr.extend_from_slice(&b);
                 }
             }
@@ -139,8 +167,33 @@ impl Reading {
         }
     }
 
+    /// Room for `more` bytes in the daemon's [`OUTPUT_BUDGET`], taken in
+    /// 1 MiB chunks without waiting; false when the budget is in use.
+    fn reserve(&mut self, more: usize) -> bool {
+        let need = self.stdout.len() + self.stderr.len() + more;
+        if need <= self.budget_bytes {
+            return true;
+        }
+        let chunks = (need - self.budget_bytes).div_ceil(BUDGET_CHUNK);
+        let Ok(permit) = BUDGET.try_acquire_many(chunks as u32) else {
+            return false;
+        };
+        match &mut self.budget {
+            Some(held) => held.merge(permit),
+            None => self.budget = Some(permit),
+        }
+        self.budget_bytes += chunks * BUDGET_CHUNK;
+        true
+    }
+
     /// The error of a run stopped at a limit.
     fn too_large(&self) -> Option<TransportError> {
+        if self.over == Some("budget") {
+            return Some(TransportError::OutputTooLarge(format!(
+                "the daemon's output budget ({} MiB across all running jobs) is in use, most of it by other runs; this run was stopped and its channel closed (a host answering without end, or many large results at once)",
+                OUTPUT_BUDGET >> 20
+            )));
+        }
         self.over.map(|stream| {
             let limit = if stream == "stdout" {
                 self.limits.stdout

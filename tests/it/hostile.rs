@@ -218,3 +218,62 @@ async fn a_host_that_answers_without_end_is_cut_off_at_the_output_limit() {
     assert_eq!(o.status, RunStatus::Verified, "{o:?}");
     s.stop();
 }
+
+/// Each run's output limit alone let seven channels of a host that
+/// answers without end hold 7 × 33 MB (the daemon at 237 MB, measured
+/// by scripts/abuse). All runs share one output budget: eight at once
+/// stay within it, and each is stopped `result_too_large`.
+#[tokio::test]
+async fn many_runs_that_never_end_share_one_output_budget() {
+    use govsql::runtime::{Mode, RunStatus};
+
+    use crate::harness::*;
+    use crate::sshd::{Sshd, USER};
+
+    let s = Sshd::start();
+    let db = ssh_db(&s.target_toml(USER, &keys().ed25519), 20).await;
+    let public = std::fs::read_to_string(format!("{}.pub", keys().ed25519.display())).unwrap();
+    std::fs::write(
+        s.dir.join("authorized_keys").join(USER),
+        format!("command=\"yes\",restrict {}", public.trim()),
+    )
+    .unwrap();
+    let target: govsql::config::TargetConfig = toml::from_str(&format!(
+        "{}psql = \"/x\"\ndb_name = \"d\"\ndb_user = \"{RUNTIME_ROLE}\"\njob_timeout_s = 30\nsession_mode = {}\n",
+        s.target_toml(USER, &keys().ed25519),
+        session_mode()
+    ))
+    .unwrap();
+    let rt = std::sync::Arc::new(
+        db.runtime_with(govsql::transport::for_target(&target, DbRole::Runtime).unwrap()),
+    );
+    let before = rss_kib();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(rss_kib(), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            let rt = rt.clone();
+            tokio::spawn(async move { run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await })
+        })
+        .collect();
+    for r in runs {
+        let o = r.await.unwrap();
+        assert_eq!(o.status, RunStatus::Failed, "{o:?}");
+        assert_eq!(o.class(), Some("result_too_large"), "{o:?}");
+    }
+    done.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let grew_mib = peak.load(Ordering::SeqCst).saturating_sub(before) / 1024;
+    eprintln!("peak RSS grew by {grew_mib} MiB");
+    assert!(grew_mib < 140, "the test process grew {grew_mib} MiB");
+    s.stop();
+}
