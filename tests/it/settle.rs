@@ -440,3 +440,50 @@ async fn the_fail_entry_does_not_settle_a_timeout_while_a_backend_of_the_job_is_
         1
     );
 }
+
+/// A warm session's backend frozen (SIGSTOP) while idle: the next apply's
+/// first statement sits unread and the session's name is not yet the
+/// job's, so the deadline's cancel finds no backend and the fail entry
+/// settles it. That is sound only because psql sends the job's call after
+/// the preamble (which names the session) has answered: the call never
+/// reaches a backend the cancel cannot find. This guards that order (the
+/// drill's review feared a call left unread in a frozen backend, committed
+/// after the job was reported failed).
+#[tokio::test]
+async fn an_apply_sent_to_a_frozen_idle_session_is_not_failed_then_committed() {
+    let db = test_db_with(&std::fs::read_to_string(catalog_path()).unwrap(), 2).await;
+    db.open_all();
+    db.switch(true);
+    let exec = std::sync::Arc::new(db.session_executor("max_channels = 1"));
+    let rt = db.runtime_with(exec);
+    let warm = run(&rt, "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert_eq!(warm.status, RunStatus::Verified, "{warm:?}");
+    let pid: i32 = db
+        .sql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND usename = '{RUNTIME_ROLE}' AND state = 'idle'"
+        ))
+        .trim()
+        .parse()
+        .expect("the warm session's backend");
+    let backend = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(backend, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut j = job(
+        "dot_iu_create_collection",
+        Mode::Apply,
+        &[("title", "unread")],
+    );
+    j.idempotency_key = "unread-1".into();
+    let o = rt.run(&j).await;
+    nix::sys::signal::kill(backend, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Whatever the frozen backend does once it runs again, the key holds.
+    std::thread::sleep(Duration::from_secs(2));
+    let applied = db.count("iu_collection WHERE title = 'unread'");
+    assert!(applied <= 1, "applied {applied} times");
+    assert!(
+        !(o.status == RunStatus::Failed && applied == 1 && o.pending.is_none()),
+        "reported failed, then committed: {o:?}"
+    );
+    if o.status == RunStatus::Applied {
+        assert_eq!(applied, 1);
+    }
+}
