@@ -208,8 +208,10 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
-/// New connections a second one uid may open (a burst of as many).
-pub const ACCEPT_RATE: f64 = 200.0;
+/// New connections a second one uid may open (a burst of as many): far
+/// above any client's use (a cron job, a loop of `govsql status`), far
+/// below a churn flood's tens of thousands.
+pub const ACCEPT_RATE: f64 = 2000.0;
 
 /// Each uid's share of the accept loop: a token bucket of
 /// [`ACCEPT_RATE`] new connections a second. A uid past it is turned away

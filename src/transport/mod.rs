@@ -127,16 +127,19 @@ impl Runner {
                 run_once(
                     self.launch.launch_read().await?,
                     req.text.as_bytes(),
-                    self.limits,
+                    self.limits.clone(),
                 )
                 .await
             }
-            Some(pool) => pool.run(self.launch.as_ref(), &req, self.limits).await,
+            Some(pool) => {
+                pool.run(self.launch.as_ref(), &req, self.limits.clone())
+                    .await
+            }
             None => {
                 run_once(
                     self.launch.launch().await?,
                     req.text.as_bytes(),
-                    self.limits,
+                    self.limits.clone(),
                 )
                 .await
             }

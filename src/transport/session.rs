@@ -66,24 +66,45 @@ pub trait Launch: Send + Sync + 'static {
     }
 }
 
-/// How much output one run may hold: a hostile or broken host that
-/// answers without end must not grow the daemon's memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How much output one run may hold, and the budget it shares with the
+/// other runs of its target: a hostile or broken host that answers
+/// without end must not grow the daemon's memory, nor take other
+/// targets' room.
+#[derive(Debug, Clone)]
 pub struct OutputLimits {
     /// stdout bytes (results are capped at `max_result_bytes` by the
     /// dispatcher; COPY's escaping at most doubles them, plus framing).
     pub stdout: usize,
     /// stderr bytes (psql writes SQLSTATEs and its connection errors).
     pub stderr: usize,
+    /// Output bytes held by all runs of the target at once, in
+    /// [`BUDGET_CHUNK`]s (none: unbounded). A run that cannot get more
+    /// is stopped, like one over its own limit.
+    pub budget: Option<Arc<tokio::sync::Semaphore>>,
 }
 
+/// The least output budget of a target: however many of its channels
+/// answer without end, the daemon buffers at most this much of them (or
+/// one run's limits, when those are larger).
+pub const TARGET_OUTPUT_BUDGET: usize = 64 << 20;
+/// The budget's unit.
+pub const BUDGET_CHUNK: usize = 1 << 20;
+
 impl OutputLimits {
-    /// The limits of a target whose results are capped at `max_result_bytes`.
+    /// The limits of a target whose results are capped at
+    /// `max_result_bytes`, with the target's own output budget.
     pub fn for_results(max_result_bytes: u64) -> OutputLimits {
         let results = usize::try_from(max_result_bytes).unwrap_or(usize::MAX);
+        let stdout = results.saturating_mul(2).saturating_add(256 << 10);
+        let stderr = 64 << 10;
+        let budget = TARGET_OUTPUT_BUDGET
+            .max(stdout.saturating_add(stderr))
+            .div_ceil(BUDGET_CHUNK)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         OutputLimits {
-            stdout: results.saturating_mul(2).saturating_add(256 << 10),
-            stderr: 64 << 10,
+            stdout,
+            stderr,
+            budget: Some(Arc::new(tokio::sync::Semaphore::new(budget))),
         }
     }
 }
@@ -93,16 +114,6 @@ impl Default for OutputLimits {
         OutputLimits::for_results(crate::config::DEFAULT_MAX_RESULT_BYTES)
     }
 }
-
-/// Output bytes held by all runs at once, across every target: however
-/// many channels answer without end, the daemon buffers at most this
-/// much of them (a run that cannot get more is stopped, like one over its
-/// own limit).
-pub const OUTPUT_BUDGET: usize = 64 << 20;
-/// The budget's unit.
-const BUDGET_CHUNK: usize = 1 << 20;
-static BUDGET: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(OUTPUT_BUDGET / BUDGET_CHUNK);
 
 /// Room for `more` bytes in `buf`, grown by at most one budget chunk
 /// past what it holds (a doubling Vec would hold up to twice its bytes,
@@ -119,8 +130,9 @@ struct Reading {
     limits: OutputLimits,
     /// Which stream passed its limit (the run was stopped there).
     over: Option<&'static str>,
-    /// This run's share of [`OUTPUT_BUDGET`], and its size in bytes.
-    budget: Option<tokio::sync::SemaphorePermit<'static>>,
+    /// This run's share of its target's output budget, and its size in
+    /// bytes.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
     budget_bytes: usize,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
@@ -167,15 +179,18 @@ impl Reading {
         }
     }
 
-    /// Room for `more` bytes in the daemon's [`OUTPUT_BUDGET`], taken in
-    /// 1 MiB chunks without waiting; false when the budget is in use.
+    /// Room for `more` bytes in the target's output budget, taken in
+    /// [`BUDGET_CHUNK`]s without waiting; false when the budget is in use.
     fn reserve(&mut self, more: usize) -> bool {
         let need = self.stdout.len() + self.stderr.len() + more;
         if need <= self.budget_bytes {
             return true;
         }
+        let Some(budget) = self.limits.budget.clone() else {
+            return true;
+        };
         let chunks = (need - self.budget_bytes).div_ceil(BUDGET_CHUNK);
-        let Ok(permit) = BUDGET.try_acquire_many(chunks as u32) else {
+        let Ok(permit) = budget.try_acquire_many_owned(chunks as u32) else {
             return false;
         };
         match &mut self.budget {
@@ -189,10 +204,9 @@ impl Reading {
     /// The error of a run stopped at a limit.
     fn too_large(&self) -> Option<TransportError> {
         if self.over == Some("budget") {
-            return Some(TransportError::OutputTooLarge(format!(
-                "the daemon's output budget ({} MiB across all running jobs) is in use, most of it by other runs; this run was stopped and its channel closed (a host answering without end, or many large results at once)",
-                OUTPUT_BUDGET >> 20
-            )));
+            return Some(TransportError::OutputTooLarge(
+                "the target's output budget (what the daemon holds of all its running jobs' output) is in use; this run was stopped and its channel closed (a host answering without end, or many large results at once)".into(),
+            ));
         }
         self.over.map(|stream| {
             let limit = if stream == "stdout" {
@@ -656,7 +670,7 @@ impl Pool {
                 None => (Session::new(launch.launch().await?), false),
             };
             let first_reuse = reused && session.jobs == 1;
-            match session.run(req, &vars, limits).await {
+            match session.run(req, &vars, limits.clone()).await {
                 // Dropped: its process is stopped.
                 SessionRun::TooLarge(e) => return Err(e),
                 SessionRun::Done(out) => {
