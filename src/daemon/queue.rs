@@ -68,7 +68,7 @@ enum Op {
         Reply<()>,
     ),
     ExpireResults(i64, Reply<usize>),
-    Owed(u32, Reply<Vec<Job>>),
+    Owed(String, u32, Reply<Vec<Job>>),
     Retry(JobId, JobState, Reply<u32>),
     Prune(i64, Reply<usize>),
     Approve(JobId, String, Option<String>, Reply<Job>),
@@ -254,9 +254,10 @@ impl Queue {
         self.call(|r| Op::ExpireResults(now(), r)).await
     }
 
-    /// Terminal jobs whose ledger row is still owed, oldest first.
-    pub async fn owed(&self, limit: u32) -> Result<Vec<Job>, QueueError> {
-        self.call(|r| Op::Owed(limit, r)).await
+    /// Terminal jobs of `target` whose ledger row is still owed, oldest
+    /// first.
+    pub async fn owed(&self, target: &str, limit: u32) -> Result<Vec<Job>, QueueError> {
+        self.call(|r| Op::Owed(target.to_string(), limit, r)).await
     }
 
     /// A job that is not over yet (nothing ran, or an apply unsettled)
@@ -592,12 +593,12 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             );
             respond(reply, r, path)
         }
-        Op::Owed(limit, reply) => {
+        Op::Owed(target, limit, reply) => {
             let r = (|| {
                 let mut st = tx.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM jobs WHERE row_owed = 1 ORDER BY seq LIMIT ?1"
+                    "SELECT {COLUMNS} FROM jobs WHERE row_owed = 1 AND target = ?2 ORDER BY seq LIMIT ?1"
                 ))?;
-                let rows = st.query_map([limit], row_to_job)?.collect();
+                let rows = st.query_map(params![limit, target], row_to_job)?.collect();
                 rows
             })();
             respond(reply, r, path)
@@ -893,6 +894,29 @@ mod tests {
             id("b")
         );
         assert_eq!(q.oldest_unsettled().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn owed_rows_are_read_per_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("queue.db")).unwrap();
+        for (name, target) in [("a", "bad"), ("b", "bad"), ("c", "main")] {
+            let mut j = job(name);
+            j.target = target.into();
+            q.submit(j).await.unwrap();
+            q.claim_next(target, false).await.unwrap().unwrap();
+            let outcome: Outcome = serde_json::from_value(serde_json::json!({
+                "job_id": name, "command": "dot_iu_add_piece", "mode": "apply", "status": "failed",
+                "run_id": null, "params_digest": "d", "closed_gates": [], "error_class": "target_unreachable",
+                "evidence": {}, "result": null, "message": "m"
+            }))
+            .unwrap();
+            q.finish(&outcome, true, 0).await.unwrap();
+        }
+        let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.job_id).collect::<Vec<_>>();
+        assert_eq!(ids(q.owed("bad", 20).await.unwrap()), vec![id("a"), id("b")]);
+        // A target that does not answer holds back only its own rows.
+        assert_eq!(ids(q.owed("main", 20).await.unwrap()), vec![id("c")]);
     }
 
     #[tokio::test]

@@ -256,32 +256,35 @@ fn panicked(job: &Job, panic: &str) -> Outcome {
 }
 
 /// Writes the ledger rows owed by jobs that gave up waiting for their
-/// target, once it answers (with the job's own times in evidence); then
-/// their params are erased.
+/// target (or whose row was cut off), once it answers (with the job's own
+/// times in evidence); then their params are erased. Target by target: a
+/// target that does not answer holds back only its own rows.
 async fn pay_owed_rows(daemon: &Daemon) {
-    let owed = match daemon.queue.owed(20).await {
-        Ok(jobs) => jobs,
-        Err(e) => return tracing::error!(cause = %e, "cannot read the owed ledger rows"),
-    };
-    for job in owed {
-        let (Some(rt), Some(mut outcome)) = (daemon.runtime(&job.target), job.outcome.clone())
-        else {
+    for target in daemon.targets.keys() {
+        let owed = match daemon.queue.owed(target, 20).await {
+            Ok(jobs) => jobs,
+            Err(e) => return tracing::error!(cause = %e, "cannot read the owed ledger rows"),
+        };
+        let Some(rt) = daemon.runtime(target) else {
             continue;
         };
-        let class = outcome
-            .error_class
-            .clone()
-            .unwrap_or(ErrorClass::TargetUnreachable);
-        match rt.record_owed(&job, class).await {
-            Some(run_id) => {
-                outcome.run_id = Some(run_id);
-                if let Err(e) = daemon.queue.finish(&outcome, false, 0).await {
-                    tracing::error!(job_id = %job.job_id, cause = %e, "cannot note the owed row as written");
-                } else {
-                    tracing::info!(job_id = %job.job_id, run_id, "owed ledger row written");
-                }
+        for job in owed {
+            let Some(mut outcome) = job.outcome.clone() else {
+                continue;
+            };
+            let class = outcome
+                .error_class
+                .clone()
+                .unwrap_or(ErrorClass::TargetUnreachable);
+            let Some(run_id) = rt.record_owed(&job, class).await else {
+                break; // this target still does not answer
+            };
+            outcome.run_id = Some(run_id);
+            if let Err(e) = daemon.queue.finish(&outcome, false, 0).await {
+                tracing::error!(job_id = %job.job_id, cause = %e, "cannot note the owed row as written");
+            } else {
+                tracing::info!(job_id = %job.job_id, run_id, "owed ledger row written");
             }
-            None => return, // the target still does not answer
         }
     }
 }
