@@ -752,6 +752,16 @@ pub struct Outcome {
 }
 
 /// Why an outcome is not final yet.
+///
+/// The rule (DESIGN.md, "Outcomes and error classes"): an apply ends
+/// `failed` only when nothing was sent ([`Pending::NothingRan`], and the
+/// job never ran before: a job that may have run is in doubt and waits as
+/// [`Pending::Unsettled`]) or when the database proved nothing committed
+/// (a SQL error of the call, or the fail entry under the key's lock with
+/// no backend of the job left). Everything else is `Unsettled`, settled by
+/// its idempotency key however long the target takes, and a local refusal
+/// (switch, approval expiry, cancel) of a job that may have run is written
+/// through the refuse entry, which settles by key first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pending {
     /// Nothing reached the database: the job waits for its target.

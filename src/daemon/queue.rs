@@ -914,7 +914,10 @@ mod tests {
             q.finish(&outcome, true, 0).await.unwrap();
         }
         let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.job_id).collect::<Vec<_>>();
-        assert_eq!(ids(q.owed("bad", 20).await.unwrap()), vec![id("a"), id("b")]);
+        assert_eq!(
+            ids(q.owed("bad", 20).await.unwrap()),
+            vec![id("a"), id("b")]
+        );
         // A target that does not answer holds back only its own rows.
         assert_eq!(ids(q.owed("main", 20).await.unwrap()), vec![id("c")]);
     }
