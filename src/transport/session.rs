@@ -115,12 +115,20 @@ impl Default for OutputLimits {
     }
 }
 
-/// Room for `more` bytes in `buf`, grown by at most one budget chunk
-/// past what it holds (a doubling Vec would hold up to twice its bytes,
-/// beyond the budget).
-fn grow_exact(buf: &mut Vec<u8>, more: usize) {
-    if buf.capacity() - buf.len() < more {
-        buf.reserve_exact(more.max(BUDGET_CHUNK.min(buf.len().max(4096))));
+/// Room for `more` bytes in `buf`, whose limit is `cap`. Small outputs
+/// grow as usual; past one budget chunk the buffer is reserved once to
+/// its limit (pages not yet written are not resident), so a large output
+/// is never copied by growth: a doubling, copying buffer held up to three
+/// times its bytes, beyond the budget.
+fn grow_exact(buf: &mut Vec<u8>, more: usize, cap: usize) {
+    let need = buf.len() + more;
+    if need <= buf.capacity() {
+        return;
+    }
+    if need <= BUDGET_CHUNK {
+        buf.reserve(more);
+    } else {
+        buf.reserve_exact(cap.max(need) - buf.len());
     }
 }
 
@@ -160,7 +168,7 @@ impl Reading {
                 } else if !self.reserve(b.len()) {
                     self.over = Some("budget");
                 } else {
-                    grow_exact(&mut self.stdout, b.len());
+                    grow_exact(&mut self.stdout, b.len(), self.limits.stdout);
                     self.stdout.extend_from_slice(&b);
                 }
             }
@@ -170,7 +178,7 @@ impl Reading {
                 } else if !self.reserve(b.len()) {
                     self.over = Some("budget");
                 } else {
-                    grow_exact(&mut self.stderr, b.len());
+                    grow_exact(&mut self.stderr, b.len(), self.limits.stderr);
                     self.stderr.extend_from_slice(&b);
                 }
             }
