@@ -103,21 +103,16 @@ pub struct TargetSlot {
     alive_at: AtomicU64,
     /// How its recent jobs went, for health.
     record: Mutex<TargetRecord>,
-    /// The probe of a target that is down: one job at a time, at most
-    /// every [`PROBE_EVERY`].
-    probe: Mutex<Probe>,
+    /// The probe of a target that is down: one job at a time (the
+    /// permit's holder), at most every [`PROBE_EVERY`] (when the last
+    /// began).
+    probe: Arc<Semaphore>,
+    probe_began: Mutex<Option<Instant>>,
 }
 
 /// How often a target that is down is tried (with its oldest waiting job)
 /// while its jobs sleep out their backoff.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
-
-/// The probe of a target that is down.
-#[derive(Debug, Default)]
-struct Probe {
-    in_flight: bool,
-    last: Option<Instant>,
-}
 
 /// When a target's jobs last reached the database, and last did not.
 #[derive(Debug, Default, Clone)]
@@ -164,28 +159,20 @@ impl TargetSlot {
         }
     }
 
-    /// Whether a probe of this target is due now: it is down, no probe
-    /// is running, and the last began [`PROBE_EVERY`] ago. Marks one as
-    /// begun when due.
-    fn begin_probe(&self) -> bool {
+    /// A probe of this target when one is due: it is down, no probe is
+    /// running, and the last began [`PROBE_EVERY`] ago. The probe lasts
+    /// as long as the permit.
+    fn begin_probe(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         if !self.record.lock().unwrap_or_else(|p| p.into_inner()).down {
-            return false;
+            return None;
         }
-        let mut p = self.probe.lock().unwrap_or_else(|p| p.into_inner());
-        if p.in_flight || p.last.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
-            return false;
+        let mut began = self.probe_began.lock().unwrap_or_else(|p| p.into_inner());
+        if began.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
+            return None;
         }
-        p.in_flight = true;
-        p.last = Some(Instant::now());
-        true
-    }
-
-    /// The probe job ended (or none was claimed).
-    fn end_probe(&self) {
-        self.probe
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .in_flight = false;
+        let permit = self.probe.clone().try_acquire_owned().ok()?;
+        *began = Some(Instant::now());
+        Some(permit)
     }
 
     fn runtime(&self) -> Arc<Runtime> {
@@ -480,8 +467,7 @@ impl Daemon {
     pub async fn health(&self) -> Result<protocol::Health, queue::QueueError> {
         let now = unix_now() as u64;
         let alive = self.workers_alive(now);
-        let jobs = self.queue.counts().await?;
-        let oldest = self.queue.oldest_unsettled().await?;
+        let counts = self.queue.counts().await?;
         let switch = ApplySwitch::new(&self.config().daemon.state_dir);
         let apply_switch = tokio::task::spawn_blocking(move || switch.is_on())
             .await
@@ -489,7 +475,7 @@ impl Daemon {
         Ok(protocol::Health {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs(),
-            jobs,
+            jobs: counts.by_state,
             workers_alive: alive,
             last_heartbeat_s: now.saturating_sub(self.heartbeat_at.load(Ordering::SeqCst)),
             apply_switch,
@@ -516,7 +502,9 @@ impl Daemon {
                     }
                 })
                 .collect(),
-            oldest_unsettled_s: oldest.map(|at| (now as i64 - at).max(0) as u64),
+            oldest_unsettled_s: counts
+                .oldest_unsettled
+                .map(|at| (now as i64 - at).max(0) as u64),
         })
     }
 
@@ -585,10 +573,9 @@ impl Daemon {
             Ok(q) => q,
             Err(e) => {
                 tracing::warn!(cause = %e, "metrics: cannot read the queue");
-                BTreeMap::new()
+                queue::QueueCounts::default()
             }
         };
-        let oldest_unsettled = self.queue.oldest_unsettled().await.ok().flatten();
         let targets = self
             .targets
             .iter()
@@ -605,8 +592,8 @@ impl Daemon {
             })
             .collect();
         self.metrics.render(&metrics::Snapshot {
-            queue,
-            oldest_unsettled_s: oldest_unsettled.map(|at| (unix_now() - at).max(0)),
+            oldest_unsettled_s: queue.oldest_unsettled.map(|at| (unix_now() - at).max(0)),
+            queue: queue.by_state,
             targets,
             started_at: self.started_at,
         })
@@ -792,7 +779,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 wake: Notify::new(),
                 alive_at: AtomicU64::new(unix_now() as u64),
                 record: Mutex::new(TargetRecord::default()),
-                probe: Mutex::new(Probe::default()),
+                probe: Arc::new(Semaphore::new(1)),
+                probe_began: Mutex::new(None),
             },
         );
     }

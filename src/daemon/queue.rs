@@ -59,7 +59,6 @@ enum Op {
     List(u32, u64, Option<u32>, Box<ListFilter>, Reply<Vec<Job>>),
     ClaimNext(String, bool, Reply<Option<Job>>),
     WakeWaiting(String, Reply<usize>),
-    OldestUnsettled(Reply<Option<i64>>),
     Finish(
         JobId,
         JobState,
@@ -74,7 +73,7 @@ enum Op {
     Approve(JobId, String, Option<String>, Reply<Job>),
     Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
-    Counts(Reply<BTreeMap<JobState, i64>>),
+    Counts(Reply<QueueCounts>),
     Expired(i64, Reply<Vec<JobId>>),
 }
 
@@ -223,11 +222,6 @@ impl Queue {
         self.call(|r| Op::WakeWaiting(target.to_string(), r)).await
     }
 
-    /// When the oldest unsettled job was submitted (unix seconds).
-    pub async fn oldest_unsettled(&self) -> Result<Option<i64>, QueueError> {
-        self.call(Op::OldestUnsettled).await
-    }
-
     /// Records a job's terminal state (from its outcome) and erases the
     /// params, unless its ledger row is owed (`row_owed`: nothing reached
     /// the database; the params are kept until the row is written).
@@ -307,7 +301,7 @@ impl Queue {
     }
 
     /// Jobs per state.
-    pub async fn counts(&self) -> Result<BTreeMap<JobState, i64>, QueueError> {
+    pub async fn counts(&self) -> Result<QueueCounts, QueueError> {
         self.call(Op::Counts).await
     }
 
@@ -485,7 +479,6 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                 op,
                 Op::ClaimNext(..)
                     | Op::WakeWaiting(..)
-                    | Op::OldestUnsettled(..)
                     | Op::Finish(..)
                     | Op::ExpireResults(..)
                     | Op::Owed(..)
@@ -562,15 +555,6 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
                 tx,
                 "UPDATE jobs SET not_before = NULL WHERE target = ?1 AND state IN ('queued', 'unsettled') AND not_before IS NOT NULL",
                 [target],
-            );
-            respond(reply, r, path)
-        }
-        Op::OldestUnsettled(reply) => {
-            let r = one_row(
-                tx,
-                "SELECT min(submitted_at) FROM jobs WHERE state = 'unsettled'",
-                [],
-                |r| r.get::<_, Option<i64>>(0),
             );
             respond(reply, r, path)
         }
@@ -759,16 +743,30 @@ fn approve(tx: &Connection, id: &JobId, by: &str, reason: Option<&str>) -> rusql
     get_job(tx, id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
-fn counts(tx: &Connection) -> rusqlite::Result<BTreeMap<JobState, i64>> {
-    let mut st = tx.prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")?;
-    let rows = st
-        .query_map([], |r| {
-            let state = r.get::<_, String>(0)?;
-            let state = JobState::parse(&state).ok_or_else(|| bad_word(0, "state"))?;
-            Ok((state, r.get::<_, i64>(1)?))
-        })?
-        .collect();
-    rows
+/// Jobs per state, and when the oldest unsettled one was submitted: one
+/// scan for health, metrics and the heartbeat.
+#[derive(Debug, Default, Clone)]
+pub struct QueueCounts {
+    /// Jobs per state.
+    pub by_state: BTreeMap<JobState, i64>,
+    /// When the oldest unsettled job was submitted (unix seconds).
+    pub oldest_unsettled: Option<i64>,
+}
+
+fn counts(tx: &Connection) -> rusqlite::Result<QueueCounts> {
+    let mut st =
+        tx.prepare_cached("SELECT state, count(*), min(submitted_at) FROM jobs GROUP BY state")?;
+    let mut out = QueueCounts::default();
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        let state = r.get::<_, String>(0)?;
+        let state = JobState::parse(&state).ok_or_else(|| bad_word(0, "state"))?;
+        if state == JobState::Unsettled {
+            out.oldest_unsettled = r.get(2)?;
+        }
+        out.by_state.insert(state, r.get(1)?);
+    }
+    Ok(out)
 }
 
 fn expired(tx: &Connection, before: i64) -> rusqlite::Result<Vec<JobId>> {
@@ -893,7 +891,7 @@ mod tests {
             q.claim_next("main", false).await.unwrap().unwrap().job_id,
             id("b")
         );
-        assert_eq!(q.oldest_unsettled().await.unwrap(), None);
+        assert_eq!(q.counts().await.unwrap().oldest_unsettled, None);
     }
 
     #[tokio::test]

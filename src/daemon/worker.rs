@@ -38,26 +38,16 @@ pub async fn run_target(daemon: Arc<Daemon>, target: String) {
             _ = shutdown.cancelled() => return,
         };
         let probe = slot.begin_probe();
-        match daemon.queue.claim_next(&target, probe).await {
+        match daemon.queue.claim_next(&target, probe.is_some()).await {
             Ok(Some(job)) => {
                 let d = daemon.clone();
-                let name = job.target.clone();
                 daemon.tasks().spawn(async move {
                     run_job(&d, job).await;
-                    drop(permit);
-                    if probe {
-                        if let Some(slot) = d.targets.get(&name) {
-                            slot.end_probe();
-                            slot.wake.notify_one();
-                        }
-                    }
+                    drop((permit, probe));
                 });
             }
             Ok(None) => {
-                drop(permit);
-                if probe {
-                    slot.end_probe();
-                }
+                drop((permit, probe));
                 tokio::select! {
                     _ = slot.wake.notified() => {}
                     _ = tokio::time::sleep(super::PROBE_EVERY) => {}
@@ -65,10 +55,7 @@ pub async fn run_target(daemon: Arc<Daemon>, target: String) {
                 }
             }
             Err(e) => {
-                drop(permit);
-                if probe {
-                    slot.end_probe();
-                }
+                drop((permit, probe));
                 tracing::error!(target = %target, cause = %e, "cannot read the queue");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
