@@ -68,7 +68,13 @@ pub const RUNTIME_VARIABLES: [(&str, &str); 2] =
     [("VERBOSITY", "sqlstate"), ("SHOW_CONTEXT", "never")];
 
 /// The psql variables the admin grammar lets `migrate` set and use.
-pub const ADMIN_VARIABLES: [&str; 4] = ["runtime_role", "secret", "govsql_need", "govsql_ignored"];
+pub const ADMIN_VARIABLES: [&str; 5] = [
+    "runtime_role",
+    "secret",
+    "govsql_need",
+    "govsql_ignored",
+    "govsql_changed",
+];
 
 /// The dispatcher entries the runtime role may call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,10 +249,10 @@ fn the_preamble_calls_the_preflight_by_its_name() {
 }
 
 /// The SQLSTATE the preflight raises when a value could be exposed.
-pub const PREFLIGHT_SQLSTATE: &str = "GV009";
+pub const PREFLIGHT_SQLSTATE: &str = crate::sqlstate::LOG_EXPOSURE;
 /// The SQLSTATE of the fail entry when a timed-out job still has a
 /// backend (frozen, its call maybe unread): the job stays unsettled.
-pub const BACKEND_ALIVE_SQLSTATE: &str = "GV010";
+pub const BACKEND_ALIVE_SQLSTATE: &str = crate::sqlstate::BACKEND_ALIVE;
 
 /// A framing marker line: `\echo GOVSQL:<nonce>:<label>`.
 pub fn marker(nonce: &str, label: &str) -> String {

@@ -25,5 +25,7 @@ pub mod params;
 pub mod protocol;
 pub mod psql;
 pub mod runtime;
+pub mod sqlstate;
 pub mod switch;
+pub mod time;
 pub mod transport;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::job::unix_now;
+use crate::time::unix_now;
 
 /// The switch file's name inside the state directory.
 pub const SWITCH_FILE: &str = "apply_switch";
@@ -280,8 +280,6 @@ fn read_no_follow(path: &Path) -> std::io::Result<(String, u32)> {
     Ok((s, owner))
 }
 
-pub use crate::job::parse_duration;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,14 +363,5 @@ mod tests {
         assert!(state
             .describe()
             .contains("not by the state directory's owner"));
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("0m"), None);
-        assert_eq!(parse_duration("m"), None);
-        assert_eq!(parse_duration("5x"), None);
     }
 }

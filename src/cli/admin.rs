@@ -216,18 +216,13 @@ pub(super) async fn migrate_cmd(
     }
     let report = crate::migrate::migrate(exec.as_ref(), &catalog, &t.db_user, demo).await?;
     out!(
-        "migrated target {name}: applied [{}], already present [{}]; catalog of {} commands seeded ({})",
+        "migrated target {name}: applied [{}], already present [{}]; functions (re)applied [{}]; catalog of {} commands seeded ({})",
         report.applied.join(", "),
         report.present.join(", "),
+        report.functions.join(", "),
         catalog.commands().len(),
         catalog.digest()
     );
-    if !report.changed.is_empty() {
-        eprintln!(
-            "govsql: warning: migrations applied from a different file version: {}",
-            report.changed.join(", ")
-        );
-    }
     if !report.role_findings.is_empty() {
         eprintln!(
             "govsql: warning: the runtime role {} {}: a password lets it log in over TCP wherever pg_hba.conf has a password line for all users (add `host all {} 0.0.0.0/0 reject` and `::/0` lines above them, and `ALTER ROLE {} PASSWORD NULL`)",
@@ -275,7 +270,7 @@ pub(super) fn switch_cmd(
     }
     let who = crate::job::effective_user();
     match (state, for_, once) {
-        ("on", Some(d), _) => match crate::switch::parse_duration(d) {
+        ("on", Some(d), _) => match crate::time::parse_duration(d) {
             Some(how_long) => switch.set_for(how_long, &who)?,
             None => {
                 eprintln!("govsql: --for {d:?} is not a duration like 30m, 2h or 1d");

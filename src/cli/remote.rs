@@ -220,7 +220,7 @@ pub(super) fn mode_arg(mode: Option<String>) -> Result<Option<Mode>, ExitCode> {
 pub(super) fn since_arg(since: Option<String>) -> Result<Option<i64>, ExitCode> {
     match since.as_deref() {
         None => Ok(None),
-        Some(s) => match crate::job::parse_since(s, crate::job::unix_now()) {
+        Some(s) => match crate::time::parse_since(s, crate::time::unix_now()) {
             Some(t) => Ok(Some(t)),
             None => {
                 eprintln!("govsql: --since {s:?} is neither a duration (30m, 1h, 2d) nor a date (2026-11-01)");
@@ -313,7 +313,7 @@ pub(super) async fn jobs_cmd(
         out!(
             "{:<20} {:<20} {:>7} {:<10} {:<18} {:<7} {:<32} {:<12} {run}",
             j.job_id.as_str(),
-            crate::job::utc_text(j.submitted_at),
+            crate::time::utc_text(j.submitted_at),
             took,
             j.target,
             j.state.as_str(),
@@ -473,7 +473,7 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
         out!("targets: {}", h.targets.join(", "));
         for t in &h.target_health {
             let since = |at: Option<i64>| {
-                at.map(|a| format!("{} s ago", crate::job::unix_now() - a))
+                at.map(|a| format!("{} s ago", crate::time::unix_now() - a))
                     .unwrap_or_else(|| "never".into())
             };
             let mut gate = t

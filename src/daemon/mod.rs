@@ -35,11 +35,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::job::{unix_now, JobId, Outcome};
+use crate::job::{JobId, Outcome};
 use crate::protocol;
 use crate::psql::DbRole;
 use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
+use crate::time::unix_now;
 use crate::transport::Executor;
 
 /// A daemon that could not start.
@@ -522,7 +523,7 @@ impl Daemon {
             .ok_or_else(|| format!("no target {target}"))?;
         let mut f = serde_json::to_value(filter).map_err(|e| e.to_string())?;
         if let Some(since) = filter.since {
-            f["since"] = serde_json::json!(crate::job::utc_text(since).replace('Z', "+00"));
+            f["since"] = serde_json::json!(crate::time::utc_text(since).replace('Z', "+00"));
         }
         let timeout = self
             .config()

@@ -15,8 +15,9 @@ use std::sync::mpsc;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use crate::job::{unix_now as now, ErrorClass, Job, JobId, JobState, Mode, Outcome, Refusal};
+use crate::job::{ErrorClass, Job, JobId, JobState, Mode, Outcome, Refusal};
 use crate::protocol::ListFilter;
+use crate::time::unix_now as now;
 
 /// A queue failure.
 #[derive(Debug, thiserror::Error)]

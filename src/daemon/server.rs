@@ -17,8 +17,9 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use super::peer::{denial, Peer};
 use super::{Daemon, DaemonError};
 use crate::config::DaemonConfig;
-use crate::job::{unix_now, ErrorClass, Job, JobId, JobState, Mode, Outcome, Params, Refusal};
+use crate::job::{ErrorClass, Job, JobId, JobState, Mode, Outcome, Params, Refusal};
 use crate::protocol::{parse_request, Reply, ReplyKind, Request, MAX_LINE};
+use crate::time::unix_now;
 
 /// The most jobs one list reply carries.
 pub const MAX_LIST: u32 = 1000;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Daemon;
-use crate::job::{unix_now, ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal};
+use crate::job::{ErrorClass, Job, JobState, Mode, Outcome, Pending, Refusal};
 use crate::switch::ApplySwitch;
+use crate::time::unix_now;
 
 /// The worker loop of one target. It claims only once the jobs of the
 /// last run are back in the queue. While the target is down, its waiting

@@ -178,7 +178,7 @@ impl Runtime {
         match result {
             // The database's catalog does not know the command: it cannot
             // be logged there.
-            PsqlResult::SqlError { state, .. } if state == "GV005" => Verdict::Unlogged {
+            PsqlResult::SqlError { state, .. } if state == crate::sqlstate::NOT_IN_CATALOG => Verdict::Unlogged {
                 class: ErrorClass::CatalogDrift,
                 message: format!(
                     "the database's catalog does not know {}; run `govsql migrate` (catalog drift)",

@@ -406,6 +406,21 @@ fn db_keys_base(name: &str) -> String {
 }
 
 async fn build_db(catalog_text: &str, job_timeout_s: u64, transport_toml: &str) -> TestDb {
+    let db = unmigrated_db_with(catalog_text, job_timeout_s, transport_toml);
+    govsql::migrate::migrate(&db.admin_executor(), &db.catalog, RUNTIME_ROLE, true)
+        .await
+        .expect("migrate --demo");
+    db
+}
+
+/// A fresh, empty database (nothing migrated) with the shipped catalog and
+/// its own config.
+pub fn unmigrated_db() -> TestDb {
+    let text = std::fs::read_to_string(catalog_path()).unwrap();
+    unmigrated_db_with(&text, 10, "transport = \"local\"\n")
+}
+
+fn unmigrated_db_with(catalog_text: &str, job_timeout_s: u64, transport_toml: &str) -> TestDb {
     let pg = pg();
     let n = DB_SEQ.fetch_add(1, Ordering::SeqCst);
     let name = format!("t{}_{n}", std::process::id());
@@ -423,17 +438,13 @@ async fn build_db(catalog_text: &str, job_timeout_s: u64, transport_toml: &str) 
     .unwrap();
     let config = Config::load(&config_path).unwrap();
     let catalog = Arc::new(Catalog::from_toml(catalog_text).unwrap());
-    let db = TestDb {
+    TestDb {
         name,
         dir,
         config_path,
         config,
         catalog,
-    };
-    govsql::migrate::migrate(&db.admin_executor(), &db.catalog, RUNTIME_ROLE, true)
-        .await
-        .expect("migrate --demo");
-    db
+    }
 }
 
 impl TestDb {

@@ -19,4 +19,5 @@ mod session;
 mod settle;
 mod ssh;
 mod sshd;
+mod upgrade;
 mod values;

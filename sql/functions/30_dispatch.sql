@@ -1,0 +1,235 @@
+-- The dispatcher: plan, apply or verify one governed command in one
+-- transaction with its ledger row. The runtime role calls
+-- fn_dot_iu_dispatch; the two helpers check what every entry checks.
+--
+-- Each entry returns rows (kind, value): 'row' rows carry a command's
+-- result values as text, then one 'run' row carries a JSON object: run_id,
+-- status, class, closed_gates, reasons, replayed, params_digest.
+--
+-- A repeatable file (CREATE OR REPLACE only): see src/migrate.rs.
+
+-- Shared entry checks: mode, actor and key are runtime-owned words.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_check_call(p_mode text, p_key text, p_actor text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_mode IS NULL OR p_mode NOT IN ('plan', 'apply', 'verify')
+       OR p_key IS NULL OR p_key !~ '^[A-Za-z0-9._:@-]{1,128}$'
+       OR p_actor IS NULL OR p_actor !~ '^[A-Za-z0-9._:@-]{1,128}$' THEN
+        RAISE EXCEPTION USING ERRCODE = 'GV006', MESSAGE = 'malformed governed call';
+    END IF;
+END
+$$;
+
+-- The catalog row of a command an entry was called for. The vocabulary is
+-- fail-closed: an unknown or retired command cannot be logged (GV005).
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_entry_command(p_command text) RETURNS public.dot_iu_command_catalog
+LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
+DECLARE
+    c public.dot_iu_command_catalog%ROWTYPE;
+BEGIN
+    SELECT * INTO c FROM public.dot_iu_command_catalog WHERE command_name = p_command AND NOT retired;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'GV005', MESSAGE = 'command is not in the catalog';
+    END IF;
+    RETURN c;
+END
+$$;
+
+-- The dispatcher. Under the key's advisory lock, the key rule
+-- (fn_dot_iu_key_prior) comes first: a replay or a conflict is found
+-- before the reasons are.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_dispatch(
+    p_mode             text,
+    p_command          text,
+    p_params           jsonb,
+    p_key              text,
+    p_actor            text,
+    p_catalog_digest   text,
+    p_allow_log_exposure boolean,
+    p_max_result_bytes bigint,
+    p_client           jsonb
+) RETURNS TABLE (kind text, value text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    c          public.dot_iu_command_catalog%ROWTYPE;
+    v_started  timestamptz := clock_timestamp();
+    v_digest   text;
+    v_problem  text;
+    v_prior    record;
+    v_closed   text[] := ARRAY[]::text[];
+    v_reasons  text[] := ARRAY[]::text[];
+    v_rows     text[] := ARRAY[]::text[];
+    v_class    text;
+    v_status   text;
+    v_word     text;
+    v_extra    jsonb := '{}'::jsonb;
+    v_i        int;
+    v_sql      text;
+    r          record;
+    v_ok       boolean := true;
+    v_bytes    bigint := 0;
+BEGIN
+    PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
+    c := public.fn_dot_iu_entry_command(p_command);
+    v_problem := public.fn_dot_iu_params_problem(c.param_specs, p_params);
+    v_digest := public.fn_dot_iu_params_digest(p_command, p_params);
+    IF v_problem IS NOT NULL THEN
+        v_class := 'bad_params';
+    ELSIF p_mode = 'verify' AND c.mutating THEN
+        v_class := 'unsafe_plan';
+    END IF;
+    IF v_class IS NOT NULL THEN
+        kind := 'run';
+        value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
+            public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started, NULL),
+            v_class, NULL, ARRAY[v_problem]);
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    -- Idempotency: one run per (key, mode), the key its actor's; an
+    -- orphaned transaction of an earlier attempt is waited for here.
+    PERFORM pg_advisory_xact_lock(hashtextextended('govsql:' || p_mode || ':' || p_key, 0));
+    SELECT * INTO v_prior FROM public.fn_dot_iu_key_prior(p_mode, p_key, p_actor, v_digest);
+    IF FOUND THEN
+        kind := 'run';
+        IF v_prior.replay THEN
+            value := public.fn_dot_iu_run_row(v_prior.run_id, v_prior.run_status, NULL, NULL, NULL, true, v_digest);
+        ELSE
+            value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
+                public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), 'idempotency_conflict', NULL, v_started, NULL),
+                'idempotency_conflict', NULL, NULL);
+        END IF;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    -- What would refuse an apply now.
+    IF c.unavailable THEN
+        v_reasons := array_append(v_reasons, 'target_missing');
+    END IF;
+    IF p_catalog_digest IS DISTINCT FROM coalesce((SELECT digest FROM public.dot_iu_catalog_state), '') THEN
+        v_reasons := array_append(v_reasons, 'catalog_drift');
+    END IF;
+    IF p_mode = 'apply' THEN
+        -- Open gate rows are locked FOR SHARE: a gate cannot be shut under
+        -- us. A shut one raises, and is named just below.
+        BEGIN
+            PERFORM public.fn_dot_iu_gate_assert(c.required_gates);
+        EXCEPTION WHEN SQLSTATE 'GV001' THEN
+            NULL;
+        END;
+    END IF;
+    -- Missing gates count as shut.
+    SELECT coalesce(array_agg(DISTINCT g ORDER BY g), ARRAY[]::text[]) INTO v_closed
+      FROM unnest(c.required_gates) AS g
+     WHERE NOT EXISTS (SELECT 1 FROM public.dot_config d WHERE d.key = g AND d.value = 'true');
+    IF cardinality(v_closed) > 0 THEN
+        v_reasons := array_append(v_reasons, 'gate_closed');
+    END IF;
+    IF NOT coalesce(p_allow_log_exposure, false) AND cardinality(public.fn_dot_iu_log_exposure()) > 0 THEN
+        v_reasons := array_append(v_reasons, 'log_exposure');
+    END IF;
+
+    IF p_mode = 'plan' THEN
+        kind := 'run';
+        value := public.fn_dot_iu_record(p_command, p_mode, 'planned', p_actor, v_digest, p_key,
+            public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), NULL, v_closed, v_started,
+                jsonb_build_object('reasons', to_jsonb(v_reasons))),
+            NULL, v_closed, v_reasons);
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    -- apply refuses on any reason; verify only on what makes it unsafe to run.
+    IF p_mode = 'apply' AND cardinality(v_reasons) > 0 THEN
+        v_class := CASE
+            WHEN 'target_missing' = ANY (v_reasons) THEN 'target_missing'
+            WHEN 'catalog_drift' = ANY (v_reasons) THEN 'catalog_drift'
+            WHEN 'gate_closed' = ANY (v_reasons) THEN 'gate_closed'
+            ELSE v_reasons[1] END;
+    ELSIF p_mode = 'verify' AND 'target_missing' = ANY (v_reasons) THEN
+        v_class := 'target_missing';
+    END IF;
+    IF v_class IS NOT NULL THEN
+        kind := 'run';
+        value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
+            public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, v_closed, v_started, NULL),
+            v_class, v_closed, v_reasons);
+        RETURN NEXT;
+        RETURN;
+    END IF;
+
+    -- Run the stored statements with the params bound, never spliced.
+    BEGIN
+        IF p_mode = 'verify' THEN
+            -- Read-only, enforced by PostgreSQL; the block is rolled back
+            -- (GV090) so the ledger write below is allowed again.
+            PERFORM set_config('transaction_read_only', 'on', true);
+        END IF;
+        FOR v_i IN 1 .. cardinality(c.statements) LOOP
+            v_sql := c.statements[v_i];
+            IF c.statement_kinds[v_i] = 'do' THEN
+                EXECUTE v_sql;
+                CONTINUE;
+            END IF;
+            -- MATERIALIZED: the statement runs once, however often the
+            -- outer query names its column (a flattened subquery ran a
+            -- STABLE function three times).
+            FOR r IN EXECUTE format(
+                'WITH s(x) AS MATERIALIZED (%s) SELECT (s.x)::text AS t, CASE WHEN jsonb_typeof(to_jsonb(s.x)) = ''object'' THEN to_jsonb(s.x) ->> ''status'' END AS st FROM s',
+                v_sql) USING p_params
+            LOOP
+                v_rows := array_append(v_rows, r.t);
+                v_bytes := v_bytes + coalesce(octet_length(r.t), 0);
+                IF v_bytes > coalesce(p_max_result_bytes, 16777216) THEN
+                    RAISE EXCEPTION USING ERRCODE = 'GV092', MESSAGE = 'result too large';
+                END IF;
+                IF (p_mode = 'verify' AND (r.st IS NULL OR NOT r.st = ANY (c.expect_status)))
+                   OR (p_mode = 'apply' AND r.st IS NOT NULL AND NOT r.st = ANY (c.expect_status)) THEN
+                    v_ok := false;
+                    v_word := CASE WHEN r.st ~ '^[a-z_]{1,32}$' THEN r.st END;
+                END IF;
+            END LOOP;
+        END LOOP;
+        IF p_mode = 'verify' THEN
+            RAISE EXCEPTION USING ERRCODE = 'GV090', MESSAGE = 'end of the read-only checks';
+        END IF;
+        -- A governed function that LISTENed would have a notification
+        -- delivered amid the job's output after the commit: none is.
+        UNLISTEN *;
+        IF NOT v_ok THEN
+            RAISE EXCEPTION USING ERRCODE = 'GV091', MESSAGE = 'unexpected status';
+        END IF;
+    EXCEPTION
+        WHEN SQLSTATE 'GV090' THEN
+            IF NOT v_ok THEN
+                v_class := 'verification_failed';
+            END IF;
+        WHEN SQLSTATE 'GV091' THEN
+            v_class := 'unexpected_status';
+            v_rows := ARRAY[]::text[];
+        WHEN SQLSTATE 'GV092' THEN
+            v_class := 'result_too_large';
+            v_rows := ARRAY[]::text[];
+        WHEN OTHERS THEN
+            v_class := SQLSTATE;
+            v_rows := ARRAY[]::text[];
+    END;
+    IF v_word IS NOT NULL THEN
+        v_extra := jsonb_build_object('answered_status', v_word);
+    END IF;
+    v_extra := v_extra || jsonb_build_object('row_count', cardinality(v_rows));
+    v_status := CASE WHEN v_class IS NOT NULL THEN 'failed' WHEN p_mode = 'apply' THEN 'applied' ELSE 'verified' END;
+    FOR v_i IN 1 .. cardinality(v_rows) LOOP
+        kind := 'row';
+        value := v_rows[v_i];
+        RETURN NEXT;
+    END LOOP;
+    kind := 'run';
+    value := public.fn_dot_iu_record(p_command, p_mode, v_status, p_actor, v_digest, p_key,
+        public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started, v_extra),
+        v_class, NULL, NULL);
+    RETURN NEXT;
+END
+$$;

@@ -1,0 +1,41 @@
+-- Who owns and who may call the repeatable functions, applied after them
+-- whenever any of them was (re)applied. Every function here is SECURITY
+-- DEFINER or called by one, owned by the NOLOGIN role govsql_owner (005),
+-- and executable by nobody else but the runtime role's entries: the
+-- dispatcher, the refuse and fail entries, the status, the ledger, and
+-- the per-job preflight. psql variable :runtime_role names the runtime
+-- role.
+REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb),
+    public.fn_dot_iu_params_problem(jsonb, jsonb),
+    public.fn_dot_iu_run_row(bigint, text, text, text[], text[], boolean, text),
+    public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb),
+    public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]),
+    public.fn_dot_iu_key_prior(text, text, text, text),
+    public.fn_dot_iu_check_call(text, text, text), public.fn_dot_iu_entry_command(text),
+    public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
+    public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
+    public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
+    public.fn_dot_iu_command_resolves(text[], text[], text[]), public.fn_dot_iu_catalog_resolve(text),
+    public.fn_dot_iu_log_exposure(), public.fn_dot_iu_preflight(), public.fn_dot_iu_status(),
+    public.fn_dot_iu_ledger(jsonb, int) FROM PUBLIC;
+ALTER FUNCTION public.fn_dot_iu_params_digest(text, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_params_problem(jsonb, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_run_row(bigint, text, text, text[], text[], boolean, text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_evidence(text, jsonb, int, text, text[], timestamptz, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_key_prior(text, text, text, text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_check_call(text, text, text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_entry_command(text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_command_resolves(text[], text[], text[]) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_log_exposure() OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_preflight() OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_status() OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_ledger(jsonb, int) OWNER TO govsql_owner;
+GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
+    public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
+    public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
+    public.fn_dot_iu_status(), public.fn_dot_iu_ledger(jsonb, int),
+    public.fn_dot_iu_preflight() TO :"runtime_role";
