@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use govsql::client::Client;
 use govsql::job::{Job, JobState, Params};
-use govsql::protocol::{Request, PROTOCOL_VERSION};
+use govsql::protocol::{Reply, Request, PROTOCOL_VERSION};
 use govsql::runtime::Mode;
 
 #[derive(Parser, Debug, Clone)]
@@ -317,7 +317,8 @@ async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> boo
         timeout_s: Some(120),
     };
     match client.call(&req).await {
-        Ok(r) => r.job.map(|j| j.state == done(w)).unwrap_or(false),
+        Ok(Reply::Job(j)) => j.state == done(w),
+        Ok(_) => false,
         Err(_) => false,
     }
 }
@@ -541,7 +542,10 @@ async fn main() {
         })
         .await
         .ok()
-        .and_then(|r| r.health);
+        .and_then(|r| match r {
+            Reply::Health(h) => Some(h),
+            _ => None,
+        });
     let queued = h
         .as_ref()
         .and_then(|h| h.jobs.get(&JobState::Queued).copied())

@@ -263,34 +263,159 @@ pub struct TargetHealth {
     pub sessions_paused: bool,
 }
 
-/// A reply.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Reply {
-    /// Protocol version.
-    pub v: u32,
-    /// Whether the request succeeded.
-    pub ok: bool,
-    /// On failure: what went wrong.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ReplyError>,
-    /// submit, status, wait, approve, cancel.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<Job>,
-    /// list.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jobs: Option<Vec<Job>>,
+/// A reply: exactly one answer, or an error. On the wire it is one JSON
+/// object with the version, `ok`, and the one field its answer names
+/// (`job`, `jobs`, `health`, `metrics`, `log`, `show` or `error`); a line
+/// with more than one, or an error that is not one, is an unexpected
+/// message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "WireReply")]
+pub enum Reply {
+    /// A success with nothing attached (a rejection whose job row is gone).
+    Done,
+    /// submit, check, status, wait, approve, reject, cancel: the job.
+    Job(Box<Job>),
+    /// list, approvals: the jobs.
+    Jobs(Vec<Job>),
     /// health.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<Health>,
+    Health(Box<Health>),
     /// metrics: the text exposition.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<String>,
+    Metrics(String),
     /// log: the ledger rows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log: Option<Vec<LogEntry>>,
+    Log(Vec<LogEntry>),
     /// show: what the job will run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub show: Option<ShowJob>,
+    Show(Box<ShowJob>),
+    /// The request failed: what went wrong and what to do.
+    Error(ReplyError),
+}
+
+/// A reply as it is read from the socket.
+#[derive(Debug, Deserialize)]
+struct WireReply {
+    v: u32,
+    ok: bool,
+    #[serde(default)]
+    error: Option<ReplyError>,
+    #[serde(default)]
+    job: Option<Box<Job>>,
+    #[serde(default)]
+    jobs: Option<Vec<Job>>,
+    #[serde(default)]
+    health: Option<Box<Health>>,
+    #[serde(default)]
+    metrics: Option<String>,
+    #[serde(default)]
+    log: Option<Vec<LogEntry>>,
+    #[serde(default)]
+    show: Option<Box<ShowJob>>,
+}
+
+/// A reply as it is written to the socket (borrowed: a job's result is
+/// never copied to be sent).
+#[derive(Default, Serialize)]
+struct WireOut<'a> {
+    v: u32,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a ReplyError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<&'a Job>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jobs: Option<&'a [Job]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health: Option<&'a Health>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<&'a [LogEntry]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    show: Option<&'a ShowJob>,
+}
+
+impl Serialize for Reply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ok = WireOut {
+            v: PROTOCOL_VERSION,
+            ok: true,
+            ..WireOut::default()
+        };
+        match self {
+            Reply::Done => ok,
+            Reply::Job(job) => WireOut {
+                job: Some(job),
+                ..ok
+            },
+            Reply::Jobs(jobs) => WireOut {
+                jobs: Some(jobs),
+                ..ok
+            },
+            Reply::Health(h) => WireOut {
+                health: Some(h),
+                ..ok
+            },
+            Reply::Metrics(text) => WireOut {
+                metrics: Some(text),
+                ..ok
+            },
+            Reply::Log(rows) => WireOut {
+                log: Some(rows),
+                ..ok
+            },
+            Reply::Show(show) => WireOut {
+                show: Some(show),
+                ..ok
+            },
+            Reply::Error(e) => WireOut {
+                ok: false,
+                error: Some(e),
+                ..ok
+            },
+        }
+        .serialize(s)
+    }
+}
+
+impl TryFrom<WireReply> for Reply {
+    type Error = String;
+    fn try_from(w: WireReply) -> Result<Reply, String> {
+        const UNEXPECTED: &str = "unexpected message from the daemon; is the client up to date?";
+        if w.v != PROTOCOL_VERSION {
+            return Err(format!(
+                "the daemon speaks protocol version {} and this client {PROTOCOL_VERSION}; is the client up to date?",
+                w.v
+            ));
+        }
+        let answers = [
+            w.job.is_some(),
+            w.jobs.is_some(),
+            w.health.is_some(),
+            w.metrics.is_some(),
+            w.log.is_some(),
+            w.show.is_some(),
+        ]
+        .into_iter()
+        .filter(|&a| a)
+        .count();
+        match (w.ok, w.error) {
+            (false, Some(e)) if answers == 0 => Ok(Reply::Error(e)),
+            (true, None) if answers <= 1 => Ok(if let Some(j) = w.job {
+                Reply::Job(j)
+            } else if let Some(j) = w.jobs {
+                Reply::Jobs(j)
+            } else if let Some(h) = w.health {
+                Reply::Health(h)
+            } else if let Some(m) = w.metrics {
+                Reply::Metrics(m)
+            } else if let Some(l) = w.log {
+                Reply::Log(l)
+            } else if let Some(s) = w.show {
+                Reply::Show(s)
+            } else {
+                Reply::Done
+            }),
+            _ => Err(UNEXPECTED.to_string()),
+        }
+    }
 }
 
 /// What a job will run, for its approver.
@@ -375,38 +500,24 @@ pub struct ReplyError {
 }
 
 impl Reply {
-    /// A success with nothing attached.
-    pub fn ok() -> Reply {
-        Reply {
-            v: PROTOCOL_VERSION,
-            ok: true,
-            error: None,
-            job: None,
-            jobs: None,
-            health: None,
-            metrics: None,
-            log: None,
-            show: None,
-        }
-    }
-
     /// A success carrying a job.
     pub fn job(job: Job) -> Reply {
-        Reply {
-            job: Some(job),
-            ..Reply::ok()
-        }
+        Reply::Job(Box::new(job))
     }
 
     /// A failure.
     pub fn error(kind: ReplyKind, message: impl Into<String>) -> Reply {
-        Reply {
-            ok: false,
-            error: Some(ReplyError {
-                kind,
-                message: message.into(),
-            }),
-            ..Reply::ok()
+        Reply::Error(ReplyError {
+            kind,
+            message: message.into(),
+        })
+    }
+
+    /// The error, if it is one.
+    pub fn as_error(&self) -> Option<&ReplyError> {
+        match self {
+            Reply::Error(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -504,13 +615,13 @@ mod tests {
     fn deep_or_huge_requests_are_refused_before_parsing() {
         let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
         let e = parse_request(deep.as_bytes()).unwrap_err();
-        assert!(e.error.unwrap().message.contains("nested"));
+        assert!(e.as_error().unwrap().message.contains("nested"));
         let wide = format!(
             r#"{{"v":1,"op":"health","x":[{}0]}}"#,
             "0,".repeat(MAX_ITEMS)
         );
         let e = parse_request(wide.as_bytes()).unwrap_err();
-        assert!(e.error.unwrap().message.contains("values"));
+        assert!(e.as_error().unwrap().message.contains("values"));
         // Brackets and commas inside strings are text, not structure.
         let text = format!(
             r#"{{"v":1,"op":"submit","command":"dot_iu_create_collection","mode":"apply","params":[["title","{}\"{}"]]}}"#,
@@ -548,7 +659,7 @@ mod tests {
         ] {
             let err = parse_request(line).unwrap_err();
             assert_eq!(
-                err.error.unwrap().kind,
+                err.as_error().unwrap().kind,
                 kind,
                 "{}",
                 String::from_utf8_lossy(line)
@@ -563,8 +674,42 @@ mod tests {
             br#"{"v":1,"op":"submit","command":"x","mode":"plan","params":[["a",987654321]]}"#,
             br#"{"v":1,"op":"submit","command":"x","mode":"plan","params":[["a","CANARY-123","x"]]}"#,
         ] {
-            let msg = parse_request(line).unwrap_err().error.unwrap().message;
+            let msg = parse_request(line).unwrap_err().as_error().unwrap().message.clone();
             assert!(!msg.contains("CANARY") && !msg.contains("987654321"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_reply_is_one_answer_on_the_wire_and_anything_else_is_unexpected() {
+        let e = serde_json::to_string(&Reply::error(ReplyKind::NotFound, "no such job")).unwrap();
+        assert_eq!(
+            e,
+            r#"{"v":1,"ok":false,"error":{"kind":"not_found","message":"no such job"}}"#
+        );
+        assert!(matches!(
+            serde_json::from_str::<Reply>(&e).unwrap(),
+            Reply::Error(ReplyError {
+                kind: ReplyKind::NotFound,
+                ..
+            })
+        ));
+        let m = serde_json::to_string(&Reply::Metrics("x 1\n".into())).unwrap();
+        assert_eq!(m, r#"{"v":1,"ok":true,"metrics":"x 1\n"}"#);
+        assert!(
+            matches!(serde_json::from_str::<Reply>(&m).unwrap(), Reply::Metrics(t) if t == "x 1\n")
+        );
+        assert!(matches!(
+            serde_json::from_str::<Reply>(r#"{"v":1,"ok":true}"#).unwrap(),
+            Reply::Done
+        ));
+        for bad in [
+            r#"{"v":1,"ok":true,"metrics":"a","log":[]}"#,
+            r#"{"v":1,"ok":false}"#,
+            r#"{"v":1,"ok":false,"metrics":"a","error":{"kind":"internal","message":"m"}}"#,
+            r#"{"v":2,"ok":true}"#,
+        ] {
+            let err = serde_json::from_str::<Reply>(bad).unwrap_err().to_string();
+            assert!(err.contains("is the client up to date?"), "{bad}: {err}");
         }
     }
 }

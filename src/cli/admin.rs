@@ -458,15 +458,17 @@ async fn check_daemon(report: &mut Report, socket: &Path) {
         v: PROTOCOL_VERSION,
     };
     match c.call(&health).await {
-        Ok(r) if r.ok => report.check(
-            r.health.as_ref().is_some_and(|h| h.workers_alive),
+        Ok(Reply::Health(h)) => report.check(
+            h.workers_alive,
             "daemon",
             format!("answers on {}", socket.display()),
         ),
         Ok(r) => report.check(
             false,
             "daemon",
-            r.error.map(|e| e.message).unwrap_or_default(),
+            r.as_error()
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| "an unexpected reply; is the client up to date?".into()),
         ),
         Err(e) => report.check(false, "daemon", e),
     }

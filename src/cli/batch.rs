@@ -136,8 +136,8 @@ fn progress(len: u64, json: bool) -> indicatif::ProgressBar {
 
 /// The report of a line after its submit (or check).
 fn submitted(line: usize, reply: &Reply, check: bool) -> LineReport {
-    match (&reply.job, &reply.error) {
-        (Some(job), _) if reply.ok => {
+    match reply {
+        Reply::Job(job) => {
             let refusal = job.preset.as_ref();
             LineReport {
                 line,
@@ -155,7 +155,7 @@ fn submitted(line: usize, reply: &Reply, check: bool) -> LineReport {
                 },
             }
         }
-        (_, Some(e)) => LineReport {
+        Reply::Error(e) => LineReport {
             line,
             job_id: None,
             status: "rejected".into(),
@@ -168,7 +168,7 @@ fn submitted(line: usize, reply: &Reply, check: bool) -> LineReport {
             job_id: None,
             status: "rejected".into(),
             error_class: None,
-            message: Some("the daemon's reply carried nothing".into()),
+            message: Some("an unexpected reply; is the client up to date?".into()),
             code: ExitCode::Error,
         },
     }
@@ -203,8 +203,8 @@ async fn wait_for(socket: &Path, client: &mut Client, id: &JobId) -> anyhow::Res
 
 /// The report of a line after its job ended.
 fn finished(r: &mut LineReport, reply: &Reply) {
-    match (&reply.job, &reply.error) {
-        (Some(job), _) if reply.ok => {
+    match reply {
+        Reply::Job(job) => {
             r.status = job.state.as_str().to_string();
             r.code = job.state.exit_code();
             if let Some(o) = &job.outcome {
@@ -214,7 +214,7 @@ fn finished(r: &mut LineReport, reply: &Reply) {
                 }
             }
         }
-        (_, Some(e)) => {
+        Reply::Error(e) => {
             r.status = "unknown".into();
             r.message = Some(e.message.clone());
             r.code = e.kind.exit_code();

@@ -5,13 +5,13 @@ use super::*;
 
 /// Prints a daemon's error reply; its exit code.
 pub(super) fn print_reply_error(reply: &Reply) -> ExitCode {
-    match &reply.error {
-        Some(e) => {
+    match reply {
+        Reply::Error(e) => {
             eprintln!("govsql: {}", e.message);
             e.kind.exit_code()
         }
-        None => {
-            eprintln!("govsql: the daemon's reply carried nothing; is the client up to date?");
+        _ => {
+            eprintln!("govsql: the daemon answered with something else than this request asks for; is the client up to date?");
             ExitCode::Error
         }
     }
@@ -46,7 +46,7 @@ pub(super) async fn submit_to_daemon(
     let socket = client::socket_from_config(config_path)?;
     let mut c = Client::connect(&socket).await?;
     let reply = c.call(&req).await?;
-    let Some(job) = reply.job.as_ref().filter(|_| reply.ok) else {
+    let Reply::Job(job) = &reply else {
         return Ok(print_reply_error(&reply));
     };
     if !a.wait || job.state.is_terminal() {
@@ -72,9 +72,9 @@ pub(super) async fn submit_to_daemon(
             return Ok(ExitCode::Pending);
         }
     };
-    match reply.job.as_ref().filter(|_| reply.ok) {
-        Some(job) => Ok(print_job(job, a.json)),
-        None => Ok(print_reply_error(&reply)),
+    match &reply {
+        Reply::Job(job) => Ok(print_job(job, a.json)),
+        _ => Ok(print_reply_error(&reply)),
     }
 }
 
@@ -133,9 +133,9 @@ pub(super) async fn status_cmd(
         },
     )
     .await?;
-    match reply.job.as_ref().filter(|_| reply.ok) {
-        Some(job) => Ok(print_job(job, json)),
-        None => Ok(print_reply_error(&reply)),
+    match &reply {
+        Reply::Job(job) => Ok(print_job(job, json)),
+        _ => Ok(print_reply_error(&reply)),
     }
 }
 
@@ -157,8 +157,8 @@ pub(super) async fn wait_cmd(
         timeout_s: timeout,
     };
     let reply = call(config_path, &req).await?;
-    match reply.job.as_ref().filter(|_| reply.ok) {
-        Some(job) => {
+    match &reply {
+        Reply::Job(job) => {
             let code = print_job(job, json);
             Ok(if job.state.is_terminal() {
                 code
@@ -166,7 +166,7 @@ pub(super) async fn wait_cmd(
                 job.state.exit_code()
             })
         }
-        None => Ok(print_reply_error(&reply)),
+        _ => Ok(print_reply_error(&reply)),
     }
 }
 
@@ -182,7 +182,7 @@ pub(super) async fn simple_job_op(
     let socket = client::socket_from_config(config_path)?;
     let mut c = Client::connect(&socket).await?;
     let reply = c.call(&req).await?;
-    let Some(job) = reply.job.as_ref().filter(|_| reply.ok) else {
+    let Reply::Job(job) = &reply else {
         return Ok(print_reply_error(&reply));
     };
     if !follow || job.state.is_terminal() {
@@ -196,9 +196,9 @@ pub(super) async fn simple_job_op(
             timeout_s: Some(10),
         })
         .await?;
-    match waited.job.as_ref().filter(|_| waited.ok) {
-        Some(done) => out!("{}", job_line(done)),
-        None => out!("{}  (it ends once its worker takes it)", job_line(job)),
+    match &waited {
+        Reply::Job(done) => out!("{}", job_line(done)),
+        _ => out!("{}  (it ends once its worker takes it)", job_line(job)),
     }
     Ok(ExitCode::Ok)
 }
@@ -277,7 +277,7 @@ pub(super) async fn jobs_cmd(
         },
     )
     .await?;
-    let Some(jobs) = reply.jobs.as_ref().filter(|_| reply.ok) else {
+    let Reply::Jobs(jobs) = &reply else {
         return Ok(print_reply_error(&reply));
     };
     if json {
@@ -344,7 +344,7 @@ pub(super) async fn show_cmd(
         },
     )
     .await?;
-    let Some(s) = reply.show.as_ref().filter(|_| reply.ok) else {
+    let Reply::Show(s) = &reply else {
         return Ok(print_reply_error(&reply));
     };
     if json {
@@ -386,7 +386,7 @@ pub(super) async fn log_cmd(
         },
     )
     .await?;
-    let Some(rows) = reply.log.as_ref().filter(|_| reply.ok) else {
+    let Reply::Log(rows) = &reply else {
         return Ok(print_reply_error(&reply));
     };
     if json {
@@ -431,12 +431,12 @@ pub(super) async fn metrics_cmd(config_path: &Path) -> anyhow::Result<ExitCode> 
         },
     )
     .await?;
-    match reply.metrics.as_deref().filter(|_| reply.ok) {
-        Some(text) => {
+    match &reply {
+        Reply::Metrics(text) => {
             out_raw!("{text}");
             Ok(ExitCode::Ok)
         }
-        None => Ok(print_reply_error(&reply)),
+        _ => Ok(print_reply_error(&reply)),
     }
 }
 
@@ -448,7 +448,7 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
         },
     )
     .await?;
-    let Some(h) = reply.health.as_ref().filter(|_| reply.ok) else {
+    let Reply::Health(h) = &reply else {
         return Ok(print_reply_error(&reply));
     };
     if json {

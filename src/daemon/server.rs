@@ -358,7 +358,9 @@ async fn write_reply(
     reply: &Reply,
 ) -> std::io::Result<()> {
     let mut bytes =
-        serde_json::to_vec(reply).unwrap_or_else(|_| b"{\"v\":1,\"ok\":false}".to_vec());
+        serde_json::to_vec(reply).unwrap_or_else(|_| {
+            br#"{"v":1,"ok":false,"error":{"kind":"internal","message":"the daemon could not write its reply; see its log"}}"#.to_vec()
+        });
     bytes.push(b'\n');
     wr.write_all(&bytes).await
 }
@@ -427,21 +429,18 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
             let offset = u64::from(page.unwrap_or(0)) * u64::from(limit);
             let only = (!everyone).then_some(peer.uid);
             match daemon.queue().list(limit, offset, only, filter).await {
-                Ok(jobs) => Reply {
-                    jobs: Some(
-                        jobs.into_iter()
-                            .filter(|j| peer.may_see(access, j))
-                            .map(|mut j| {
-                                // Lists never carry results.
-                                if let Some(o) = j.outcome.as_mut() {
-                                    o.result = None;
-                                }
-                                j
-                            })
-                            .collect(),
-                    ),
-                    ..Reply::ok()
-                },
+                Ok(jobs) => Reply::Jobs(
+                    jobs.into_iter()
+                        .filter(|j| peer.may_see(access, j))
+                        .map(|mut j| {
+                            // Lists never carry results.
+                            if let Some(o) = j.outcome.as_mut() {
+                                o.result = None;
+                            }
+                            j
+                        })
+                        .collect(),
+                ),
                 Err(e) => internal(e),
             }
         }
@@ -472,25 +471,16 @@ async fn dispatch(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
                 );
             };
             match daemon.ledger(&target, &filter, limit).await {
-                Ok(rows) => Reply {
-                    log: Some(rows),
-                    ..Reply::ok()
-                },
+                Ok(rows) => Reply::Log(rows),
                 Err(e) => Reply::error(
                     ReplyKind::Unavailable,
                     format!("cannot read the ledger of target {target}: {e}"),
                 ),
             }
         }
-        Request::Metrics { .. } => Reply {
-            metrics: Some(daemon.metrics_text().await),
-            ..Reply::ok()
-        },
+        Request::Metrics { .. } => Reply::Metrics(daemon.metrics_text().await),
         Request::Health { .. } => match daemon.health().await {
-            Ok(h) => Reply {
-                health: Some(h),
-                ..Reply::ok()
-            },
+            Ok(h) => Reply::Health(Box::new(h)),
             Err(e) => internal(e),
         },
     }
@@ -790,7 +780,7 @@ async fn reject(daemon: &Daemon, peer: &Peer, job_id: &JobId, reason: &str) -> R
             tracing::info!(job_id = %job_id, approver = %peer.user, "job rejected");
             match daemon.queue().get(job_id).await {
                 Ok(Some(r)) => Reply::job(r),
-                _ => Reply::ok(),
+                _ => Reply::Done,
             }
         }
         Err(e) => internal(e),
@@ -828,20 +818,17 @@ async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
         Err(e) => return Reply::error(ReplyKind::UnknownCommand, e.to_string()),
     };
     tracing::info!(job_id = %job_id, user = %peer.user, "job shown");
-    Reply {
-        show: Some(crate::protocol::ShowJob {
-            job_id: row.job_id.clone(),
-            state: row.state,
-            actor: row.actor.clone(),
-            command: row.command.clone(),
-            mode: row.mode,
-            target: row.target.clone(),
-            description,
-            statements,
-            params: row.param_pairs().to_vec(),
-        }),
-        ..Reply::ok()
-    }
+    Reply::Show(Box::new(crate::protocol::ShowJob {
+        job_id: row.job_id.clone(),
+        state: row.state,
+        actor: row.actor.clone(),
+        command: row.command.clone(),
+        mode: row.mode,
+        target: row.target.clone(),
+        description,
+        statements,
+        params: row.param_pairs().to_vec(),
+    }))
 }
 
 async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
@@ -881,7 +868,7 @@ async fn cancel(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply {
             tracing::info!(job_id = %job_id, user = %peer.user, "job cancelled");
             match daemon.queue().get(job_id).await {
                 Ok(Some(r)) => Reply::job(r),
-                _ => Reply::ok(),
+                _ => Reply::Done,
             }
         }
         Err(e) => internal(e),
