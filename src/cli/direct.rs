@@ -35,16 +35,13 @@ pub(super) async fn job(
             return Ok(ExitCode::Usage);
         }
     };
-    let runtime = Runtime::new(
+    let runtime = Runtime::for_target(
         Arc::new(catalog),
         for_target(target, DbRole::Runtime)?,
         target_name,
-        ApplySwitch::new(&config.daemon.state_dir),
-        target.job_timeout(),
-    )
-    .allow_log_exposure(target.allow_server_log_exposure)
-    .max_result_bytes(target.max_result_bytes)
-    .disarm_on_failure(config.daemon.disarm_on_failure);
+        target,
+        &config.daemon,
+    );
     let mut job = Job::new(
         command,
         mode,

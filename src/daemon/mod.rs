@@ -666,16 +666,13 @@ impl Daemon {
                         Ok(x) => x,
                         Err(_) => continue,
                     };
-                    let rt = Runtime::new(
+                    let rt = Runtime::for_target(
                         new.clone(),
                         t.executor.clone(),
                         name,
-                        ApplySwitch::new(&config.daemon.state_dir),
-                        cfg.job_timeout(),
-                    )
-                    .allow_log_exposure(cfg.allow_server_log_exposure)
-                    .max_result_bytes(cfg.max_result_bytes)
-                    .disarm_on_failure(config.daemon.disarm_on_failure);
+                        cfg,
+                        &config.daemon,
+                    );
                     *t.runtime.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rt);
                 }
                 tracing::info!(
@@ -761,16 +758,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     for (name, t) in &config.targets {
         let executor = crate::transport::for_target(t, DbRole::Runtime)
             .map_err(|e| DaemonError::Target(name.clone(), e))?;
-        let runtime = Runtime::new(
-            catalog.clone(),
-            executor.clone(),
-            name,
-            ApplySwitch::new(&config.daemon.state_dir),
-            t.job_timeout(),
-        )
-        .allow_log_exposure(t.allow_server_log_exposure)
-        .max_result_bytes(t.max_result_bytes)
-        .disarm_on_failure(config.daemon.disarm_on_failure);
+        let runtime =
+            Runtime::for_target(catalog.clone(), executor.clone(), name, t, &config.daemon);
         targets.insert(
             name.clone(),
             TargetSlot {

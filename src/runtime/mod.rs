@@ -158,6 +158,29 @@ impl Runtime {
         }
     }
 
+    /// The runtime of a configured target: its job timeout, result limit
+    /// and log exposure setting, the daemon's switch and disarm rule. The
+    /// daemon (at start and at each reload) and `--direct` build theirs
+    /// here.
+    pub fn for_target(
+        catalog: Arc<Catalog>,
+        executor: Arc<dyn Executor>,
+        name: &str,
+        target: &crate::config::TargetConfig,
+        daemon: &crate::config::DaemonConfig,
+    ) -> Runtime {
+        Runtime::new(
+            catalog,
+            executor,
+            name,
+            ApplySwitch::new(&daemon.state_dir),
+            target.job_timeout(),
+        )
+        .allow_log_exposure(target.allow_server_log_exposure)
+        .max_result_bytes(target.max_result_bytes)
+        .disarm_on_failure(daemon.disarm_on_failure)
+    }
+
     /// Results over this many bytes fail the job (`result_too_large`).
     pub fn max_result_bytes(mut self, bytes: u64) -> Runtime {
         self.max_result_bytes = bytes;

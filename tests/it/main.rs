@@ -2,10 +2,12 @@
 //! real OpenSSH sshd that the harness starts on loopback.
 
 mod abuse;
+mod approvals;
 mod cli;
 mod core;
 mod daemon;
 mod exposure;
+mod faults;
 mod gate;
 mod governance;
 mod grammar;
@@ -13,10 +15,13 @@ mod guard_table;
 mod harness;
 mod hostile;
 mod layout;
+mod operate;
+mod secrets;
 mod seed_lock;
 mod service;
 mod session;
 mod settle;
+mod socket;
 mod ssh;
 mod sshd;
 mod upgrade;
