@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use govsql::client::Client;
 use govsql::job::{Job, JobState, Params};
-use govsql::protocol::{Reply, Request, PROTOCOL_VERSION};
+use govsql::protocol::{Reply, Request, Submit};
 use govsql::runtime::Mode;
 
 #[derive(Parser, Debug, Clone)]
@@ -290,9 +290,7 @@ async fn runtime_job(a: &Args, rt: &govsql::runtime::Runtime, w: Work) -> bool {
 
 /// A verify of dot_iu_healthcheck, answered at once or when it ends.
 fn healthcheck(wait: bool) -> Request {
-    Request::Submit {
-        check: false,
-        v: PROTOCOL_VERSION,
+    Request::Submit(Submit {
         command: "dot_iu_healthcheck".into(),
         mode: Mode::Verify,
         params: Params::default(),
@@ -300,14 +298,12 @@ fn healthcheck(wait: bool) -> Request {
         idempotency_key: None,
         wait,
         timeout_s: wait.then_some(120),
-    }
+    })
 }
 
 async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> bool {
     let (command, mode, params) = job_parts(a, w);
-    let req = Request::Submit {
-        check: false,
-        v: PROTOCOL_VERSION,
+    let req = Request::Submit(Submit {
         command,
         mode,
         params,
@@ -315,7 +311,7 @@ async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> boo
         idempotency_key: None,
         wait: true,
         timeout_s: Some(120),
-    };
+    });
     match client.call(&req).await {
         Ok(Reply::Job(j)) => j.state == done(w),
         Ok(_) => false,
@@ -537,9 +533,7 @@ async fn main() {
     let submit_rate = a.queued as f64 / started.elapsed().as_secs_f64();
     let mut health = Client::connect(&a.socket).await.expect("socket");
     let h = health
-        .call(&Request::Health {
-            v: PROTOCOL_VERSION,
-        })
+        .call(&Request::Health {})
         .await
         .ok()
         .and_then(|r| match r {

@@ -161,7 +161,8 @@ impl Client {
 
     /// Sends one request and reads its reply.
     pub async fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
-        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut line = serde_json::to_vec(&crate::protocol::Envelope::of(req))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.writer
             .write_all(&line)

@@ -12,128 +12,200 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The longest request line accepted: a 1 MiB value fits, JSON-escaped.
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
 
-/// A client request.
+/// A request line as it is written: the protocol version, then one
+/// request (its `op` and fields, flattened into the same object).
+#[derive(Debug, Serialize)]
+pub struct Envelope<'a> {
+    /// Protocol version.
+    pub v: u32,
+    /// The request.
+    #[serde(flatten)]
+    pub request: &'a Request,
+}
+
+impl<'a> Envelope<'a> {
+    /// A request in this build's protocol version.
+    pub fn of(request: &'a Request) -> Envelope<'a> {
+        Envelope {
+            v: PROTOCOL_VERSION,
+            request,
+        }
+    }
+}
+
+/// A client request: one struct per operation, named by `op` on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Queue a job.
-    Submit {
-        /// Protocol version.
-        v: u32,
-        /// The catalog command.
-        command: String,
-        /// plan, apply or verify.
-        mode: Mode,
-        /// `[name, value]` pairs.
-        #[serde(default)]
-        params: Params,
-        /// The target (default: the config's default).
-        #[serde(default)]
-        target: Option<String>,
-        /// The idempotency key (default: `job:<job_id>`).
-        #[serde(default)]
-        idempotency_key: Option<String>,
-        /// Answer only once the job is terminal (result included).
-        #[serde(default)]
-        wait: bool,
-        /// With `wait`: give up waiting after this long (the job goes on).
-        #[serde(default)]
-        timeout_s: Option<u64>,
-        /// Only check it (command, target, access, params): nothing is
-        /// queued; the reply's job is what would have been submitted.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        check: bool,
-    },
+    Submit(Submit),
+    /// Only check a job (command, target, access, params): nothing is
+    /// queued; the reply's job is what would have been submitted.
+    Check(JobSpec),
     /// A job's state.
-    Status {
-        /// Protocol version.
-        v: u32,
-        /// The job.
-        job_id: JobId,
-    },
+    Status(JobRef),
     /// Wait until a job is terminal (or the wait times out).
-    Wait {
-        /// Protocol version.
-        v: u32,
-        /// The job.
-        job_id: JobId,
-        /// Give up after this long (default 3600 s).
-        #[serde(default)]
-        timeout_s: Option<u64>,
-    },
+    Wait(WaitFor),
     /// Recent jobs.
-    List {
-        /// Protocol version.
-        v: u32,
-        /// At most this many (default 100, at most 1000).
-        #[serde(default)]
-        limit: Option<u32>,
-        /// Which page of `limit` jobs, newest first (default 0).
-        #[serde(default)]
-        page: Option<u32>,
-        /// Only the jobs that match.
-        #[serde(default)]
-        filter: ListFilter,
-    },
+    List(ListJobs),
     /// Approve a job that waits for approval.
-    Approve {
-        /// Protocol version.
-        v: u32,
-        /// The job.
-        job_id: JobId,
-        /// Why (optional, at most 200 characters; into the ledger).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
-    },
+    Approve(Approve),
     /// Reject a job that waits for approval (an approver; the reason goes
     /// into the ledger's evidence, at most 200 characters).
-    Reject {
-        /// Protocol version.
-        v: u32,
-        /// The job.
-        job_id: JobId,
-        /// Why.
-        reason: String,
-    },
+    Reject(Reject),
     /// What a job will run, param values included: for an approver (or
     /// the submitter) before approving. Never logged.
-    Show {
-        /// Protocol version.
-        v: u32,
-        /// The job.
-        job_id: JobId,
-    },
+    Show(JobRef),
     /// Cancel a queued or waiting job.
-    Cancel {
-        /// Protocol version.
-        v: u32,
-        /// The job.
-        job_id: JobId,
-    },
+    Cancel(JobRef),
     /// The daemon's health.
-    Health {
-        /// Protocol version.
-        v: u32,
-    },
+    Health {},
     /// The ledger of a target, newest first (`govsql log`).
-    Log {
-        /// Protocol version.
-        v: u32,
-        /// The target (default: the config's default).
-        #[serde(default)]
-        target: Option<String>,
-        /// Which rows.
-        #[serde(default)]
-        filter: LogFilter,
-        /// At most this many (default 50, at most 1000).
-        #[serde(default)]
-        limit: Option<u32>,
-    },
+    Log(ReadLog),
     /// The metrics, in the Prometheus text exposition format.
-    Metrics {
-        /// Protocol version.
-        v: u32,
-    },
+    Metrics {},
+}
+
+/// A job to check: what a submit names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The catalog command.
+    pub command: String,
+    /// plan, apply or verify.
+    pub mode: Mode,
+    /// `[name, value]` pairs.
+    #[serde(default)]
+    pub params: Params,
+    /// The target (default: the config's default).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The idempotency key (default: `job:<job_id>`).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// A job to queue (a [`JobSpec`]'s fields, and whether to wait).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Submit {
+    /// The catalog command.
+    pub command: String,
+    /// plan, apply or verify.
+    pub mode: Mode,
+    /// `[name, value]` pairs.
+    #[serde(default)]
+    pub params: Params,
+    /// The target (default: the config's default).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// The idempotency key (default: `job:<job_id>`).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Answer only once the job is terminal (result included).
+    #[serde(default)]
+    pub wait: bool,
+    /// With `wait`: give up waiting after this long (the job goes on).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+impl From<JobSpec> for Submit {
+    /// A submit of the job, answered at once.
+    fn from(j: JobSpec) -> Submit {
+        Submit {
+            command: j.command,
+            mode: j.mode,
+            params: j.params,
+            target: j.target,
+            idempotency_key: j.idempotency_key,
+            wait: false,
+            timeout_s: None,
+        }
+    }
+}
+
+impl Submit {
+    /// The job it names.
+    pub fn spec(self) -> JobSpec {
+        JobSpec {
+            command: self.command,
+            mode: self.mode,
+            params: self.params,
+            target: self.target,
+            idempotency_key: self.idempotency_key,
+        }
+    }
+}
+
+/// One job, by id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRef {
+    /// The job.
+    pub job_id: JobId,
+}
+
+/// A wait for one job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitFor {
+    /// The job.
+    pub job_id: JobId,
+    /// Give up after this long (default 3600 s).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// A page of recent jobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListJobs {
+    /// At most this many (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Which page of `limit` jobs, newest first (default 0).
+    #[serde(default)]
+    pub page: Option<u32>,
+    /// Only the jobs that match.
+    #[serde(default)]
+    pub filter: ListFilter,
+}
+
+/// An approval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approve {
+    /// The job.
+    pub job_id: JobId,
+    /// Why (optional, at most 200 characters; into the ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A rejection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reject {
+    /// The job.
+    pub job_id: JobId,
+    /// Why.
+    pub reason: String,
+}
+
+/// A read of a target's ledger.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadLog {
+    /// The target (default: the config's default).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Which rows.
+    #[serde(default)]
+    pub filter: LogFilter,
+    /// At most this many (default 50, at most 1000).
+    #[serde(default)]
+    pub limit: Option<u32>,
 }
 
 /// Which ledger rows `log` shows (every field optional; all must match).
@@ -568,7 +640,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Box<Reply>> {
     let bad = |msg: String| Box::new(Reply::error(ReplyKind::BadRequest, msg));
     check_shape(line).map_err(|why| bad(format!("{why}; send one flat request per line")))?;
     let text = std::str::from_utf8(line).map_err(|_| bad("request is not UTF-8".into()))?;
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         bad(format!(
             "request is not one JSON object per line: {}",
             redact_quoted(&e.to_string())
@@ -580,6 +652,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Box<Reply>> {
             ReplyKind::Version,
             format!("protocol version {PROTOCOL_VERSION} expected (field \"v\"); is the client up to date?"),
         )));
+    }
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("v");
     }
     serde_json::from_value(value).map_err(|e| {
         bad(format!(
@@ -639,11 +714,35 @@ mod tests {
         .unwrap();
         assert!(matches!(
             r,
-            Request::Submit {
+            Request::Submit(Submit {
                 mode: Mode::Verify,
                 ..
-            }
+            })
         ));
+        // A check is its own request; a submit that asks for a check is an
+        // older client's.
+        let c = br#"{"v":1,"op":"check","command":"dot_iu_healthcheck","mode":"verify"}"#;
+        assert!(matches!(parse_request(c).unwrap(), Request::Check(_)));
+        let old =
+            br#"{"v":1,"op":"submit","command":"dot_iu_healthcheck","mode":"verify","check":true}"#;
+        let msg = parse_request(old)
+            .unwrap_err()
+            .as_error()
+            .unwrap()
+            .message
+            .clone();
+        assert!(msg.contains("is the client up to date?"), "{msg}");
+        // The envelope writes what the daemon reads.
+        let req = Request::Wait(WaitFor {
+            job_id: JobId::parse("abc-1").unwrap(),
+            timeout_s: Some(5),
+        });
+        let line = serde_json::to_vec(&Envelope::of(&req)).unwrap();
+        assert!(
+            matches!(parse_request(&line).unwrap(), Request::Wait(w) if w.timeout_s == Some(5))
+        );
+        let line = serde_json::to_vec(&Envelope::of(&Request::Health {})).unwrap();
+        assert_eq!(line, br#"{"v":1,"op":"health"}"#);
         for (line, kind) in [
             (&b"not json"[..], ReplyKind::BadRequest),
             (br#"{"v":2,"op":"health"}"#, ReplyKind::Version),

@@ -454,9 +454,7 @@ async fn check_daemon(report: &mut Report, socket: &Path) {
         );
         return;
     };
-    let health = Request::Health {
-        v: PROTOCOL_VERSION,
-    };
+    let health = Request::Health {};
     match c.call(&health).await {
         Ok(Reply::Health(h)) => report.check(
             h.workers_alive,

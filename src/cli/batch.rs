@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::Client;
 use crate::job::{ExitCode, JobId, Mode, Params};
-use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
+use crate::protocol::{JobSpec, Reply, Request, Submit, WaitFor};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,19 +91,19 @@ pub async fn run(socket: &Path, file: &Path, check: bool, json: bool) -> anyhow:
     let bar = progress(lines.len() as u64 * if check { 1 } else { 2 }, json);
     let mut reports = Vec::with_capacity(lines.len());
     for (n, l) in lines {
-        let reply = client
-            .call(&Request::Submit {
-                v: PROTOCOL_VERSION,
-                command: l.command,
-                mode: l.mode,
-                params: Params(l.params.into_iter().collect()),
-                target: l.target,
-                idempotency_key: l.idempotency_key,
-                wait: false,
-                timeout_s: None,
-                check,
-            })
-            .await?;
+        let spec = JobSpec {
+            command: l.command,
+            mode: l.mode,
+            params: Params(l.params.into_iter().collect()),
+            target: l.target,
+            idempotency_key: l.idempotency_key,
+        };
+        let req = if check {
+            Request::Check(spec)
+        } else {
+            Request::Submit(Submit::from(spec))
+        };
+        let reply = client.call(&req).await?;
         reports.push(submitted(n, &reply, check));
         bar.inc(1);
     }
@@ -176,11 +176,10 @@ fn submitted(line: usize, reply: &Reply, check: bool) -> LineReport {
 
 /// Waits for one job, reconnecting while the daemon restarts.
 async fn wait_for(socket: &Path, client: &mut Client, id: &JobId) -> anyhow::Result<Reply> {
-    let req = Request::Wait {
-        v: PROTOCOL_VERSION,
+    let req = Request::Wait(WaitFor {
         job_id: id.clone(),
         timeout_s: None,
-    };
+    });
     let started = Instant::now();
     loop {
         match client.call(&req).await {

@@ -13,7 +13,9 @@ use crate::client::{self, Client};
 use crate::config::Config;
 use crate::job::{ExitCode, Job, JobState, Mode, Outcome, Params};
 use crate::params;
-use crate::protocol::{Reply, Request, PROTOCOL_VERSION};
+use crate::protocol::{
+    Approve, JobRef, ListJobs, ReadLog, Reject, Reply, Request, Submit, WaitFor,
+};
 use crate::psql::{copy_rows, DbRole, PsqlResult, Script};
 use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
@@ -477,21 +479,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Approve { job_id, reason } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
-                let req = Request::Approve {
-                    v: PROTOCOL_VERSION,
-                    job_id,
-                    reason,
-                };
+                let req = Request::Approve(Approve { job_id, reason });
                 simple_job_op(&config_path, req, false).await
             }
             Err(code) => Ok(code),
         },
         Cmd::Cancel { job_id } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
-                let req = Request::Cancel {
-                    v: PROTOCOL_VERSION,
-                    job_id,
-                };
+                let req = Request::Cancel(JobRef { job_id });
                 simple_job_op(&config_path, req, true).await
             }
             Err(code) => Ok(code),
@@ -508,11 +503,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Show { job_id, json } => remote::show_cmd(&config_path, &job_id, json).await,
         Cmd::Reject { job_id, reason } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
-                let req = Request::Reject {
-                    v: PROTOCOL_VERSION,
-                    job_id,
-                    reason,
-                };
+                let req = Request::Reject(Reject { job_id, reason });
                 simple_job_op(&config_path, req, true).await
             }
             Err(code) => Ok(code),

@@ -32,9 +32,7 @@ pub(super) async fn submit_to_daemon(
 ) -> anyhow::Result<ExitCode> {
     // Submitted first, so the job id is known at once; a --wait then
     // waits for it on the same connection.
-    let req = Request::Submit {
-        check: false,
-        v: PROTOCOL_VERSION,
+    let req = Request::Submit(Submit {
         command,
         mode,
         params: Params(params),
@@ -42,7 +40,7 @@ pub(super) async fn submit_to_daemon(
         idempotency_key: a.idempotency_key,
         wait: false,
         timeout_s: None,
-    };
+    });
     let socket = client::socket_from_config(config_path)?;
     let mut c = Client::connect(&socket).await?;
     let reply = c.call(&req).await?;
@@ -60,11 +58,10 @@ pub(super) async fn submit_to_daemon(
     } else {
         eprintln!("govsql: job {id} submitted; waiting (Ctrl-C stops waiting, not the job)");
     }
-    let wait = Request::Wait {
-        v: PROTOCOL_VERSION,
+    let wait = Request::Wait(WaitFor {
         job_id: id.clone(),
         timeout_s: a.timeout,
-    };
+    });
     let reply = tokio::select! {
         r = c.call(&wait) => r?,
         _ = tokio::signal::ctrl_c() => {
@@ -125,14 +122,7 @@ pub(super) async fn status_cmd(
         Ok(id) => id,
         Err(code) => return Ok(code),
     };
-    let reply = call(
-        config_path,
-        &Request::Status {
-            v: PROTOCOL_VERSION,
-            job_id,
-        },
-    )
-    .await?;
+    let reply = call(config_path, &Request::Status(JobRef { job_id })).await?;
     match &reply {
         Reply::Job(job) => Ok(print_job(job, json)),
         _ => Ok(print_reply_error(&reply)),
@@ -151,11 +141,10 @@ pub(super) async fn wait_cmd(
         Ok(id) => id,
         Err(code) => return Ok(code),
     };
-    let req = Request::Wait {
-        v: PROTOCOL_VERSION,
+    let req = Request::Wait(WaitFor {
         job_id,
         timeout_s: timeout,
-    };
+    });
     let reply = call(config_path, &req).await?;
     match &reply {
         Reply::Job(job) => {
@@ -190,11 +179,10 @@ pub(super) async fn simple_job_op(
         return Ok(ExitCode::Ok);
     }
     let waited = c
-        .call(&Request::Wait {
-            v: PROTOCOL_VERSION,
+        .call(&Request::Wait(WaitFor {
             job_id: job.job_id.clone(),
             timeout_s: Some(10),
-        })
+        }))
         .await?;
     match &waited {
         Reply::Job(done) => out!("{}", job_line(done)),
@@ -269,12 +257,11 @@ pub(super) async fn jobs_cmd(
 ) -> anyhow::Result<ExitCode> {
     let reply = call(
         config_path,
-        &Request::List {
-            v: PROTOCOL_VERSION,
+        &Request::List(ListJobs {
             limit: Some(limit),
             page: Some(page),
             filter,
-        },
+        }),
     )
     .await?;
     let Reply::Jobs(jobs) = &reply else {
@@ -336,14 +323,7 @@ pub(super) async fn show_cmd(
         Ok(id) => id,
         Err(code) => return Ok(code),
     };
-    let reply = call(
-        config_path,
-        &Request::Show {
-            v: PROTOCOL_VERSION,
-            job_id,
-        },
-    )
-    .await?;
+    let reply = call(config_path, &Request::Show(JobRef { job_id })).await?;
     let Reply::Show(s) = &reply else {
         return Ok(print_reply_error(&reply));
     };
@@ -378,12 +358,11 @@ pub(super) async fn log_cmd(
 ) -> anyhow::Result<ExitCode> {
     let reply = call(
         config_path,
-        &Request::Log {
-            v: PROTOCOL_VERSION,
+        &Request::Log(ReadLog {
             target,
             filter,
             limit: Some(limit),
-        },
+        }),
     )
     .await?;
     let Reply::Log(rows) = &reply else {
@@ -424,13 +403,7 @@ pub(super) async fn log_cmd(
 
 /// `govsql metrics`: the daemon's metrics, as served.
 pub(super) async fn metrics_cmd(config_path: &Path) -> anyhow::Result<ExitCode> {
-    let reply = call(
-        config_path,
-        &Request::Metrics {
-            v: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    let reply = call(config_path, &Request::Metrics {}).await?;
     match &reply {
         Reply::Metrics(text) => {
             out_raw!("{text}");
@@ -441,13 +414,7 @@ pub(super) async fn metrics_cmd(config_path: &Path) -> anyhow::Result<ExitCode> 
 }
 
 pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let reply = call(
-        config_path,
-        &Request::Health {
-            v: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    let reply = call(config_path, &Request::Health {}).await?;
     let Reply::Health(h) = &reply else {
         return Ok(print_reply_error(&reply));
     };

@@ -1,0 +1,54 @@
+//! One handler per request. The socket (`server.rs`) reads a bounded line,
+//! parses it into a [`Request`] and calls [`handle`]; its one exhaustive
+//! match names each request's handler, one file each (a pair that shares
+//! its checks shares a file: submit and check, status and wait, approve
+//! and reject). No handler touches the socket.
+
+mod approve;
+mod cancel;
+mod list;
+mod log;
+mod show;
+mod submit;
+mod wait;
+
+use super::peer::Peer;
+use super::Daemon;
+use crate::job::JobId;
+use crate::protocol::{Reply, ReplyKind, Request};
+
+/// Answers one request of a peer.
+pub(super) async fn handle(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
+    match req {
+        Request::Submit(r) => submit::submit(daemon, peer, r).await,
+        Request::Check(r) => submit::check(daemon, peer, r),
+        Request::Status(r) => wait::status(daemon, peer, &r.job_id).await,
+        Request::Wait(r) => wait::wait(daemon, peer, &r.job_id, r.timeout_s).await,
+        Request::List(r) => list::list(daemon, peer, r).await,
+        Request::Approve(r) => approve::approve(daemon, peer, &r.job_id, r.reason).await,
+        Request::Reject(r) => approve::reject(daemon, peer, &r.job_id, &r.reason).await,
+        Request::Show(r) => show::show(daemon, peer, &r.job_id).await,
+        Request::Cancel(r) => cancel::cancel(daemon, peer, &r.job_id).await,
+        Request::Log(r) => log::log(daemon, peer, r).await,
+        Request::Metrics {} => Reply::Metrics(daemon.metrics_text().await),
+        Request::Health {} => match daemon.health().await {
+            Ok(h) => Reply::Health(Box::new(h)),
+            Err(e) => internal(e),
+        },
+    }
+}
+
+pub(super) fn not_found(job_id: &JobId) -> Reply {
+    Reply::error(
+        ReplyKind::NotFound,
+        format!("no job {job_id}; `govsql jobs` lists recent jobs"),
+    )
+}
+
+pub(super) fn internal(e: impl std::fmt::Display) -> Reply {
+    tracing::error!(cause = %e, "request failed");
+    Reply::error(
+        ReplyKind::Internal,
+        format!("the daemon could not do that: {e}"),
+    )
+}
