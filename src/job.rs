@@ -606,7 +606,6 @@ impl fmt::Debug for Job {
 impl Job {
     /// A new job, queued (or waiting for approval), with its default
     /// idempotency key.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         command: String,
         mode: Mode,

@@ -175,28 +175,9 @@ pub async fn catalog_check(exec: &dyn Executor, catalog: &Catalog) -> anyhow::Re
 
 /// The database's `fn_dot_iu_status()` rows, `(kind, value)`.
 pub(super) async fn db_status(exec: &dyn Executor) -> anyhow::Result<Vec<(String, String)>> {
-    let mut s = Script::new("govsql:status", 30_000);
-    s.section();
-    s.sql(&crate::grammar::entry_call(
-        crate::grammar::Entry::Status,
-        &[],
-    ));
-    let script = s.finish();
-    let deadline = std::time::Duration::from_secs(60);
-    let secs = match run_script(exec, &script, "govsql:status", deadline).await {
-        PsqlResult::Complete(secs) => secs,
-        PsqlResult::SqlError { state, .. } => anyhow::bail!(
-            "the status call failed with SQLSTATE {state}; has `govsql migrate` been run on this target?"
-        ),
-        other => anyhow::bail!("the status call could not run: {other}"),
-    };
-    Ok(copy_rows(0, secs.get(0).unwrap_or_default())?
-        .into_iter()
-        .map(|mut r| {
-            let v = r.pop().flatten().unwrap_or_default();
-            (r.pop().flatten().unwrap_or_default(), v)
-        })
-        .collect())
+    crate::runtime::read_status(exec)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 pub(super) async fn migrate_cmd(

@@ -16,10 +16,10 @@ use crate::params;
 use crate::protocol::{
     Approve, JobRef, ListJobs, ReadLog, Reject, Reply, Request, Submit, WaitFor,
 };
-use crate::psql::{copy_rows, DbRole, PsqlResult, Script};
+use crate::psql::DbRole;
 use crate::runtime::Runtime;
 use crate::switch::ApplySwitch;
-use crate::transport::{for_target, run_script, Executor};
+use crate::transport::{for_target, Executor};
 
 /// Prints one line to stdout; a reader that went away (`govsql jobs |
 /// head -1`) ends the process quietly with status 0 instead of a panic.

@@ -276,8 +276,7 @@ impl Daemon {
         })
     }
 
-    /// The ledger rows of a target through its transport (`govsql log`):
-    /// one script calling `fn_dot_iu_ledger`.
+    /// The ledger rows of a target through its transport (`govsql log`).
     pub async fn ledger(
         &self,
         target: &str,
@@ -288,49 +287,12 @@ impl Daemon {
             .targets
             .get(target)
             .ok_or_else(|| format!("no target {target}"))?;
-        let mut f = serde_json::to_value(filter).map_err(|e| e.to_string())?;
-        if let Some(since) = filter.since {
-            f["since"] = serde_json::json!(crate::time::utc_text(since).replace('Z', "+00"));
-        }
         let timeout = self
             .config()
             .target(Some(target))
             .map(|(_, t)| t.job_timeout())
             .unwrap_or(Duration::from_secs(60));
-        let mut s = crate::psql::Script::new("govsql:log", timeout.as_millis() as u64 + 2000);
-        s.section();
-        s.sql(&crate::grammar::entry_call(
-            crate::grammar::Entry::Ledger,
-            &[
-                crate::grammar::Arg::Json(&f),
-                crate::grammar::Arg::Int(i64::from(limit)),
-            ],
-        ));
-        let script = s.finish();
-        match crate::transport::run_read_script(
-            slot.executor.as_ref(),
-            &script,
-            "govsql:log",
-            timeout,
-        )
-        .await
-        {
-            crate::psql::PsqlResult::Complete(secs) => {
-                let rows = crate::psql::copy_rows(0, secs.get(0).unwrap_or_default())
-                    .map_err(|e| e.to_string())?;
-                rows.into_iter()
-                    .filter(|r| r.first().and_then(|k| k.as_deref()) == Some("entry"))
-                    .map(|r| {
-                        let v = r.get(1).and_then(|v| v.as_deref()).unwrap_or("{}");
-                        serde_json::from_str(v).map_err(|e| format!("unexpected ledger row: {e}"))
-                    })
-                    .collect()
-            }
-            crate::psql::PsqlResult::SqlError { state, .. } if state == "42883" => {
-                Err("the database has no fn_dot_iu_ledger yet: run `govsql migrate`".into())
-            }
-            other => Err(other.to_string()),
-        }
+        crate::runtime::read_ledger(slot.executor.as_ref(), filter, limit, timeout).await
     }
 
     /// The metrics scrape: counters since the start, the queue by state,

@@ -6,11 +6,17 @@
 //! The params travel as the entry's one jsonb argument, a dollar-quoted
 //! literal with a random tag; inside the database they are bound to the
 //! stored statements, never spliced into SQL text.
+//!
+//! This module is the one door to the entries: the job's (dispatch,
+//! refuse, fail) and the reads ([`read_ledger`] for `govsql log`,
+//! [`read_status`] for `catalog check` and `self-test`). Nothing else
+//! builds an entry call.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::grammar::{entry_call, Arg, Entry as GrammarEntry};
 use crate::psql::copy_rows;
 
 /// The `run` row every entry ends with.
@@ -110,7 +116,6 @@ impl Runtime {
     /// The one statement of an entry call (built by the grammar the
     /// database host's remote-gate checks).
     fn entry_sql(&self, ctx: &Ctx<'_>, entry: Entry, class: Option<&ErrorClass>) -> String {
-        use crate::grammar::{entry_call, Arg};
         let params = Self::params_json(ctx);
         let client = self.client_facts(ctx);
         let mut args = vec![
@@ -128,16 +133,16 @@ impl Runtime {
                     Arg::Bool(self.allow_log_exposure),
                     Arg::Int(max),
                 ]);
-                crate::grammar::Entry::Dispatch
+                GrammarEntry::Dispatch
             }
             Entry::Refuse | Entry::Fail => {
                 args.push(Arg::Word(
                     class.map(ErrorClass::as_str).unwrap_or("internal"),
                 ));
                 if matches!(entry, Entry::Refuse) {
-                    crate::grammar::Entry::Refuse
+                    GrammarEntry::Refuse
                 } else {
-                    crate::grammar::Entry::Fail
+                    GrammarEntry::Fail
                 }
             }
         };
@@ -389,6 +394,70 @@ fn read_answer(bytes: &[u8]) -> Result<Answer, String> {
     }
     let run = run.ok_or("no run record")?;
     Ok(Answer { rows, run })
+}
+
+/// The ledger rows `fn_dot_iu_ledger` answers for a filter (`govsql log`),
+/// newest first, read on the target's read lane.
+pub async fn read_ledger(
+    exec: &dyn Executor,
+    filter: &crate::protocol::LogFilter,
+    limit: u32,
+    timeout: Duration,
+) -> Result<Vec<crate::protocol::LogEntry>, String> {
+    let mut f = serde_json::to_value(filter).map_err(|e| e.to_string())?;
+    if let Some(since) = filter.since {
+        f["since"] = json!(crate::time::utc_text(since).replace('Z', "+00"));
+    }
+    let mut s = Script::new("govsql:log", timeout.as_millis() as u64 + 2000);
+    s.section();
+    s.sql(&entry_call(
+        GrammarEntry::Ledger,
+        &[Arg::Json(&f), Arg::Int(i64::from(limit))],
+    ));
+    let script = s.finish();
+    match crate::transport::run_read_script(exec, &script, "govsql:log", timeout).await {
+        PsqlResult::Complete(secs) => copy_rows(0, secs.get(0).unwrap_or_default())
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|r| r.first().and_then(|k| k.as_deref()) == Some("entry"))
+            .map(|r| {
+                let v = r.get(1).and_then(|v| v.as_deref()).unwrap_or("{}");
+                serde_json::from_str(v).map_err(|e| format!("unexpected ledger row: {e}"))
+            })
+            .collect(),
+        PsqlResult::SqlError { state, .. } if state == "42883" => {
+            Err("the database has no fn_dot_iu_ledger yet: run `govsql migrate`".into())
+        }
+        other => Err(other.to_string()),
+    }
+}
+
+/// The rows `fn_dot_iu_status()` answers, `(kind, value)`: the catalog
+/// digest, unavailable commands, log exposure, the runtime role's excess
+/// privileges and settings.
+pub async fn read_status(exec: &dyn Executor) -> Result<Vec<(String, String)>, String> {
+    let mut s = Script::new("govsql:status", 30_000);
+    s.section();
+    s.sql(&entry_call(GrammarEntry::Status, &[]));
+    let script = s.finish();
+    let deadline = Duration::from_secs(60);
+    let secs = match run_script(exec, &script, "govsql:status", deadline).await {
+        PsqlResult::Complete(secs) => secs,
+        PsqlResult::SqlError { state, .. } => {
+            return Err(format!(
+                "the status call failed with SQLSTATE {state}; has `govsql migrate` been run on this target?"
+            ))
+        }
+        other => return Err(format!("the status call could not run: {other}")),
+    };
+    Ok(copy_rows(0, secs.get(0).unwrap_or_default())
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|mut r| {
+            let v = r.pop().flatten().unwrap_or_default();
+            (r.pop().flatten().unwrap_or_default(), v)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -22,16 +22,11 @@ impl Runtime {
                 message,
             } => {
                 let ev = self.evidence(ctx, class.as_ref(), &closed, rows.as_ref().map(Vec::len));
-                self.outcome(
-                    ctx,
-                    Some(&row),
-                    row.status,
-                    class,
-                    closed,
-                    ev,
-                    rows,
-                    message,
-                )
+                Outcome {
+                    closed_gates: closed,
+                    result: rows,
+                    ..self.outcome(ctx, Some(&row), row.status, class, ev, message)
+                }
             }
             Verdict::Record {
                 class,
@@ -69,18 +64,10 @@ impl Runtime {
         pending: Option<Pending>,
     ) -> Outcome {
         let ev = self.evidence(ctx, Some(&class), &[], None);
-        let mut o = self.outcome(
-            ctx,
-            None,
-            status,
-            Some(class),
-            Vec::new(),
-            ev,
-            None,
-            message,
-        );
-        o.pending = pending;
-        o
+        Outcome {
+            pending,
+            ..self.outcome(ctx, None, status, Some(class), ev, message)
+        }
     }
 
     /// Records a refusal or failure through the refuse or fail entry; the
@@ -105,11 +92,14 @@ impl Runtime {
                     row.run_id
                 );
                 let ev = self.evidence(ctx, None, &[], None);
-                self.outcome(ctx, Some(&row), row.status, None, Vec::new(), ev, None, msg)
+                self.outcome(ctx, Some(&row), row.status, None, ev, msg)
             }
             Ok(row) => {
                 let st = row.status;
-                self.outcome(ctx, Some(&row), st, Some(class), closed, ev, None, message)
+                Outcome {
+                    closed_gates: closed,
+                    ..self.outcome(ctx, Some(&row), st, Some(class), ev, message)
+                }
             }
             Err(fault) => {
                 let why = fault.to_string();
@@ -138,9 +128,11 @@ impl Runtime {
                     ""
                 };
                 let msg = format!("{message}; could not write the ledger row: {why}{owed}");
-                let mut o = self.outcome(ctx, None, status, Some(class), closed, ev, None, msg);
-                o.pending = pending;
-                o
+                Outcome {
+                    closed_gates: closed,
+                    pending,
+                    ..self.outcome(ctx, None, status, Some(class), ev, msg)
+                }
             }
         }
     }
@@ -170,16 +162,7 @@ impl Runtime {
                     "{}; refused (the database still knows the command: its ledger row is written)",
                     refused.message
                 );
-                self.outcome(
-                    &ctx,
-                    Some(&row),
-                    row.status,
-                    Some(class),
-                    Vec::new(),
-                    ev,
-                    None,
-                    message,
-                )
+                self.outcome(&ctx, Some(&row), row.status, Some(class), ev, message)
             }
             _ => refused,
         }
@@ -218,16 +201,16 @@ impl Runtime {
         ev
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A job's outcome: its ledger row (if any), status, class, evidence
+    /// and message; no closed gates, no result rows, nothing pending (the
+    /// callers that have them set those fields).
     fn outcome(
         &self,
         ctx: &Ctx<'_>,
         row: Option<&LogRow>,
         status: RunStatus,
         error_class: Option<ErrorClass>,
-        closed_gates: Vec<String>,
         evidence: Value,
-        result: Option<Vec<Row>>,
         message: String,
     ) -> Outcome {
         let mut evidence = evidence;
@@ -239,10 +222,10 @@ impl Runtime {
             status,
             run_id: row.map(|r| r.run_id),
             params_digest: row.map(|r| r.digest.clone()).unwrap_or_default(),
-            closed_gates,
+            closed_gates: Vec::new(),
             error_class,
             evidence,
-            result,
+            result: None,
             message,
             pending: None,
         }

@@ -28,6 +28,7 @@ use crate::switch::ApplySwitch;
 use crate::transport::{run_script, Executor};
 
 pub use crate::job::{Mode, Outcome, RunStatus};
+pub use dispatch::{read_ledger, read_status};
 
 mod apply;
 mod dispatch;

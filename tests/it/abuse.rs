@@ -312,14 +312,12 @@ async fn a_job_whose_command_left_the_catalog_still_gets_its_ledger_row() {
     };
     let before = digest();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while digest() == before {
-        assert!(
-            Instant::now() < deadline,
-            "the new catalog was not picked up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || digest() != before,
+        || "the new catalog was not picked up".to_string(),
+    );
     let out = d.cli(Some(OTHER), &["approve", &id]);
     assert_eq!(
         out.status.code(),

@@ -51,11 +51,12 @@ async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
     writeln!(lock_in, "COMMIT;").unwrap();
     drop(lock_in);
     // Kill it while jobs are running.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db.count("dot_iu_command_run WHERE run_status = 'applied'") < 3 {
-        assert!(Instant::now() < deadline, "jobs did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        || db.count("dot_iu_command_run WHERE run_status = 'applied'") >= 3,
+        || "jobs did not start".to_string(),
+    );
     d.signal(nix::sys::signal::Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(10));
     let at_kill = db.count("dot_iu_command_run WHERE run_status = 'applied'");
@@ -235,11 +236,12 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
     let id = j["job"]["job_id"].as_str().unwrap().to_string();
     // Longer than one round of SSH connect backoff: the job goes back to
     // the queue (nothing ran) instead of failing.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.log_text().contains("job not over yet") {
-        assert!(Instant::now() < deadline, "{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || d.log_text().contains("job not over yet"),
+        || d.log_text(),
+    );
     let st = job_state(&d, &id);
     assert!(st == "queued" || st == "running", "{st}: {}", d.log_text());
     // Health tells the truth: the target is down, and says why.
@@ -302,11 +304,14 @@ async fn jobs_wait_for_a_target_that_is_down_and_unsettled_applies_are_settled()
         false,
     );
     let id = j["job"]["job_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while db.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name LIKE 'govsql:%' AND datname = current_database()") == "0" {
-        assert!(Instant::now() < deadline, "the apply never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || {
+            db.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name LIKE 'govsql:%' AND datname = current_database()") != "0"
+        },
+        || "the apply never started".to_string(),
+    );
     s.stop();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

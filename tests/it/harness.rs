@@ -649,3 +649,19 @@ impl TableLock {
         let _ = self.session.wait();
     }
 }
+
+/// Polls `done` every `every` until it holds; past `within`, panics with
+/// `what()` (the state that was not reached, in words). Tests wait for a
+/// state this way, never for a fixed time.
+pub fn wait_until(
+    within: Duration,
+    every: Duration,
+    mut done: impl FnMut() -> bool,
+    what: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", what());
+        std::thread::sleep(every);
+    }
+}

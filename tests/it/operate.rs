@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -102,11 +102,12 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
         })
     };
     let has = |what: &str| seen.lock().unwrap().iter().any(|m| m == what);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(has("READY=1") && has("WATCHDOG=1")) {
-        assert!(Instant::now() < deadline, "no READY and WATCHDOG");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || has("READY=1") && has("WATCHDOG=1"),
+        || "no READY and WATCHDOG".to_string(),
+    );
     // self-test sees the running daemon and the database.
     let st = d.cli(None, &["self-test"]);
     assert_eq!(
@@ -133,11 +134,12 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
     let good = std::fs::read_to_string(&cat).unwrap();
     std::fs::write(&cat, "this is not a catalog").unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log_text().contains("catalog reload refused") {
-        assert!(Instant::now() < deadline, "no reload attempt logged");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || d.log_text().contains("catalog reload refused"),
+        || "no reload attempt logged".to_string(),
+    );
     assert_eq!(digest(&d), before);
     // `systemctl status` shows the refusal while it stands...
     let last_status = || {
@@ -152,30 +154,30 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
             })
             .unwrap_or_default()
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !last_status().contains("catalog reload refused") {
-        assert!(Instant::now() < deadline, "STATUS: {}", last_status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || last_status().contains("catalog reload refused"),
+        || format!("STATUS: {}", last_status()),
+    );
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified");
     // A valid change is picked up.
     std::fs::write(&cat, good.replace("Whole-database health", "Health")).unwrap();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while digest(&d) == before {
-        assert!(
-            Instant::now() < deadline,
-            "a valid catalog was not picked up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || digest(&d) != before,
+        || "a valid catalog was not picked up".to_string(),
+    );
     // ...and a good reload replaces it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while last_status().contains("refused") {
-        assert!(Instant::now() < deadline, "STATUS: {}", last_status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || !last_status().contains("refused"),
+        || format!("STATUS: {}", last_status()),
+    );
     // SIGTERM lets a running job finish, then exits 0.
     let r = submit(
         &d,
@@ -211,15 +213,12 @@ async fn sighup_reloads_the_config_and_refuses_what_needs_a_restart() {
     assert_eq!(r["job"]["state"], "verified", "{r}");
     let text = std::fs::read_to_string(&db.config_path).unwrap();
     let wait_log = |d: &DaemonProc, what: &str, times: usize| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while d.log_text().matches(what).count() < times {
-            assert!(
-                Instant::now() < deadline,
-                "no {what:?} in the log: {}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || d.log_text().matches(what).count() >= times,
+            || format!("no {what:?} in the log: {}", d.log_text()),
+        );
     };
     // [access] reloads live: nobody may verify any more.
     let closed = text.replacen("verify = [\"*\"]", "verify = []", 1);

@@ -68,14 +68,12 @@ async fn no_param_value_in_the_daemon_log_or_the_queue_file() {
                 .unwrap_or(false)
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while holds_canary() {
-        assert!(
-            Instant::now() < deadline,
-            "the queue keeps a value after its jobs ended"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+        || !holds_canary(),
+        || "the queue keeps a value after its jobs ended".to_string(),
+    );
     let mode = std::fs::metadata(db.config.daemon.state_dir.join("queue.db"))
         .unwrap()
         .permissions()
@@ -118,15 +116,12 @@ async fn after_many_jobs_no_value_is_left_in_any_file_of_the_state_dir() {
             .sum()
     };
     // Once the daemon is idle, the pages that held the values are scrubbed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while leaks() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{} value fragments left in state_dir",
-            leaks()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || leaks() == 0,
+        || format!("{} value fragments left in state_dir", leaks()),
+    );
     // And after a kill -9 and a restart, nothing comes back.
     d.signal(nix::sys::signal::Signal::SIGKILL);
     drop(d);
@@ -274,14 +269,12 @@ async fn a_result_is_kept_for_its_submitter_for_result_ttl_then_erased() {
     let other = status(Some(OTHER));
     assert!(!other.to_string().contains("orphans"), "{other}");
     // Past result_ttl_s it is erased, and the file keeps no trace.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !status(None)["result"].is_null() {
-        assert!(
-            Instant::now() < deadline,
-            "the result outlived result_ttl_s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || status(None)["result"].is_null(),
+        || "the result outlived result_ttl_s".to_string(),
+    );
     let queue = db.config.daemon.state_dir.join("queue.db");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -96,11 +96,12 @@ async fn an_apply_in_doubt_outlasts_max_target_wait_and_is_settled_by_its_key() 
         "params": [["title", "in-doubt"]], "idempotency_key": "doubt-1"
     }));
     let id = r["job"]["job_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while state(&d, &id)["state"] != "running" {
-        assert!(Instant::now() < deadline, "the job never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || state(&d, &id)["state"] == "running",
+        || "the job never ran".to_string(),
+    );
     // Its transaction now waits for the lock; the daemon dies (SIGKILL).
     std::thread::sleep(Duration::from_millis(700));
     drop(d);
@@ -245,11 +246,12 @@ async fn a_job_claimed_at_start_is_not_put_back_and_run_beside_itself() {
     let lock = TableLock::take(&db.name, "iu_collection");
     let d = DaemonProc::start(&db);
     let first = submit_apply(&d, "race-first");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while state(&d, &first)["state"] != "running" {
-        assert!(Instant::now() < deadline, "the first job never ran");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || state(&d, &first)["state"] == "running",
+        || "the first job never ran".to_string(),
+    );
     // The second waits in the queue behind the first; the daemon dies.
     let second = submit_apply(&d, "race-second");
     drop(d);
@@ -358,15 +360,12 @@ async fn a_timed_out_job_whose_row_was_cut_off_gets_it_once_the_target_answers()
             "dot_iu_command_run WHERE idempotency_key = 'owed-timeout-1' AND run_status = 'failed' AND evidence->>'job_id' = '{id}'"
         ))
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while rows() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the owed row was never written: {}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || rows() != 0,
+        || format!("the owed row was never written: {}", d.log_text()),
+    );
     assert_eq!(
         db.count(
             "dot_iu_command_run WHERE idempotency_key = 'owed-timeout-1' AND evidence->>'error_class' = 'timeout'"

@@ -452,11 +452,12 @@ async fn a_wait_that_arrives_after_delivery_but_before_the_record_is_answered() 
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), false);
     let id = r["job"]["job_id"].as_str().unwrap().to_string();
     // The job runs in milliseconds; its record waits 3 s.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while db.count("dot_iu_command_run") == 0 {
-        assert!(Instant::now() < deadline, "the job did not run");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+        || db.count("dot_iu_command_run") != 0,
+        || "the job did not run".to_string(),
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(job_state(&d, &id), "running", "the window is open");
     let started = Instant::now();
