@@ -665,7 +665,8 @@ pub struct Outcome {
     /// Why it was refused or failed.
     pub error_class: Option<ErrorClass>,
     /// Structural facts only.
-    pub evidence: serde_json::Value,
+    #[serde(default)]
+    pub evidence: Evidence,
     /// The rows the command returned (to the submitter only).
     pub result: Option<Vec<Row>>,
     /// Why, in words (never a value).
@@ -674,6 +675,70 @@ pub struct Outcome {
     /// tries again (never sent, never stored).
     #[serde(skip)]
     pub pending: Option<Pending>,
+}
+
+/// The facts the daemon gives the database with every entry call (its
+/// `client` argument), each a short scalar. Never a value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClientFacts {
+    /// The daemon's job id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// ssh or local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// The target's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Time spent on the job so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// The database host's key fingerprint (SSH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    /// Who approved it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    /// The approver's or rejecter's words (at most 200 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the job was submitted (Unix seconds, as text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<String>,
+    /// When it ended (Unix seconds, as text), for a row written late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+}
+
+/// What an outcome records beside its status: the [`ClientFacts`] and the
+/// structural facts of the run. Never a value. Keys an older release
+/// stored are kept as they were.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Evidence {
+    /// The daemon's facts.
+    #[serde(flatten)]
+    pub client: ClientFacts,
+    /// plan, apply or verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// How many statements the command has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_count: Option<usize>,
+    /// The shut gates met.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_gates: Option<Vec<String>>,
+    /// The class of a refusal or failure (null: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<Option<String>>,
+    /// The catalog digest in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_digest: Option<String>,
+    /// How many rows the command answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_count: Option<usize>,
+    /// Anything else a stored outcome carries.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Why an outcome is not final yet.
@@ -711,7 +776,11 @@ impl Outcome {
             run_id: None,
             params_digest: job.params_digest.clone(),
             closed_gates: Vec::new(),
-            evidence: serde_json::json!({ "mode": job.mode.as_str(), "error_class": class }),
+            evidence: Evidence {
+                mode: Some(job.mode.as_str().to_string()),
+                error_class: Some(Some(class.as_str().to_string())),
+                ..Evidence::default()
+            },
             error_class: Some(class),
             result: None,
             message,

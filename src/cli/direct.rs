@@ -125,7 +125,7 @@ pub fn job_json(o: Option<&Outcome>, j: Option<&crate::job::Job>) -> serde_json:
         "job_id": j.map(|j| j.job_id.as_str()).or(o.map(|o| o.job_id.as_str())),
         "command": j.map(|j| j.command.as_str()).or(o.map(|o| o.command.as_str())),
         "mode": j.map(|j| j.mode).or(o.map(|o| o.mode)),
-        "target": j.map(|j| j.target.as_str()).or(o.and_then(|o| o.evidence["target"].as_str())),
+        "target": j.map(|j| j.target.as_str()).or(o.and_then(|o| o.evidence.client.target.as_deref())),
         "actor": j.map(|j| j.actor.as_str()),
         "status": status,
         "submitted_at": j.map(|j| j.submitted_at),

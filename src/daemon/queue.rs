@@ -870,7 +870,16 @@ mod tests {
                 .await
                 .unwrap();
         }
-        // a and b sleep out their backoff; c has not been tried.
+        // a and b sleep out their backoff (1 s after a first try: a
+        // loaded machine can take longer than that to get here, so it is
+        // made a minute); c has not been tried.
+        rusqlite::Connection::open(dir.path().join("queue.db"))
+            .unwrap()
+            .execute(
+                "UPDATE jobs SET not_before = not_before + 60 WHERE attempts > 0",
+                [],
+            )
+            .unwrap();
         assert_eq!(
             q.claim_next("main", false).await.unwrap().unwrap().job_id,
             id("c")

@@ -81,43 +81,31 @@ impl Runtime {
     }
 
     /// Facts only the daemon knows, for the ledger's evidence.
-    pub(super) fn client_facts(&self, ctx: &Ctx<'_>) -> Value {
-        let mut facts = json!({
-            "job_id": ctx.job.job_id,
-            "transport": self.executor.kind(),
-            "target": self.target,
-            "duration_ms": ctx.started.elapsed().as_millis() as u64,
-        });
-        if let Some(fp) = self.executor.host_key_fingerprint() {
-            facts["host_key"] = json!(fp);
+    pub(super) fn client_facts(&self, ctx: &Ctx<'_>) -> ClientFacts {
+        let reason = match ctx.job.preset.as_ref() {
+            // A rejection's reason (the approver's words, capped) is evidence.
+            Some(r) if r.class == ErrorClass::Rejected => Some(&r.message),
+            _ => ctx.job.approve_reason.as_ref(),
+        };
+        ClientFacts {
+            job_id: Some(ctx.job.job_id.to_string()),
+            transport: Some(self.executor.kind().to_string()),
+            target: Some(self.target.clone()),
+            duration_ms: Some(ctx.started.elapsed().as_millis() as u64),
+            host_key: self.executor.host_key_fingerprint(),
+            approved_by: ctx.job.approved_by.clone(),
+            reason: reason.map(|r| r.chars().take(200).collect()),
+            // The job's own times (a row written late says when it happened).
+            submitted_at: Some(ctx.job.submitted_at.to_string()),
+            ended_at: ctx.job.finished_at.map(|at| at.to_string()),
         }
-        if let Some(by) = &ctx.job.approved_by {
-            facts["approved_by"] = json!(by);
-        }
-        // A rejection's reason (the approver's words, capped) is evidence.
-        if let Some(r) = ctx
-            .job
-            .preset
-            .as_ref()
-            .filter(|r| r.class == ErrorClass::Rejected)
-        {
-            facts["reason"] = json!(r.message.chars().take(200).collect::<String>());
-        } else if let Some(why) = &ctx.job.approve_reason {
-            facts["reason"] = json!(why.chars().take(200).collect::<String>());
-        }
-        // The job's own times (a row written late says when it happened).
-        facts["submitted_at"] = json!(ctx.job.submitted_at.to_string());
-        if let Some(at) = ctx.job.finished_at {
-            facts["ended_at"] = json!(at.to_string());
-        }
-        facts
     }
 
     /// The one statement of an entry call (built by the grammar the
     /// database host's remote-gate checks).
     fn entry_sql(&self, ctx: &Ctx<'_>, entry: Entry, class: Option<&ErrorClass>) -> String {
         let params = Self::params_json(ctx);
-        let client = self.client_facts(ctx);
+        let client = serde_json::to_value(self.client_facts(ctx)).unwrap_or_default();
         let mut args = vec![
             Arg::Word(ctx.job.mode.as_str()),
             Arg::Word(&ctx.cmd.name),

@@ -2,8 +2,6 @@
 //! [`Verdict`] becomes the ledger row and the job's [`Outcome`]; the
 //! client's copy of the evidence; and the one tracing line per job.
 
-use serde_json::{json, Value};
-
 use crate::job::Pending;
 
 use super::*;
@@ -186,19 +184,19 @@ impl Runtime {
         class: Option<&ErrorClass>,
         closed: &[String],
         rows: Option<usize>,
-    ) -> Value {
+    ) -> Evidence {
         // The daemon's own facts (the same the database is given), then
         // the structural ones the database records beside them.
-        let mut ev = self.client_facts(ctx);
-        ev["mode"] = json!(ctx.job.mode.as_str());
-        ev["statement_count"] = json!(ctx.cmd.statements.len());
-        ev["closed_gates"] = json!(closed);
-        ev["error_class"] = json!(class);
-        ev["catalog_digest"] = json!(self.catalog.digest());
-        if let Some(n) = rows {
-            ev["row_count"] = json!(n);
+        Evidence {
+            client: self.client_facts(ctx),
+            mode: Some(ctx.job.mode.as_str().to_string()),
+            statement_count: Some(ctx.cmd.statements.len()),
+            closed_gates: Some(closed.to_vec()),
+            error_class: Some(class.map(|c| c.as_str().to_string())),
+            catalog_digest: Some(self.catalog.digest().to_string()),
+            row_count: rows,
+            other: serde_json::Map::new(),
         }
-        ev
     }
 
     /// A job's outcome: its ledger row (if any), status, class, evidence
@@ -210,11 +208,11 @@ impl Runtime {
         row: Option<&LogRow>,
         status: RunStatus,
         error_class: Option<ErrorClass>,
-        evidence: Value,
+        evidence: Evidence,
         message: String,
     ) -> Outcome {
         let mut evidence = evidence;
-        evidence["duration_ms"] = json!(ctx.started.elapsed().as_millis() as u64);
+        evidence.client.duration_ms = Some(ctx.started.elapsed().as_millis() as u64);
         Outcome {
             job_id: ctx.job.job_id.clone(),
             command: ctx.cmd.name.clone(),

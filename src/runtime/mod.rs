@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catalog::{Catalog, Command};
-use crate::job::{valid_identifier, ErrorClass, Job, Row};
+use crate::job::{valid_identifier, ClientFacts, ErrorClass, Evidence, Job, Row};
 use crate::params;
 use crate::psql::{FinishedScript, PsqlResult, Script};
 use crate::switch::ApplySwitch;

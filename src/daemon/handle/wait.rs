@@ -81,8 +81,8 @@ fn with_outcome(peer: &Peer, mut job: Job, mut outcome: Outcome) -> Reply {
     job.state = outcome.state();
     job.finished_at = job.finished_at.or(Some(unix_now()));
     // An approval given while this wait was open is in the evidence.
-    if let Some(by) = outcome.evidence["approved_by"].as_str() {
-        job.approved_by = Some(by.to_string());
+    if let Some(by) = &outcome.evidence.client.approved_by {
+        job.approved_by = Some(by.clone());
     }
     job.outcome = Some(outcome);
     Reply::job(job)
