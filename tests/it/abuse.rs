@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{configure, DaemonProc, OPEN_ACCESS, OTHER};
+use crate::daemon::{configure, open_db, DaemonProc, OPEN_ACCESS, OTHER};
 use crate::harness::*;
 
 /// One user's flood: `hold` idle connections, and `threads` threads that
@@ -50,8 +50,7 @@ for t in ts: t.join()
 /// NSS look-ups, before the per-uid check, and the client did not retry.
 #[tokio::test]
 async fn one_users_connection_churn_does_not_lock_another_out() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start(&db);
     let socket = db.config.daemon.socket.clone();
     let mut attacker = flood(OTHER, &socket, 40, 6, 12);
@@ -146,8 +145,7 @@ async fn a_flood_of_huge_requests_is_refused_without_the_memory_it_asks_for() {
 /// `idempotency_conflict`, whatever the params.
 #[tokio::test]
 async fn another_users_key_is_a_conflict_whatever_the_params() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     db.switch(true);
     let d = DaemonProc::start(&db);
@@ -288,8 +286,7 @@ async fn log_answers_while_every_job_slot_is_busy() {
 /// database still knew the command. Its refusal is now written.
 #[tokio::test]
 async fn a_job_whose_command_left_the_catalog_still_gets_its_ledger_row() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start(&db);
     let r = d.request(serde_json::json!({
         "v": 1, "op": "submit", "command": "dot_iu_purge_piece", "mode": "apply",

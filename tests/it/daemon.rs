@@ -206,6 +206,14 @@ pub(crate) fn configure(db: &mut TestDb, access: &str, daemon_extra: &str) {
     sshd::ensure_users();
 }
 
+/// A migrated database whose config lets every user do everything (the
+/// daemon tests' usual start; a test narrows [access] itself).
+pub(crate) async fn open_db() -> TestDb {
+    let mut db = test_db().await;
+    configure(&mut db, OPEN_ACCESS, "");
+    db
+}
+
 pub(crate) const OPEN_ACCESS: &str =
     "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"*\"]\n";
 

@@ -90,8 +90,7 @@ async fn crash_with_sigkill_mid_run_applies_each_job_exactly_once() {
 async fn two_daemons_on_one_target_apply_each_key_once() {
     // An HA pair (or one daemon per ops host): two state dirs, one target,
     // the same idempotency keys submitted to both. The ledger arbitrates.
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     let second = db.dir.path().join("govsql2.toml");
     std::fs::write(
@@ -161,8 +160,7 @@ impl Drop for Tmpfs {
 
 #[tokio::test]
 async fn a_full_state_disk_refuses_submits_clearly_and_nothing_stays_running() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     let state = db.config.daemon.state_dir.clone();
     let _disk = Tmpfs::mount(&state, "2m");
@@ -389,8 +387,7 @@ async fn a_job_that_gave_up_on_its_target_gets_its_ledger_row_once_the_target_is
 
 #[tokio::test]
 async fn a_batch_keeps_waiting_across_a_daemon_restart() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let mut d = DaemonProc::start(&db);
     let file = db.dir.path().join("slow.jsonl");
     std::fs::write(

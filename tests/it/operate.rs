@@ -70,8 +70,7 @@ async fn seed_proof_through_the_daemon_over_ssh() {
 
 #[tokio::test]
 async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     // systemd's notify socket: READY, WATCHDOG heartbeats, STOPPING.
     let notify_path = db.dir.path().join("notify.sock");
@@ -206,8 +205,7 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
 
 #[tokio::test]
 async fn sighup_reloads_the_config_and_refuses_what_needs_a_restart() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start(&db);
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified", "{r}");
@@ -490,8 +488,7 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
 
 #[tokio::test]
 async fn jobs_filter_by_state_mode_command_and_since_and_show_times_and_targets() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start(&db);
     for _ in 0..2 {
         let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);

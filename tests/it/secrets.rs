@@ -15,8 +15,7 @@ use crate::sshd::{self, keys, USER};
 
 #[tokio::test]
 async fn no_param_value_in_the_daemon_log_or_the_queue_file() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     let d = DaemonProc::start(&db);
     let canary = "CANARY-d43m0n-77";
@@ -83,8 +82,7 @@ async fn no_param_value_in_the_daemon_log_or_the_queue_file() {
 
 #[tokio::test]
 async fn after_many_jobs_no_value_is_left_in_any_file_of_the_state_dir() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     let d = DaemonProc::start(&db);
     let coll = "00000000-0000-0000-0000-0000000000c1";

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::daemon::{configure, submit, DaemonProc, OPEN_ACCESS};
+use crate::daemon::{configure, open_db, submit, DaemonProc, OPEN_ACCESS};
 use crate::harness::*;
 use crate::sshd::USER;
 
@@ -108,8 +108,7 @@ async fn a_socket_group_the_daemon_cannot_give_is_a_clear_error() {
 
 #[tokio::test]
 async fn an_unreadable_switch_refuses_applies_as_unreadable_never_as_off() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     let d = DaemonProc::start(&db);
     // A switch file that cannot be read (here a directory in its place:
@@ -136,8 +135,7 @@ async fn self_test_by_root_checks_as_the_owner_of_the_state_dir_and_root_switche
         eprintln!("skipped: needs root");
         return;
     }
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let user = nix::unistd::User::from_name(USER).unwrap().unwrap();
     let state = &db.config.daemon.state_dir;
     std::fs::create_dir_all(state).unwrap();

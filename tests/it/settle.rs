@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use govsql::runtime::{Mode, RunStatus};
 use serde_json::{json, Value};
 
-use crate::daemon::{configure, wait_terminal, DaemonProc, OPEN_ACCESS};
+use crate::daemon::{configure, open_db, wait_terminal, DaemonProc, OPEN_ACCESS};
 use crate::harness::*;
 
 /// An apply whose key already applied (an orphaned transaction of an
@@ -75,8 +75,7 @@ fn state(d: &DaemonProc, id: &str) -> Value {
 /// until the ledger answers, then end applied, once.
 #[tokio::test]
 async fn an_apply_in_doubt_outlasts_max_target_wait_and_is_settled_by_its_key() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let text = std::fs::read_to_string(&db.config_path).unwrap();
     std::fs::write(
         &db.config_path,
@@ -238,8 +237,7 @@ fn submit_apply(d: &DaemonProc, title: &str) -> String {
 /// workers now claim only after the recovery.
 #[tokio::test]
 async fn a_job_claimed_at_start_is_not_put_back_and_run_beside_itself() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     set_target_key(&db, "max_channels = 1");
     db.open_all();
     db.switch(true);
@@ -297,8 +295,7 @@ async fn a_job_claimed_at_start_is_not_put_back_and_run_beside_itself() {
 /// that reaches the database wakes the others.
 #[tokio::test]
 async fn jobs_that_waited_through_an_outage_go_as_soon_as_the_target_answers() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     set_target_key(&db, "max_target_wait_s = 600");
     db.open_all();
     db.switch(true);

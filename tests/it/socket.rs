@@ -17,8 +17,7 @@ use crate::sshd::{self};
 
 #[tokio::test]
 async fn malformed_requests_get_clear_errors_and_the_daemon_keeps_serving() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start(&db);
     let long = {
         let mut v = vec![b'{'; 1024 * 1024 + 10];
@@ -275,8 +274,7 @@ async fn users_see_their_own_jobs_and_none_can_hog_the_socket() {
 
 #[tokio::test]
 async fn a_user_who_may_not_open_the_socket_is_told_which_group_to_join() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let text = std::fs::read_to_string(&db.config_path).unwrap().replacen(
         "socket_mode = \"0666\"",
         "socket_mode = \"0660\"",
@@ -317,8 +315,7 @@ async fn a_user_who_may_not_open_the_socket_is_told_which_group_to_join() {
 /// the live daemon's socket answering.
 #[tokio::test]
 async fn a_daemon_never_replaces_a_socket_that_answers() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let second = db.dir.path().join("govsql2.toml");
     std::fs::write(
         &second,
@@ -360,8 +357,7 @@ async fn a_daemon_never_replaces_a_socket_that_answers() {
 
 #[tokio::test]
 async fn a_waiting_submit_names_its_job_at_once_and_says_when_it_needs_approval() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     db.open_all();
     let d = DaemonProc::start(&db);
     // A command that needs approval: the id and who must act, then the
@@ -410,8 +406,7 @@ async fn a_waiting_submit_names_its_job_at_once_and_says_when_it_needs_approval(
 
 #[tokio::test]
 async fn a_job_has_one_json_shape_wherever_it_is_printed() {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start(&db);
     let json_of_cli = |args: &[&str]| d.cli_json(None, args);
     let waited = json_of_cli(&["verify", "--wait", "--json"]);
@@ -446,8 +441,7 @@ async fn a_wait_that_arrives_after_delivery_but_before_the_record_is_answered() 
     // The worker hands the outcome to waiters, then writes the queue row;
     // a wait arriving in between used to find `running` and sleep for an
     // hour (a 10 000-job batch hung on it). The hook widens the window.
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
+    let db = open_db().await;
     let d = DaemonProc::start_with(&db, &[("GOVSQL_TEST_RECORD_DELAY_MS", Path::new("3000"))]);
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), false);
     let id = r["job"]["job_id"].as_str().unwrap().to_string();
