@@ -1,5 +1,5 @@
 //! Migrations across releases: a database at the previous release's
-//! migrations (tests/fixtures/previous-release) upgrades to this build's
+//! migrations (tests/fixtures/previous-release.sha256) upgrades to this build's
 //! function bodies; a released migration that changed is refused; two
 //! migrates of one database take turns.
 
@@ -13,20 +13,21 @@ use sha2::{Digest, Sha256};
 use crate::harness::*;
 
 /// Migrates `db` as the previous release's `govsql migrate` did (without
-/// the demo): each file of the fixture once, in its own transaction, with
-/// the runtime role and a fresh secret, recorded with its checksum.
+/// the demo): each migration it shipped (tests/fixtures/
+/// previous-release.sha256: its versions and their sha256) once, in its
+/// own transaction, with the runtime role and a fresh secret, recorded
+/// with its checksum. This build's files of those versions must be the
+/// released bytes (a released migration is never edited).
 fn migrate_as_previous_release(db: &TestDb) -> Vec<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/previous-release");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-        .collect();
-    files.sort();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest =
+        std::fs::read_to_string(root.join("tests/fixtures/previous-release.sha256")).unwrap();
     let pg = pg();
     db.sql("CREATE TABLE public.dot_schema_migrations (version text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())");
     let mut versions = Vec::new();
-    for f in files {
+    for line in manifest.lines() {
+        let (released_sum, file) = line.split_once("  ").unwrap();
+        let f = root.join("sql/migrations").join(file);
         let version = f.file_stem().unwrap().to_str().unwrap().to_string();
         let sql = std::fs::read_to_string(&f).unwrap();
         let secret = hex::encode(rand::random::<[u8; 32]>());
@@ -46,6 +47,10 @@ fn migrate_as_previous_release(db: &TestDb) -> Vec<String> {
             String::from_utf8_lossy(&out.stderr)
         );
         let sum = hex::encode(Sha256::digest(sql.as_bytes()));
+        assert_eq!(
+            sum, released_sum,
+            "{version} was edited after its release: add a new migration instead"
+        );
         db.sql(&format!(
             "INSERT INTO public.dot_schema_migrations (version, checksum) VALUES ('{version}', '{sum}')"
         ));
@@ -66,20 +71,6 @@ fn functions_of(db: &TestDb) -> String {
 async fn a_database_at_the_previous_release_upgrades_to_this_builds_functions() {
     let old = unmigrated_db();
     let released = migrate_as_previous_release(&old);
-    // The fixture is what was released: this build's files of the same
-    // versions are byte for byte the same (a released migration is never
-    // edited), and this build has more.
-    for v in &released {
-        let m = MIGRATIONS.iter().find(|m| m.version == v).unwrap();
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/previous-release")
-            .join(format!("{v}.sql"));
-        assert_eq!(
-            m.sql,
-            std::fs::read_to_string(path).unwrap(),
-            "{v} was edited after its release: add a new migration instead"
-        );
-    }
     let before = functions_of(&old);
     let report = migrate(&old.admin_executor(), &old.catalog, RUNTIME_ROLE, true)
         .await
