@@ -93,6 +93,11 @@ pub struct Command {
     /// mutating commands; `["ok"]` when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expect_status: Vec<String>,
+    /// The most rows one apply may change (inserted, updated or deleted,
+    /// counted inside the applying transaction); over it the apply rolls
+    /// back and fails `row_cap`. Mutating commands only; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
     /// The statements compiled for the dispatcher (filled at load).
     #[serde(skip)]
     pub compiled: Vec<String>,
@@ -235,7 +240,7 @@ impl Catalog {
         for c in &self.file.command {
             let _ = writeln!(
                 s,
-                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, statements, statement_kinds, param_specs, expect_status, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}::jsonb, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, statements = EXCLUDED.statements, statement_kinds = EXCLUDED.statement_kinds, param_specs = EXCLUDED.param_specs, expect_status = EXCLUDED.expect_status, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.statements, c.statement_kinds, c.param_specs, c.expect_status, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, EXCLUDED.statements, EXCLUDED.statement_kinds, EXCLUDED.param_specs, EXCLUDED.expect_status, false);",
+                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, statements, statement_kinds, param_specs, expect_status, max_rows, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}::jsonb, {}, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, statements = EXCLUDED.statements, statement_kinds = EXCLUDED.statement_kinds, param_specs = EXCLUDED.param_specs, expect_status = EXCLUDED.expect_status, max_rows = EXCLUDED.max_rows, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.statements, c.statement_kinds, c.param_specs, c.expect_status, c.max_rows, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, EXCLUDED.statements, EXCLUDED.statement_kinds, EXCLUDED.param_specs, EXCLUDED.expect_status, EXCLUDED.max_rows, false);",
                 quote_trusted(&c.name),
                 quote_trusted(&c.category),
                 quote_trusted(&c.description),
@@ -250,6 +255,9 @@ impl Catalog {
                 text_array(&c.kinds.iter().map(|k| k.word().to_string()).collect::<Vec<_>>()),
                 quote_trusted(&serde_json::to_string(&c.params).unwrap_or_else(|_| "[]".into())),
                 text_array(&c.expected_statuses()),
+                c.max_rows
+                    .map(|n| format!("{n}::bigint"))
+                    .unwrap_or_else(|| "NULL::bigint".into()),
             );
         }
         let names: Vec<String> = self
@@ -295,6 +303,14 @@ fn check_answers_and_targets(cmd: &Command) -> Result<(), String> {
         return Err(format!(
             "expect_status {s:?} must be 1-32 characters of a-z and _"
         ));
+    }
+    if cmd.max_rows.is_some() && !cmd.mutating {
+        return Err(
+            "max_rows caps the rows an apply changes: only a mutating command may set it".into(),
+        );
+    }
+    if cmd.max_rows.is_some_and(|n| n > i64::MAX as u64) {
+        return Err("max_rows must fit a bigint".into());
     }
     if let Some(t) = cmd.targets.iter().find(|t| t.starts_with("fn_dot_iu_")) {
         return Err(format!(

@@ -346,12 +346,17 @@ pub enum ErrorClass {
     DbUnavailable,
     /// The database host's remote-gate refused the script: nothing ran.
     RemoteGate,
+    /// The apply changed more rows than the command's `max_rows`; rolled
+    /// back.
+    RowCap,
+    /// A freeze window covers the command at commit; rolled back.
+    Frozen,
     /// A bug; the message says what.
     Internal,
 }
 
 impl ErrorClass {
-    const WORDS: [(&'static str, ErrorClass); 24] = [
+    const WORDS: [(&'static str, ErrorClass); 26] = [
         ("unknown_command", ErrorClass::UnknownCommand),
         ("bad_params", ErrorClass::BadParams),
         ("unsafe_plan", ErrorClass::UnsafePlan),
@@ -375,6 +380,8 @@ impl ErrorClass {
         ("ssh_auth", ErrorClass::SshAuth),
         ("db_unavailable", ErrorClass::DbUnavailable),
         ("remote_gate", ErrorClass::RemoteGate),
+        ("row_cap", ErrorClass::RowCap),
+        ("frozen", ErrorClass::Frozen),
         ("internal", ErrorClass::Internal),
     ];
 
@@ -433,7 +440,8 @@ impl ErrorClass {
             | ErrorClass::CatalogDrift
             | ErrorClass::TargetMissing
             | ErrorClass::IdempotencyConflict
-            | ErrorClass::LogExposure => RunStatus::Refused,
+            | ErrorClass::LogExposure
+            | ErrorClass::Frozen => RunStatus::Refused,
             ErrorClass::Sql(_)
             | ErrorClass::UnexpectedStatus
             | ErrorClass::VerificationFailed
@@ -444,6 +452,7 @@ impl ErrorClass {
             | ErrorClass::SshAuth
             | ErrorClass::DbUnavailable
             | ErrorClass::RemoteGate
+            | ErrorClass::RowCap
             | ErrorClass::Internal => RunStatus::Failed,
         }
     }

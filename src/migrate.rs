@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/008_keys_per_actor.sql"),
         rollback: include_str!("../sql/rollback/008_keys_per_actor.sql"),
     },
+    Migration {
+        version: "009_limits",
+        sql: include_str!("../sql/migrations/009_limits.sql"),
+        rollback: include_str!("../sql/rollback/009_limits.sql"),
+    },
 ];
 
 /// One repeatable file of function bodies.
@@ -143,6 +148,11 @@ pub const DEMO: &[Migration] = &[
         version: "demo_003_diag_notify",
         sql: include_str!("../sql/demo/003_diag_notify.sql"),
         rollback: include_str!("../sql/rollback/demo_003_diag_notify.sql"),
+    },
+    Migration {
+        version: "demo_004_diag_rows",
+        sql: include_str!("../sql/demo/004_diag_rows.sql"),
+        rollback: include_str!("../sql/rollback/demo_004_diag_rows.sql"),
     },
 ];
 

@@ -37,9 +37,15 @@ pub const UNEXPECTED_STATUS: &str = "GV091";
 /// Inside the dispatcher: a result over its limit (caught there:
 /// `result_too_large`).
 pub const RESULT_TOO_LARGE: &str = "GV092";
+/// Inside the dispatcher: more rows changed than the command's max_rows
+/// (caught there: `row_cap`).
+pub const ROW_CAP: &str = "GV093";
+/// Inside the dispatcher: a freeze window covers the command at commit
+/// (caught there: `frozen`).
+pub const FROZEN: &str = "GV094";
 
 /// Every code above.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 16] = [
     GATE_CLOSED,
     ALREADY_APPLIED,
     KEY_CONFLICT,
@@ -54,4 +60,6 @@ pub const ALL: [&str; 14] = [
     END_OF_CHECKS,
     UNEXPECTED_STATUS,
     RESULT_TOO_LARGE,
+    ROW_CAP,
+    FROZEN,
 ];

@@ -35,6 +35,62 @@ BEGIN
 END
 $$;
 
+-- The rows this transaction has changed so far, per user table, as
+-- PostgreSQL's transaction statistics count them: every row inserted,
+-- updated or deleted, whoever's function did it (SECURITY DEFINER
+-- included), and rows of a subtransaction that was rolled back too (the
+-- count is of rows touched, never fewer than those that commit). TRUNCATE
+-- changes no count. {"schema.table": [inserted, updated, deleted]}, only
+-- tables with a change; NULL when counting is off (track_counts).
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_rows_touched() RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SET search_path = public, pg_temp AS $$
+BEGIN
+    IF current_setting('track_counts') <> 'on' THEN
+        RETURN NULL;
+    END IF;
+    RETURN coalesce((
+        SELECT jsonb_object_agg(s.schemaname || '.' || s.relname,
+                                jsonb_build_array(s.n_tup_ins, s.n_tup_upd, s.n_tup_del))
+          FROM pg_stat_xact_user_tables s
+         WHERE s.n_tup_ins + s.n_tup_upd + s.n_tup_del > 0
+    ), '{}'::jsonb);
+END
+$$;
+
+-- What changed between two counts of fn_dot_iu_rows_touched: the rows per
+-- table ({"inserted", "updated", "deleted"}, the 50 largest) and their sum.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_rows_changed(p_before jsonb, p_after jsonb)
+RETURNS TABLE (per_table jsonb, total bigint)
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN QUERY
+    WITH d AS (
+        SELECT a.key AS tbl,
+               (a.value ->> 0)::bigint - coalesce((p_before -> a.key ->> 0)::bigint, 0) AS ins,
+               (a.value ->> 1)::bigint - coalesce((p_before -> a.key ->> 1)::bigint, 0) AS upd,
+               (a.value ->> 2)::bigint - coalesce((p_before -> a.key ->> 2)::bigint, 0) AS del
+          FROM jsonb_each(coalesce(p_after, '{}'::jsonb)) AS a
+    ), nz AS (
+        SELECT *, ins + upd + del AS n FROM d WHERE ins + upd + del > 0
+    )
+    SELECT coalesce((SELECT jsonb_object_agg(t.tbl, jsonb_build_object('inserted', t.ins, 'updated', t.upd, 'deleted', t.del))
+                       FROM (SELECT * FROM nz ORDER BY n DESC, tbl LIMIT 50) AS t), '{}'::jsonb),
+           coalesce((SELECT sum(n) FROM nz), 0)::bigint;
+END
+$$;
+
+-- The live freeze windows that cover a command at a time: by its name, by
+-- its category, or every command (both NULL).
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_freezes(p_command text, p_category text, p_at timestamptz)
+RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = public, pg_temp AS $$
+    SELECT coalesce(array_agg(f.freeze_id ORDER BY f.freeze_id), ARRAY[]::bigint[])
+      FROM public.dot_iu_freeze f
+     WHERE f.removed_at IS NULL AND f.starts_at <= p_at AND p_at < f.ends_at
+       AND (f.command_name = p_command OR f.category = p_category
+            OR (f.command_name IS NULL AND f.category IS NULL))
+$$;
+
 -- The dispatcher. Under the key's advisory lock, the key rule
 -- (fn_dot_iu_key_prior) comes first: a replay or a conflict is found
 -- before the reasons are.
@@ -68,6 +124,10 @@ DECLARE
     r          record;
     v_ok       boolean := true;
     v_bytes    bigint := 0;
+    v_touched  jsonb;
+    v_by_table jsonb;
+    v_changed  bigint;
+    v_frozen   bigint[] := ARRAY[]::bigint[];
 BEGIN
     PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
     c := public.fn_dot_iu_entry_command(p_command);
@@ -130,12 +190,19 @@ BEGIN
     IF NOT coalesce(p_allow_log_exposure, false) AND cardinality(public.fn_dot_iu_log_exposure()) > 0 THEN
         v_reasons := array_append(v_reasons, 'log_exposure');
     END IF;
+    IF p_mode <> 'verify' THEN
+        v_frozen := public.fn_dot_iu_freezes(c.command_name, c.category, clock_timestamp());
+        IF cardinality(v_frozen) > 0 THEN
+            v_reasons := array_append(v_reasons, 'frozen');
+        END IF;
+    END IF;
 
     IF p_mode = 'plan' THEN
         kind := 'run';
         value := public.fn_dot_iu_record(p_command, p_mode, 'planned', p_actor, v_digest, p_key,
             public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), NULL, v_closed, v_started,
-                jsonb_build_object('reasons', to_jsonb(v_reasons))),
+                jsonb_build_object('reasons', to_jsonb(v_reasons), 'max_rows', c.max_rows)
+                || CASE WHEN cardinality(v_frozen) > 0 THEN jsonb_build_object('freeze_ids', to_jsonb(v_frozen)) ELSE '{}'::jsonb END),
             NULL, v_closed, v_reasons);
         RETURN NEXT;
         RETURN;
@@ -147,6 +214,7 @@ BEGIN
             WHEN 'target_missing' = ANY (v_reasons) THEN 'target_missing'
             WHEN 'catalog_drift' = ANY (v_reasons) THEN 'catalog_drift'
             WHEN 'gate_closed' = ANY (v_reasons) THEN 'gate_closed'
+            WHEN 'frozen' = ANY (v_reasons) THEN 'frozen'
             ELSE v_reasons[1] END;
     ELSIF p_mode = 'verify' AND 'target_missing' = ANY (v_reasons) THEN
         v_class := 'target_missing';
@@ -154,7 +222,8 @@ BEGIN
     IF v_class IS NOT NULL THEN
         kind := 'run';
         value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
-            public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, v_closed, v_started, NULL),
+            public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, v_closed, v_started,
+                CASE WHEN v_class = 'frozen' THEN jsonb_build_object('freeze_ids', to_jsonb(v_frozen)) END),
             v_class, v_closed, v_reasons);
         RETURN NEXT;
         RETURN;
@@ -166,6 +235,8 @@ BEGIN
             -- Read-only, enforced by PostgreSQL; the block is rolled back
             -- (GV090) so the ledger write below is allowed again.
             PERFORM set_config('transaction_read_only', 'on', true);
+        ELSE
+            v_touched := public.fn_dot_iu_rows_touched();
         END IF;
         FOR v_i IN 1 .. cardinality(c.statements) LOOP
             v_sql := c.statements[v_i];
@@ -201,6 +272,23 @@ BEGIN
         IF NOT v_ok THEN
             RAISE EXCEPTION USING ERRCODE = 'GV091', MESSAGE = 'unexpected status';
         END IF;
+        -- The rows the statements changed, counted before the commit;
+        -- over the cap (or uncountable under a cap) rolls them back.
+        IF v_touched IS NOT NULL THEN
+            SELECT d.per_table, d.total INTO v_by_table, v_changed
+              FROM public.fn_dot_iu_rows_changed(v_touched, public.fn_dot_iu_rows_touched()) AS d;
+        END IF;
+        IF c.max_rows IS NOT NULL AND (v_changed IS NULL OR v_changed > c.max_rows) THEN
+            RAISE EXCEPTION USING ERRCODE = 'GV093', MESSAGE = 'over the row cap';
+        END IF;
+        -- A freeze window that covers this commit: read under the lock
+        -- that `freeze add` and `freeze remove` take exclusively, so a
+        -- window added while the statements ran is seen here.
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('govsql:freeze', 0));
+        v_frozen := public.fn_dot_iu_freezes(c.command_name, c.category, clock_timestamp());
+        IF cardinality(v_frozen) > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'GV094', MESSAGE = 'inside a freeze window';
+        END IF;
     EXCEPTION
         WHEN SQLSTATE 'GV090' THEN
             IF NOT v_ok THEN
@@ -212,6 +300,12 @@ BEGIN
         WHEN SQLSTATE 'GV092' THEN
             v_class := 'result_too_large';
             v_rows := ARRAY[]::text[];
+        WHEN SQLSTATE 'GV093' THEN
+            v_class := 'row_cap';
+            v_rows := ARRAY[]::text[];
+        WHEN SQLSTATE 'GV094' THEN
+            v_class := 'frozen';
+            v_rows := ARRAY[]::text[];
         WHEN OTHERS THEN
             v_class := SQLSTATE;
             v_rows := ARRAY[]::text[];
@@ -220,7 +314,18 @@ BEGIN
         v_extra := jsonb_build_object('answered_status', v_word);
     END IF;
     v_extra := v_extra || jsonb_build_object('row_count', cardinality(v_rows));
+    IF p_mode = 'apply' THEN
+        v_extra := v_extra || jsonb_build_object('max_rows', c.max_rows,
+            'rows_changed', v_changed, 'rows_by_table', v_by_table);
+        IF v_class = 'frozen' THEN
+            v_extra := v_extra || jsonb_build_object('freeze_ids', to_jsonb(v_frozen));
+        END IF;
+    END IF;
     v_status := CASE WHEN v_class IS NOT NULL THEN 'failed' WHEN p_mode = 'apply' THEN 'applied' ELSE 'verified' END;
+    IF v_class = 'frozen' THEN
+        -- Not a failure of the SQL: the window refused the commit.
+        v_status := 'refused';
+    END IF;
     FOR v_i IN 1 .. cardinality(v_rows) LOOP
         kind := 'row';
         value := v_rows[v_i];

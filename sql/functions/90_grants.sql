@@ -12,6 +12,8 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb),
     public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]),
     public.fn_dot_iu_key_prior(text, text, text, text),
     public.fn_dot_iu_check_call(text, text, text), public.fn_dot_iu_entry_command(text),
+    public.fn_dot_iu_rows_touched(), public.fn_dot_iu_rows_changed(jsonb, jsonb),
+    public.fn_dot_iu_freezes(text, text, timestamptz),
     public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
@@ -26,6 +28,9 @@ ALTER FUNCTION public.fn_dot_iu_record(text, text, text, text, text, text, jsonb
 ALTER FUNCTION public.fn_dot_iu_key_prior(text, text, text, text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_check_call(text, text, text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_entry_command(text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_rows_touched() OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_rows_changed(jsonb, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_freezes(text, text, timestamptz) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;

@@ -12,6 +12,9 @@ DROP FUNCTION IF EXISTS public.fn_dot_iu_fail(text, text, jsonb, text, text, tex
 DROP FUNCTION IF EXISTS public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_entry_command(text);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_rows_touched();
+DROP FUNCTION IF EXISTS public.fn_dot_iu_rows_changed(jsonb, jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_freezes(text, text, timestamptz);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_check_call(text, text, text);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_key_prior(text, text, text, text);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_record(text, text, text, text, text, text, jsonb, text, text[], text[]);

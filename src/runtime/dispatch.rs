@@ -291,6 +291,15 @@ fn class_message(ctx: &Ctx<'_>, class: &ErrorClass, run: &RunRow) -> String {
             "the result was over the target's max_result_bytes; rolled back, nothing returned"
                 .into()
         }
+        ErrorClass::RowCap => format!(
+            "the apply changed more rows than {}'s max_rows ({}); rolled back, nothing committed (the counts per table are in the ledger's evidence)",
+            ctx.cmd.name,
+            ctx.cmd.max_rows.map_or_else(|| "?".to_string(), |n| n.to_string())
+        ),
+        ErrorClass::Frozen => format!(
+            "a freeze window covers {} now (`govsql freeze list` shows it); nothing committed",
+            ctx.cmd.name
+        ),
         ErrorClass::Sql(state) => format!(
             "the command's SQL failed with SQLSTATE {state}; nothing was committed"
         ),

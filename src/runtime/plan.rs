@@ -34,6 +34,9 @@ impl Runtime {
                 "idempotency_conflict" => {
                     blockers.push("the idempotency key was applied with other params".into())
                 }
+                "frozen" => {
+                    blockers.push("a freeze window covers it now (`govsql freeze list`)".into())
+                }
                 other => blockers.push(other.to_string()),
             }
         }
@@ -44,14 +47,19 @@ impl Runtime {
             blockers.push("it needs a second person's approval".into());
         }
         let statements = ctx.cmd.statements.join("; ");
+        let cap = ctx
+            .cmd
+            .max_rows
+            .map(|n| format!(" changing at most {n} row(s)"))
+            .unwrap_or_default();
         let message = if blockers.is_empty() {
             format!(
-                "planned: apply would run {} statement(s) [{statements}]; every gate is open and nothing stops it now",
+                "planned: apply would run {} statement(s) [{statements}]{cap}; every gate is open and nothing stops it now",
                 ctx.cmd.statements.len()
             )
         } else {
             format!(
-                "planned: apply would run {} statement(s) [{statements}], but would be refused now: {}",
+                "planned: apply would run {} statement(s) [{statements}]{cap}, but would be refused now: {}",
                 ctx.cmd.statements.len(),
                 blockers.join("; ")
             )

@@ -15,6 +15,7 @@ mod guard_table;
 mod harness;
 mod hostile;
 mod layout;
+mod limits;
 mod operate;
 mod secrets;
 mod seed_lock;

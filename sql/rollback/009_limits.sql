@@ -1,0 +1,4 @@
+-- Rollback of 009_limits.
+DROP TABLE IF EXISTS public.dot_iu_freeze;
+ALTER TABLE public.dot_iu_command_catalog DROP COLUMN IF EXISTS max_rows;
+DELETE FROM public.dot_schema_migrations WHERE version = '009_limits';
