@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod freeze;
 pub mod gate;
 pub mod grammar;
 pub mod guard;

@@ -45,18 +45,19 @@ pub fn utc_text(unix: i64) -> String {
     )
 }
 
-/// Parses a duration like `30m`, `2h`, `90s`, `1d`.
+/// Parses a duration like `30m`, `2h`, `90s`, `1d` (or `1500ms`).
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
         _ => return None,
     };
-    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+    (ms > 0).then(|| std::time::Duration::from_millis(ms))
 }
 
 /// `--since`: a duration ago (`90s`, `30m`, `1h`, `2d`) or a UTC date
@@ -100,6 +101,10 @@ mod tests {
         assert_eq!(
             parse_duration("2h"),
             Some(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_duration("1500ms"),
+            Some(std::time::Duration::from_millis(1500))
         );
         assert_eq!(parse_duration("0m"), None);
         assert_eq!(parse_duration("m"), None);

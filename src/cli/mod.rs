@@ -34,6 +34,7 @@ macro_rules! out_raw {
 mod admin;
 mod batch;
 mod direct;
+mod freeze;
 mod gate;
 mod remote;
 mod service_user;
@@ -142,6 +143,12 @@ pub enum Cmd {
         /// Roll everything back instead (refused while the ledger has rows).
         #[arg(long, conflicts_with = "demo")]
         rollback: bool,
+    },
+    /// Freeze windows on a target (as admin): add, list, remove.
+    Freeze {
+        /// What to do.
+        #[command(subcommand)]
+        action: freeze::FreezeAction,
     },
     /// The local apply switch (kill switch): on, off, status.
     Switch {
@@ -430,6 +437,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        Cmd::Freeze { action } => freeze::freeze_cmd(&config_path, action).await,
         Cmd::Switch { state, for_, once } => {
             switch_cmd(&config_path, &state, for_.as_deref(), once)
         }
