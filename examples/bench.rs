@@ -296,6 +296,7 @@ fn healthcheck(wait: bool) -> Request {
         params: Params::default(),
         target: None,
         idempotency_key: None,
+        plan_digest: None,
         wait,
         timeout_s: wait.then_some(120),
     })
@@ -309,6 +310,7 @@ async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> boo
         params,
         target: Some(target.to_string()),
         idempotency_key: None,
+        plan_digest: None,
         wait: true,
         timeout_s: Some(120),
     });

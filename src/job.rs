@@ -18,6 +18,11 @@ pub fn effective_user() -> String {
         .unwrap_or_else(|| format!("uid{uid}"))
 }
 
+/// Whether `s` is a plan digest: 64 lowercase hex characters (sha256).
+pub fn valid_plan_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// A job's id: `<hex seconds>-<8 hex random>`, at most 64 characters of
 /// `[0-9a-z-]` when it comes from a client, so an unknown id is refused
 /// before anything is looked up or held.
@@ -351,12 +356,14 @@ pub enum ErrorClass {
     RowCap,
     /// A freeze window covers the command at commit; rolled back.
     Frozen,
+    /// The approved plan no longer matches what would run.
+    PlanDrift,
     /// A bug; the message says what.
     Internal,
 }
 
 impl ErrorClass {
-    const WORDS: [(&'static str, ErrorClass); 26] = [
+    const WORDS: [(&'static str, ErrorClass); 27] = [
         ("unknown_command", ErrorClass::UnknownCommand),
         ("bad_params", ErrorClass::BadParams),
         ("unsafe_plan", ErrorClass::UnsafePlan),
@@ -382,6 +389,7 @@ impl ErrorClass {
         ("remote_gate", ErrorClass::RemoteGate),
         ("row_cap", ErrorClass::RowCap),
         ("frozen", ErrorClass::Frozen),
+        ("plan_drift", ErrorClass::PlanDrift),
         ("internal", ErrorClass::Internal),
     ];
 
@@ -441,7 +449,8 @@ impl ErrorClass {
             | ErrorClass::TargetMissing
             | ErrorClass::IdempotencyConflict
             | ErrorClass::LogExposure
-            | ErrorClass::Frozen => RunStatus::Refused,
+            | ErrorClass::Frozen
+            | ErrorClass::PlanDrift => RunStatus::Refused,
             ErrorClass::Sql(_)
             | ErrorClass::UnexpectedStatus
             | ErrorClass::VerificationFailed
@@ -583,6 +592,10 @@ pub struct Job {
     /// ledger's evidence).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approve_reason: Option<String>,
+    /// The plan digest it is pinned to (`apply --plan DIGEST`): what its
+    /// approvers approve, checked by the dispatcher at the apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_digest: Option<String>,
     /// When it was submitted (unix seconds).
     pub submitted_at: i64,
     /// When it ended (unix seconds).
@@ -640,6 +653,7 @@ impl Job {
             approved_by: None,
             approved_at: None,
             approve_reason: None,
+            plan_digest: None,
             submitted_at: crate::time::unix_now(),
             finished_at: None,
             outcome: None,
@@ -711,6 +725,10 @@ pub struct ClientFacts {
     /// The approver's or rejecter's words (at most 200 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The plan digest an apply is pinned to (`apply --plan`): the
+    /// dispatcher refuses it when what would run no longer matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_digest: Option<String>,
     /// When the job was submitted (Unix seconds, as text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,

@@ -83,6 +83,9 @@ pub struct JobSpec {
     /// The idempotency key (default: `job:<job_id>`).
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// apply: the plan digest it is pinned to (`--plan`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_digest: Option<String>,
 }
 
 /// A job to queue (a [`JobSpec`]'s fields, and whether to wait).
@@ -102,6 +105,9 @@ pub struct Submit {
     /// The idempotency key (default: `job:<job_id>`).
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// apply: the plan digest it is pinned to (`--plan`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_digest: Option<String>,
     /// Answer only once the job is terminal (result included).
     #[serde(default)]
     pub wait: bool,
@@ -119,6 +125,7 @@ impl From<JobSpec> for Submit {
             params: j.params,
             target: j.target,
             idempotency_key: j.idempotency_key,
+            plan_digest: j.plan_digest,
             wait: false,
             timeout_s: None,
         }
@@ -134,6 +141,7 @@ impl Submit {
             params: self.params,
             target: self.target,
             idempotency_key: self.idempotency_key,
+            plan_digest: self.plan_digest,
         }
     }
 }

@@ -91,6 +91,52 @@ LANGUAGE sql STABLE SET search_path = public, pg_temp AS $$
             OR (f.command_name IS NULL AND f.category IS NULL))
 $$;
 
+-- What a plan covers, which its digest binds: the target (the daemon's
+-- name for it), the command, the keyed params digest, the catalog digest,
+-- the md5 of each target function's definition (every overload), the
+-- gates an apply needs and the row cap. Never a value.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_plan_facts(
+    c public.dot_iu_command_catalog, p_target text, p_params_digest text
+) RETURNS jsonb
+LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
+BEGIN
+    RETURN jsonb_build_object(
+        'target', coalesce(p_target, ''),
+        'command', c.command_name,
+        'params_digest', p_params_digest,
+        'catalog_digest', coalesce((SELECT digest FROM public.dot_iu_catalog_state), ''),
+        'functions', coalesce((
+            SELECT jsonb_object_agg(p.oid::regprocedure::text, md5(pg_get_functiondef(p.oid)))
+              FROM pg_proc p
+             WHERE p.pronamespace = 'public'::regnamespace AND p.proname = ANY (c.target_functions)
+               AND p.prokind = 'f'), '{}'::jsonb),
+        'gates', to_jsonb(c.required_gates),
+        'max_rows', c.max_rows);
+END
+$$;
+
+-- A plan's digest: sha256 of its facts' canonical text.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_plan_digest(p_facts jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT encode(sha256(convert_to(p_facts::text, 'UTF8')), 'hex')
+$$;
+
+-- What moved between a pinned plan's facts and now: each part by name
+-- (a function by its signature), never a value.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_plan_moved(p_then jsonb, p_now jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(array_agg(m ORDER BY m), ARRAY[]::text[]) FROM (
+        SELECT k AS m FROM unnest(ARRAY['target', 'command', 'params_digest', 'catalog_digest', 'gates', 'max_rows']) AS k
+         WHERE p_then -> k IS DISTINCT FROM p_now -> k
+        UNION ALL
+        SELECT 'function ' || f FROM (
+            SELECT jsonb_object_keys(coalesce(p_then -> 'functions', '{}'::jsonb)) AS f
+            UNION SELECT jsonb_object_keys(coalesce(p_now -> 'functions', '{}'::jsonb))
+        ) AS fs
+         WHERE p_then -> 'functions' -> f IS DISTINCT FROM p_now -> 'functions' -> f
+    ) AS moved
+$$;
+
 -- The dispatcher. Under the key's advisory lock, the key rule
 -- (fn_dot_iu_key_prior) comes first: a replay or a conflict is found
 -- before the reasons are.
@@ -128,6 +174,11 @@ DECLARE
     v_by_table jsonb;
     v_changed  bigint;
     v_frozen   bigint[] := ARRAY[]::bigint[];
+    v_facts    jsonb;
+    v_plan     text;
+    v_pinned   text := CASE WHEN jsonb_typeof(p_client -> 'plan_digest') = 'string' THEN p_client ->> 'plan_digest' END;
+    v_then     jsonb;
+    v_used     bigint;
 BEGIN
     PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
     c := public.fn_dot_iu_entry_command(p_command);
@@ -162,6 +213,41 @@ BEGIN
         END IF;
         RETURN NEXT;
         RETURN;
+    END IF;
+
+    -- A pinned plan (an approved apply): what it covers must be what
+    -- would run now, and its approval is used once.
+    IF p_mode = 'plan' OR (p_mode = 'apply' AND v_pinned IS NOT NULL) THEN
+        v_facts := public.fn_dot_iu_plan_facts(c, p_client ->> 'target', v_digest);
+        v_plan := public.fn_dot_iu_plan_digest(v_facts);
+    END IF;
+    IF p_mode = 'apply' AND v_pinned IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('govsql:plan:' || v_pinned, 0));
+        SELECT l.evidence -> 'plan_covers' INTO v_then FROM public.dot_iu_command_run l
+         WHERE l.evidence ? 'plan_digest' AND l.evidence ->> 'plan_digest' = v_pinned AND l.run_mode = 'plan' AND l.run_status = 'planned'
+         ORDER BY l.run_id LIMIT 1;
+        SELECT l.run_id INTO v_used FROM public.dot_iu_command_run l
+         WHERE l.evidence ? 'plan_digest' AND l.evidence ->> 'plan_digest' = v_pinned AND l.run_mode = 'apply' AND l.run_status = 'applied'
+         ORDER BY l.run_id LIMIT 1;
+        IF v_then IS NULL THEN
+            v_class := 'plan_drift';
+            v_reasons := ARRAY['no plan has this digest'];
+        ELSIF v_plan IS DISTINCT FROM v_pinned THEN
+            v_class := 'plan_drift';
+            v_reasons := public.fn_dot_iu_plan_moved(v_then, v_facts);
+        ELSIF v_used IS NOT NULL THEN
+            v_class := 'approval_missing';
+            v_reasons := ARRAY['the plan was applied by run ' || v_used];
+        END IF;
+        IF v_class IS NOT NULL THEN
+            kind := 'run';
+            value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
+                public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started,
+                    jsonb_build_object('plan_digest', v_pinned, 'plan_moved', to_jsonb(v_reasons))),
+                v_class, NULL, v_reasons);
+            RETURN NEXT;
+            RETURN;
+        END IF;
     END IF;
 
     -- What would refuse an apply now.
@@ -199,11 +285,12 @@ BEGIN
 
     IF p_mode = 'plan' THEN
         kind := 'run';
-        value := public.fn_dot_iu_record(p_command, p_mode, 'planned', p_actor, v_digest, p_key,
+        value := (public.fn_dot_iu_record(p_command, p_mode, 'planned', p_actor, v_digest, p_key,
             public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), NULL, v_closed, v_started,
-                jsonb_build_object('reasons', to_jsonb(v_reasons), 'max_rows', c.max_rows)
+                jsonb_build_object('reasons', to_jsonb(v_reasons), 'max_rows', c.max_rows,
+                                   'plan_digest', v_plan, 'plan_covers', v_facts)
                 || CASE WHEN cardinality(v_frozen) > 0 THEN jsonb_build_object('freeze_ids', to_jsonb(v_frozen)) ELSE '{}'::jsonb END),
-            NULL, v_closed, v_reasons);
+            NULL, v_closed, v_reasons)::jsonb || jsonb_build_object('plan_digest', v_plan))::text;
         RETURN NEXT;
         RETURN;
     END IF;
@@ -315,6 +402,9 @@ BEGIN
     END IF;
     v_extra := v_extra || jsonb_build_object('row_count', cardinality(v_rows));
     IF p_mode = 'apply' THEN
+        IF v_pinned IS NOT NULL THEN
+            v_extra := v_extra || jsonb_build_object('plan_digest', v_pinned);
+        END IF;
         v_extra := v_extra || jsonb_build_object('max_rows', c.max_rows,
             'rows_changed', v_changed, 'rows_by_table', v_by_table);
         IF v_class = 'frozen' THEN

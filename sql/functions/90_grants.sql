@@ -14,6 +14,8 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb),
     public.fn_dot_iu_check_call(text, text, text), public.fn_dot_iu_entry_command(text),
     public.fn_dot_iu_rows_touched(), public.fn_dot_iu_rows_changed(jsonb, jsonb),
     public.fn_dot_iu_freezes(text, text, timestamptz),
+    public.fn_dot_iu_plan_facts(public.dot_iu_command_catalog, text, text),
+    public.fn_dot_iu_plan_digest(jsonb), public.fn_dot_iu_plan_moved(jsonb, jsonb),
     public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
@@ -31,6 +33,9 @@ ALTER FUNCTION public.fn_dot_iu_entry_command(text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_rows_touched() OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_rows_changed(jsonb, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_freezes(text, text, timestamptz) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_plan_facts(public.dot_iu_command_catalog, text, text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_plan_digest(jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_plan_moved(jsonb, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;

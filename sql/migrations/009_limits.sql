@@ -4,6 +4,10 @@
 -- counted inside the applying transaction (sql/functions/30_dispatch.sql);
 -- NULL means no cap. Seeded from the catalog file like every column.
 --
+-- Plan digests: a planned row's evidence records its plan digest and what
+-- it covers; an apply pinned to a digest finds that row, and the applied
+-- row that used it, by this index.
+--
 -- dot_iu_freeze: freeze windows. An apply that would commit inside a
 -- window that covers its command (by name, by category, or every command
 -- when both are NULL) is refused `frozen`. Only the admin identity writes
@@ -33,3 +37,6 @@ CREATE TABLE public.dot_iu_freeze (
 CREATE INDEX dot_iu_freeze_live_idx ON public.dot_iu_freeze (ends_at) WHERE removed_at IS NULL;
 REVOKE ALL ON TABLE public.dot_iu_freeze FROM PUBLIC;
 GRANT SELECT ON public.dot_iu_freeze TO govsql_owner;
+
+CREATE INDEX dot_iu_command_run_plan_idx ON public.dot_iu_command_run ((evidence ->> 'plan_digest'))
+    WHERE evidence ? 'plan_digest';

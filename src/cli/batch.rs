@@ -97,6 +97,7 @@ pub async fn run(socket: &Path, file: &Path, check: bool, json: bool) -> anyhow:
             params: Params(l.params.into_iter().collect()),
             target: l.target,
             idempotency_key: l.idempotency_key,
+            plan_digest: None,
         };
         let req = if check {
             Request::Check(spec)

@@ -51,6 +51,13 @@ pub(super) async fn job(
         crate::job::effective_user(),
         nix::unistd::Uid::effective().as_raw(),
     );
+    if let Some(d) = a.plan.as_deref() {
+        if mode != Mode::Apply || !crate::job::valid_plan_digest(d) {
+            eprintln!("govsql: --plan takes the 64-hex plan digest `govsql plan` printed, and only for apply");
+            return Ok(ExitCode::Usage);
+        }
+    }
+    job.plan_digest = a.plan;
     if mode == Mode::Apply {
         // An unreadable switch is refused as such, never as "off".
         job.preset = ApplySwitch::new(&config.daemon.state_dir).unreadable_refusal();

@@ -378,6 +378,11 @@ struct CommonJobArgs {
     /// Idempotency key: the same key never runs twice.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// apply: pin it to this plan digest (from `govsql plan`): it is
+    /// refused (plan_drift) if what would run differs, and its approval
+    /// approves exactly that plan, once.
+    #[arg(long, value_name = "DIGEST")]
+    plan: Option<String>,
     /// Wait for the outcome (the daemon's jobs).
     #[arg(long)]
     wait: bool,

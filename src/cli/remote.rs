@@ -38,6 +38,7 @@ pub(super) async fn submit_to_daemon(
         params: Params(params),
         target: a.target,
         idempotency_key: a.idempotency_key,
+        plan_digest: a.plan,
         wait: false,
         timeout_s: None,
     });

@@ -119,6 +119,7 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("result", "TEXT"),
     ("result_until", "INTEGER"),
     ("approve_reason", "TEXT"),
+    ("plan_digest", "TEXT"),
 ];
 
 impl Queue {
@@ -312,7 +313,7 @@ impl Queue {
     }
 }
 
-const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason";
+const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason, plan_digest";
 
 /// A column whose stored word this build does not know: an error, never
 /// a silent default.
@@ -357,6 +358,7 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         approved_by: r.get(13)?,
         approved_at: r.get(14)?,
         approve_reason: r.get(21)?,
+        plan_digest: r.get(22)?,
         submitted_at: r.get(15)?,
         finished_at: r.get(16)?,
         outcome: outcome
@@ -658,8 +660,8 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
         .map(|p| (p.class.as_str().to_string(), p.message.clone()))
         .unzip();
     exec(tx,
-        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at, plan_digest)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             job.job_id.as_str(),
             job.command,
@@ -673,7 +675,8 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
             job.state.as_str(),
             class,
             message,
-            job.submitted_at
+            job.submitted_at,
+            job.plan_digest
         ],
     )?;
     get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)

@@ -32,6 +32,9 @@ pub(super) struct RunRow {
     #[serde(default)]
     replayed: bool,
     params_digest: String,
+    /// plan: the plan digest the database computed.
+    #[serde(default)]
+    plan_digest: Option<String>,
 }
 
 impl RunRow {
@@ -41,6 +44,7 @@ impl RunRow {
             status: self.status,
             digest: self.params_digest.clone(),
             replayed: self.replayed,
+            plan_digest: self.plan_digest.clone(),
         }
     }
 
@@ -98,6 +102,7 @@ impl Runtime {
             // The job's own times (a row written late says when it happened).
             submitted_at: Some(ctx.job.submitted_at.to_string()),
             ended_at: ctx.job.finished_at.map(|at| at.to_string()),
+            plan_digest: ctx.job.plan_digest.clone(),
         }
     }
 
@@ -291,6 +296,14 @@ fn class_message(ctx: &Ctx<'_>, class: &ErrorClass, run: &RunRow) -> String {
             "the result was over the target's max_result_bytes; rolled back, nothing returned"
                 .into()
         }
+        ErrorClass::PlanDrift => format!(
+            "the pinned plan no longer matches what would run (moved: {}); nothing ran. Plan again, and have the new plan approved",
+            run.reasons.iter().flatten().cloned().collect::<Vec<_>>().join(", ")
+        ),
+        ErrorClass::ApprovalMissing if !run.reasons.is_empty() => format!(
+            "refused: {}; an approval approves a plan once. Plan again, and have the new plan approved",
+            run.reasons.iter().flatten().cloned().collect::<Vec<_>>().join(", ")
+        ),
         ErrorClass::RowCap => format!(
             "the apply changed more rows than {}'s max_rows ({}); rolled back, nothing committed (the counts per table are in the ledger's evidence)",
             ctx.cmd.name,

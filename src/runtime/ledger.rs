@@ -19,7 +19,11 @@ impl Runtime {
                 rows,
                 message,
             } => {
-                let ev = self.evidence(ctx, class.as_ref(), &closed, rows.as_ref().map(Vec::len));
+                let mut ev =
+                    self.evidence(ctx, class.as_ref(), &closed, rows.as_ref().map(Vec::len));
+                if let Some(d) = &row.plan_digest {
+                    ev.other.insert("plan_digest".into(), d.clone().into());
+                }
                 Outcome {
                     closed_gates: closed,
                     result: rows,

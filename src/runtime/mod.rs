@@ -44,6 +44,8 @@ struct LogRow {
     digest: String,
     /// Whether this is an earlier run returned for the same key.
     replayed: bool,
+    /// plan: its plan digest.
+    plan_digest: Option<String>,
 }
 
 /// What a phase decided. [`Runtime::conclude`] is the one place that turns

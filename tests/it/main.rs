@@ -17,6 +17,7 @@ mod hostile;
 mod layout;
 mod limits;
 mod operate;
+mod pinned;
 mod secrets;
 mod seed_lock;
 mod service;

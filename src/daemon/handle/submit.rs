@@ -63,6 +63,7 @@ fn new_job(daemon: &Daemon, peer: &Peer, spec: JobSpec) -> Result<Job, Box<Reply
         params,
         target,
         idempotency_key,
+        plan_digest,
     } = spec;
     if daemon.is_shutting_down() {
         return Err(Box::new(Reply::error(
@@ -75,6 +76,14 @@ fn new_job(daemon: &Daemon, peer: &Peer, spec: JobSpec) -> Result<Job, Box<Reply
             return Err(Box::new(Reply::error(
                 ReplyKind::BadRequest,
                 "idempotency keys are 1-128 characters of A-Z a-z 0-9 . _ : @ -",
+            )));
+        }
+    }
+    if let Some(d) = plan_digest.as_deref() {
+        if mode != Mode::Apply || !crate::job::valid_plan_digest(d) {
+            return Err(Box::new(Reply::error(
+                ReplyKind::BadRequest,
+                "--plan takes the 64-hex plan digest `govsql plan` printed, and only for apply",
             )));
         }
     }
@@ -96,6 +105,7 @@ fn new_job(daemon: &Daemon, peer: &Peer, spec: JobSpec) -> Result<Job, Box<Reply
         peer.user.clone(),
         peer.uid,
     );
+    job.plan_digest = plan_digest;
     match daemon.catalog().get(&job.command) {
         // Refused before anything is stored: it cannot be logged anyway.
         Err(e) => {
