@@ -82,6 +82,10 @@ pub struct Command {
     /// Whether a second person must approve it.
     #[serde(default)]
     pub requires_approval: bool,
+    /// How many distinct approvers (none the submitter) it needs: 1 by
+    /// default, up to 9; only with `requires_approval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals_required: Option<u8>,
     /// The `public.fn_*` functions (bare names) its statements may call.
     pub targets: Vec<String>,
     /// The statement templates, run in order.
@@ -110,6 +114,15 @@ pub struct Command {
 }
 
 impl Command {
+    /// How many distinct approvers an apply needs (0: none).
+    pub fn approvals_needed(&self) -> u8 {
+        if self.requires_approval {
+            self.approvals_required.unwrap_or(1)
+        } else {
+            0
+        }
+    }
+
     /// The statuses an answer may carry: `expect_status`, or `["ok"]`.
     pub fn expected_statuses(&self) -> Vec<String> {
         if self.expect_status.is_empty() {
@@ -240,7 +253,7 @@ impl Catalog {
         for c in &self.file.command {
             let _ = writeln!(
                 s,
-                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, statements, statement_kinds, param_specs, expect_status, max_rows, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}::jsonb, {}, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, statements = EXCLUDED.statements, statement_kinds = EXCLUDED.statement_kinds, param_specs = EXCLUDED.param_specs, expect_status = EXCLUDED.expect_status, max_rows = EXCLUDED.max_rows, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.statements, c.statement_kinds, c.param_specs, c.expect_status, c.max_rows, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, EXCLUDED.statements, EXCLUDED.statement_kinds, EXCLUDED.param_specs, EXCLUDED.expect_status, EXCLUDED.max_rows, false);",
+                "INSERT INTO public.dot_iu_command_catalog AS c (command_name, category, description, mutating, reversible, inverse_command, rollback_note, requires_approval, target_functions, required_gates, statements, statement_kinds, param_specs, expect_status, max_rows, approvals_required, retired)\n  VALUES ({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}::jsonb, {}, {}, {}, false)\n  ON CONFLICT (command_name) DO UPDATE SET category = EXCLUDED.category, description = EXCLUDED.description, mutating = EXCLUDED.mutating, reversible = EXCLUDED.reversible, inverse_command = EXCLUDED.inverse_command, rollback_note = EXCLUDED.rollback_note, requires_approval = EXCLUDED.requires_approval, target_functions = EXCLUDED.target_functions, required_gates = EXCLUDED.required_gates, statements = EXCLUDED.statements, statement_kinds = EXCLUDED.statement_kinds, param_specs = EXCLUDED.param_specs, expect_status = EXCLUDED.expect_status, max_rows = EXCLUDED.max_rows, approvals_required = EXCLUDED.approvals_required, retired = false, updated_at = now()\n  WHERE (c.category, c.description, c.mutating, c.reversible, c.inverse_command, c.rollback_note, c.requires_approval, c.target_functions, c.required_gates, c.statements, c.statement_kinds, c.param_specs, c.expect_status, c.max_rows, c.approvals_required, c.retired)\n    IS DISTINCT FROM (EXCLUDED.category, EXCLUDED.description, EXCLUDED.mutating, EXCLUDED.reversible, EXCLUDED.inverse_command, EXCLUDED.rollback_note, EXCLUDED.requires_approval, EXCLUDED.target_functions, EXCLUDED.required_gates, EXCLUDED.statements, EXCLUDED.statement_kinds, EXCLUDED.param_specs, EXCLUDED.expect_status, EXCLUDED.max_rows, EXCLUDED.approvals_required, false);",
                 quote_trusted(&c.name),
                 quote_trusted(&c.category),
                 quote_trusted(&c.description),
@@ -258,6 +271,7 @@ impl Catalog {
                 c.max_rows
                     .map(|n| format!("{n}::bigint"))
                     .unwrap_or_else(|| "NULL::bigint".into()),
+                c.approvals_needed().max(1),
             );
         }
         let names: Vec<String> = self
@@ -303,6 +317,13 @@ fn check_answers_and_targets(cmd: &Command) -> Result<(), String> {
         return Err(format!(
             "expect_status {s:?} must be 1-32 characters of a-z and _"
         ));
+    }
+    match cmd.approvals_required {
+        Some(_) if !cmd.requires_approval => {
+            return Err("approvals_required needs requires_approval = true".into())
+        }
+        Some(n) if !(1..=9).contains(&n) => return Err("approvals_required must be 1 to 9".into()),
+        _ => {}
     }
     if cmd.max_rows.is_some() && !cmd.mutating {
         return Err(

@@ -89,6 +89,8 @@ pub enum Entry {
     Ledger,
     /// The substrate's status (self-test, health).
     Status,
+    /// What an apply would be pinned to now (a job awaiting approval).
+    Pin,
 }
 
 /// The function the preamble calls before any value is sent.
@@ -104,12 +106,13 @@ pub fn runtime_functions() -> impl Iterator<Item = &'static str> {
 }
 
 impl Entry {
-    const ALL: [Entry; 5] = [
+    const ALL: [Entry; 6] = [
         Entry::Dispatch,
         Entry::Refuse,
         Entry::Fail,
         Entry::Ledger,
         Entry::Status,
+        Entry::Pin,
     ];
 
     /// The function's name.
@@ -120,6 +123,7 @@ impl Entry {
             Entry::Fail => "fn_dot_iu_fail",
             Entry::Ledger => "fn_dot_iu_ledger",
             Entry::Status => "fn_dot_iu_status",
+            Entry::Pin => "fn_dot_iu_pin",
         }
     }
 }

@@ -18,6 +18,18 @@ pub fn effective_user() -> String {
         .unwrap_or_else(|| format!("uid{uid}"))
 }
 
+/// One approval of a job: who, when (UTC), and why if they said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The approver's user name.
+    pub by: String,
+    /// When (`YYYY-MM-DD HH:MM:SSZ`).
+    pub at: String,
+    /// Their words (at most 200 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// Whether `s` is a plan digest: 64 lowercase hex characters (sha256).
 pub fn valid_plan_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -592,10 +604,19 @@ pub struct Job {
     /// ledger's evidence).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approve_reason: Option<String>,
-    /// The plan digest it is pinned to (`apply --plan DIGEST`): what its
-    /// approvers approve, checked by the dispatcher at the apply.
+    /// The plan digest it is pinned to (`apply --plan DIGEST`, or by the
+    /// daemon at submit when it needs approval): what its approvers
+    /// approve, checked by the dispatcher at the apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_digest: Option<String>,
+    /// What that plan covers (target, command, params digest, catalog
+    /// digest, function definitions' md5, gates, max_rows), when the
+    /// daemon pinned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_covers: Option<serde_json::Value>,
+    /// Its approvals so far, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
     /// When it was submitted (unix seconds).
     pub submitted_at: i64,
     /// When it ended (unix seconds).
@@ -654,6 +675,8 @@ impl Job {
             approved_at: None,
             approve_reason: None,
             plan_digest: None,
+            plan_covers: None,
+            approvals: Vec::new(),
             submitted_at: crate::time::unix_now(),
             finished_at: None,
             outcome: None,
@@ -725,10 +748,18 @@ pub struct ClientFacts {
     /// The approver's or rejecter's words (at most 200 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The plan digest an apply is pinned to (`apply --plan`): the
-    /// dispatcher refuses it when what would run no longer matches.
+    /// The plan digest an apply is pinned to (`apply --plan`, or pinned
+    /// at submit): the dispatcher refuses it when what would run no
+    /// longer matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_digest: Option<String>,
+    /// What that plan covers, when the daemon pinned it (the dispatcher
+    /// names what moved against it); never recorded as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_covers: Option<serde_json::Value>,
+    /// Every approval: who, when, why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<Vec<Approval>>,
     /// When the job was submitted (Unix seconds, as text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<String>,

@@ -189,6 +189,10 @@ pub struct Approve {
     /// Why (optional, at most 200 characters; into the ledger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The plan digest the approver saw (`show`): the approval is refused
+    /// if the job is pinned to another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 /// A rejection.
@@ -519,6 +523,18 @@ pub struct ShowJob {
     pub statements: Vec<String>,
     /// The param values it was submitted with, `[name, value]`.
     pub params: Vec<(String, String)>,
+    /// The plan digest it is pinned to: what an approval approves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_digest: Option<String>,
+    /// What that plan covers (when the daemon pinned it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_covers: Option<serde_json::Value>,
+    /// Its approvals so far.
+    #[serde(default)]
+    pub approvals: Vec<crate::job::Approval>,
+    /// How many distinct approvers it needs (0: none).
+    #[serde(default)]
+    pub approvals_required: u8,
 }
 
 /// What kind of failure a reply reports.

@@ -18,7 +18,7 @@ $$;
 -- Evidence: the database's own structural facts, plus the few facts only
 -- the daemon knows (job id, transport, target, host key, approver, the
 -- job's submit and end times, time spent before the call), each a short
--- scalar. Never a value.
+-- scalar, and the approvals (who, when, why; at most 9). Never a value.
 CREATE OR REPLACE FUNCTION public.fn_dot_iu_evidence(
     p_mode text, p_client jsonb, p_statements int, p_class text, p_closed text[],
     p_started timestamptz, p_extra jsonb
@@ -39,6 +39,13 @@ BEGIN
         'duration_ms', coalesce(CASE WHEN jsonb_typeof(p_client -> 'duration_ms') = 'number'
                                      THEN least(greatest((p_client ->> 'duration_ms')::numeric, 0), 1e12)::bigint END, 0)
                        + round(extract(epoch FROM clock_timestamp() - p_started) * 1000)::bigint)
+    || CASE WHEN jsonb_typeof(p_client -> 'approvals') = 'array' THEN jsonb_build_object('approvals', coalesce((
+           SELECT jsonb_agg(jsonb_build_object('by', x.a ->> 'by', 'at', x.a ->> 'at',
+                                               'reason', left(x.a ->> 'reason', 200)) ORDER BY x.n)
+             FROM jsonb_array_elements(p_client -> 'approvals') WITH ORDINALITY AS x (a, n)
+            WHERE x.n <= 9 AND jsonb_typeof(x.a) = 'object' AND length(x.a ->> 'by') <= 128
+              AND length(x.a ->> 'at') <= 40), '[]'::jsonb))
+       ELSE '{}'::jsonb END
     || coalesce(p_extra, '{}'::jsonb);
 END
 $$;

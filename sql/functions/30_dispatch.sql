@@ -94,13 +94,16 @@ $$;
 -- What a plan covers, which its digest binds: the target (the daemon's
 -- name for it), the command, the keyed params digest, the catalog digest,
 -- the md5 of each target function's definition (every overload), the
--- gates an apply needs and the row cap. Never a value.
+-- gates an apply needs and the row cap, and, for a plan the daemon pinned
+-- for one job, that job's id (so two jobs with the same params are two
+-- plans, each approved once). Never a value.
 CREATE OR REPLACE FUNCTION public.fn_dot_iu_plan_facts(
-    c public.dot_iu_command_catalog, p_target text, p_params_digest text
+    c public.dot_iu_command_catalog, p_target text, p_params_digest text, p_job text
 ) RETURNS jsonb
 LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
 BEGIN
-    RETURN jsonb_build_object(
+    RETURN CASE WHEN p_job IS NOT NULL THEN jsonb_build_object('job_id', p_job) ELSE '{}'::jsonb END
+    || jsonb_build_object(
         'target', coalesce(p_target, ''),
         'command', c.command_name,
         'params_digest', p_params_digest,
@@ -126,7 +129,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.fn_dot_iu_plan_moved(p_then jsonb, p_now jsonb) RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(array_agg(m ORDER BY m), ARRAY[]::text[]) FROM (
-        SELECT k AS m FROM unnest(ARRAY['target', 'command', 'params_digest', 'catalog_digest', 'gates', 'max_rows']) AS k
+        SELECT k AS m FROM unnest(ARRAY['job_id', 'target', 'command', 'params_digest', 'catalog_digest', 'gates', 'max_rows']) AS k
          WHERE p_then -> k IS DISTINCT FROM p_now -> k
         UNION ALL
         SELECT 'function ' || f FROM (
@@ -135,6 +138,48 @@ LANGUAGE sql IMMUTABLE AS $$
         ) AS fs
          WHERE p_then -> 'functions' -> f IS DISTINCT FROM p_now -> 'functions' -> f
     ) AS moved
+$$;
+
+-- The pin entry: what an apply of this command with these params would be
+-- pinned to now, without running or recording anything (the daemon pins
+-- a job that needs approval when it is submitted, so its approvers
+-- approve that plan). One 'pin' row: {"plan_digest", "plan_covers"}, or
+-- {"class": "bad_params"}.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_pin(p_command text, p_params jsonb, p_client jsonb)
+RETURNS TABLE (kind text, value text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+DECLARE
+    c       public.dot_iu_command_catalog%ROWTYPE;
+    v_facts jsonb;
+BEGIN
+    c := public.fn_dot_iu_entry_command(p_command);
+    kind := 'pin';
+    IF public.fn_dot_iu_params_problem(c.param_specs, p_params) IS NOT NULL THEN
+        value := jsonb_build_object('class', 'bad_params')::text;
+    ELSE
+        v_facts := public.fn_dot_iu_plan_facts(c, p_client ->> 'target',
+                                               public.fn_dot_iu_params_digest(p_command, p_params),
+                                               p_client ->> 'job_id');
+        value := jsonb_build_object('plan_digest', public.fn_dot_iu_plan_digest(v_facts),
+                                    'plan_covers', v_facts)::text;
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- The distinct approvers the daemon asserts for a job (its approvals
+-- list, and the approved_by of a job queued by an earlier release), the
+-- submitter never among them.
+CREATE OR REPLACE FUNCTION public.fn_dot_iu_approvers(p_client jsonb, p_actor text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(array_agg(DISTINCT b ORDER BY b), ARRAY[]::text[]) FROM (
+        SELECT a ->> 'by' AS b FROM jsonb_array_elements(
+            CASE WHEN jsonb_typeof(p_client -> 'approvals') = 'array' THEN p_client -> 'approvals' ELSE '[]'::jsonb END) AS a
+        UNION ALL
+        SELECT p_client ->> 'approved_by'
+         WHERE jsonb_typeof(p_client -> 'approvals') IS DISTINCT FROM 'array'
+    ) AS x
+    WHERE b IS NOT NULL AND b <> '' AND b <> p_actor
 $$;
 
 -- The dispatcher. Under the key's advisory lock, the key rule
@@ -179,6 +224,7 @@ DECLARE
     v_pinned   text := CASE WHEN jsonb_typeof(p_client -> 'plan_digest') = 'string' THEN p_client ->> 'plan_digest' END;
     v_then     jsonb;
     v_used     bigint;
+    v_approvers text[];
 BEGIN
     PERFORM public.fn_dot_iu_check_call(p_mode, p_key, p_actor);
     c := public.fn_dot_iu_entry_command(p_command);
@@ -215,17 +261,44 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A command that needs approval: as many distinct approvers as it
+    -- asks, none the submitter (the daemon asserts who approved).
+    IF p_mode = 'apply' AND c.requires_approval THEN
+        v_approvers := public.fn_dot_iu_approvers(p_client, p_actor);
+        IF cardinality(v_approvers) < c.approvals_required THEN
+            v_class := 'approval_missing';
+            v_reasons := ARRAY[format('%s of %s approvals', cardinality(v_approvers), c.approvals_required)];
+            kind := 'run';
+            value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
+                public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started, NULL),
+                v_class, NULL, v_reasons);
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
     -- A pinned plan (an approved apply): what it covers must be what
-    -- would run now, and its approval is used once.
-    IF p_mode = 'plan' OR (p_mode = 'apply' AND v_pinned IS NOT NULL) THEN
-        v_facts := public.fn_dot_iu_plan_facts(c, p_client ->> 'target', v_digest);
+    -- would run now, and its approval is used once. The facts it was
+    -- pinned with come from the daemon (a job pinned at submit) or from
+    -- the planned row that recorded them (`apply --plan`).
+    IF p_mode = 'plan' THEN
+        v_facts := public.fn_dot_iu_plan_facts(c, p_client ->> 'target', v_digest, NULL);
         v_plan := public.fn_dot_iu_plan_digest(v_facts);
     END IF;
     IF p_mode = 'apply' AND v_pinned IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(hashtextextended('govsql:plan:' || v_pinned, 0));
-        SELECT l.evidence -> 'plan_covers' INTO v_then FROM public.dot_iu_command_run l
-         WHERE l.evidence ? 'plan_digest' AND l.evidence ->> 'plan_digest' = v_pinned AND l.run_mode = 'plan' AND l.run_status = 'planned'
-         ORDER BY l.run_id LIMIT 1;
+        IF jsonb_typeof(p_client -> 'plan_covers') = 'object'
+           AND public.fn_dot_iu_plan_digest(p_client -> 'plan_covers') = v_pinned THEN
+            v_then := p_client -> 'plan_covers';
+        ELSE
+            SELECT l.evidence -> 'plan_covers' INTO v_then FROM public.dot_iu_command_run l
+             WHERE l.evidence ? 'plan_digest' AND l.evidence ->> 'plan_digest' = v_pinned AND l.run_mode = 'plan' AND l.run_status = 'planned'
+             ORDER BY l.run_id LIMIT 1;
+        END IF;
+        -- A plan pinned for one job binds that job: another job's is drift.
+        v_facts := public.fn_dot_iu_plan_facts(c, p_client ->> 'target', v_digest,
+                                               CASE WHEN v_then ? 'job_id' THEN coalesce(p_client ->> 'job_id', '') END);
+        v_plan := public.fn_dot_iu_plan_digest(v_facts);
         SELECT l.run_id INTO v_used FROM public.dot_iu_command_run l
          WHERE l.evidence ? 'plan_digest' AND l.evidence ->> 'plan_digest' = v_pinned AND l.run_mode = 'apply' AND l.run_status = 'applied'
          ORDER BY l.run_id LIMIT 1;

@@ -82,7 +82,7 @@ BEGIN
                   JOIN pg_namespace n ON n.oid = p.pronamespace
                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
                     AND NOT (n.nspname = 'public' AND p.proname IN ('fn_dot_iu_dispatch', 'fn_dot_iu_refuse',
-                        'fn_dot_iu_fail', 'fn_dot_iu_status', 'fn_dot_iu_ledger', 'fn_dot_iu_preflight'))
+                        'fn_dot_iu_fail', 'fn_dot_iu_status', 'fn_dot_iu_ledger', 'fn_dot_iu_preflight', 'fn_dot_iu_pin'))
                     AND has_function_privilege(v_role, p.oid, 'EXECUTE')
     ) AS problems ORDER BY 2;
     -- Defaults the role (or anyone for it) set beyond what migrate sets:

@@ -14,8 +14,9 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb),
     public.fn_dot_iu_check_call(text, text, text), public.fn_dot_iu_entry_command(text),
     public.fn_dot_iu_rows_touched(), public.fn_dot_iu_rows_changed(jsonb, jsonb),
     public.fn_dot_iu_freezes(text, text, timestamptz),
-    public.fn_dot_iu_plan_facts(public.dot_iu_command_catalog, text, text),
+    public.fn_dot_iu_plan_facts(public.dot_iu_command_catalog, text, text, text),
     public.fn_dot_iu_plan_digest(jsonb), public.fn_dot_iu_plan_moved(jsonb, jsonb),
+    public.fn_dot_iu_pin(text, jsonb, jsonb), public.fn_dot_iu_approvers(jsonb, text),
     public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
@@ -33,9 +34,11 @@ ALTER FUNCTION public.fn_dot_iu_entry_command(text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_rows_touched() OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_rows_changed(jsonb, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_freezes(text, text, timestamptz) OWNER TO govsql_owner;
-ALTER FUNCTION public.fn_dot_iu_plan_facts(public.dot_iu_command_catalog, text, text) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_plan_facts(public.dot_iu_command_catalog, text, text, text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_plan_digest(jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_plan_moved(jsonb, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_pin(text, jsonb, jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_approvers(jsonb, text) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb) OWNER TO govsql_owner;
@@ -48,4 +51,4 @@ GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, tex
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_status(), public.fn_dot_iu_ledger(jsonb, int),
-    public.fn_dot_iu_preflight() TO :"runtime_role";
+    public.fn_dot_iu_preflight(), public.fn_dot_iu_pin(text, jsonb, jsonb) TO :"runtime_role";

@@ -1,5 +1,9 @@
 -- 009_limits: what an apply may change, and when.
 --
+-- approvals_required: how many distinct approvers (none the submitter) a
+-- requires_approval command needs; the dispatcher counts the approvals
+-- the daemon asserts.
+--
 -- max_rows: a mutating command's cap on the rows one apply may change,
 -- counted inside the applying transaction (sql/functions/30_dispatch.sql);
 -- NULL means no cap. Seeded from the catalog file like every column.
@@ -16,7 +20,8 @@
 -- advisory lock that `freeze add` and `freeze remove` take exclusively, so
 -- a window added while an apply runs is seen by that apply's last check.
 ALTER TABLE public.dot_iu_command_catalog
-    ADD COLUMN max_rows bigint CHECK (max_rows IS NULL OR max_rows >= 0);
+    ADD COLUMN max_rows bigint CHECK (max_rows IS NULL OR max_rows >= 0),
+    ADD COLUMN approvals_required integer NOT NULL DEFAULT 1 CHECK (approvals_required BETWEEN 1 AND 9);
 
 CREATE TABLE public.dot_iu_freeze (
     freeze_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

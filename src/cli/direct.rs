@@ -138,6 +138,8 @@ pub fn job_json(o: Option<&Outcome>, j: Option<&crate::job::Job>) -> serde_json:
         "submitted_at": j.map(|j| j.submitted_at),
         "finished_at": j.and_then(|j| j.finished_at),
         "approved_by": j.and_then(|j| j.approved_by.as_deref()),
+        "approvals": j.map(|j| j.approvals.clone()).unwrap_or_default(),
+        "plan_digest": j.and_then(|j| j.plan_digest.as_deref()),
         "run_id": o.and_then(|o| o.run_id),
         "params_digest": o.map(|o| o.params_digest.as_str()).or(j.map(|j| j.params_digest.as_str())),
         "error_class": o.and_then(|o| o.error_class.as_ref()).map(|c| c.as_str()),

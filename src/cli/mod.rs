@@ -233,6 +233,10 @@ pub enum Cmd {
         /// Why (optional, at most 200 characters; it goes into the ledger).
         #[arg(long)]
         reason: Option<String>,
+        /// The plan digest `govsql show` showed: refused if the job is
+        /// pinned to another plan.
+        #[arg(long, value_name = "DIGEST")]
+        plan: Option<String>,
     },
     /// Cancel a queued or waiting job.
     Cancel {
@@ -490,9 +494,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             jobs_cmd(&config_path, limit, page, filter, json).await
         }
-        Cmd::Approve { job_id, reason } => match remote::job_id_arg(&job_id) {
+        Cmd::Approve {
+            job_id,
+            reason,
+            plan,
+        } => match remote::job_id_arg(&job_id) {
             Ok(job_id) => {
-                let req = Request::Approve(Approve { job_id, reason });
+                let req = Request::Approve(Approve {
+                    job_id,
+                    reason,
+                    plan,
+                });
                 simple_job_op(&config_path, req, false).await
             }
             Err(code) => Ok(code),

@@ -95,8 +95,15 @@ pub(super) fn print_job(job: &Job, json: bool) -> ExitCode {
     } else {
         out!("{}", job_line(job));
         if job.state == JobState::AwaitingApproval {
+            if let Some(d) = &job.plan_digest {
+                out!("  pinned to plan {d}");
+            }
+            if !job.approvals.is_empty() {
+                let by: Vec<&str> = job.approvals.iter().map(|a| a.by.as_str()).collect();
+                out!("  approved so far by: {}", by.join(", "));
+            }
             out!(
-                "  needs approval: another user in the approve list runs `govsql approve {}`",
+                "  needs approval: another user in the approve list runs `govsql show {0}`, then `govsql approve {0}`",
                 job.job_id
             );
         } else {
@@ -346,7 +353,69 @@ pub(super) async fn show_cmd(
     for (k, v) in &s.params {
         out!("  param {k} = {}", super::printable(v));
     }
+    match &s.plan_digest {
+        Some(d) => {
+            out!("plan {d}: an approval approves this plan, once; if anything it covers moves before the apply, the apply is refused (plan_drift)");
+            if let Some(c) = &s.plan_covers {
+                print_covers(c);
+            }
+        }
+        None if s.mode == Mode::Apply => {
+            out!("plan: not pinned yet (approve pins the plan it would run then)")
+        }
+        None => {}
+    }
+    if s.approvals_required > 0 {
+        out!(
+            "approvals: {} of {} (distinct approvers, never the submitter)",
+            s.approvals.len(),
+            s.approvals_required
+        );
+        for a in &s.approvals {
+            out!(
+                "  approved by {} at {}{}",
+                a.by,
+                a.at,
+                a.reason
+                    .as_deref()
+                    .map(|r| format!(": {}", super::printable(r)))
+                    .unwrap_or_default()
+            );
+        }
+    }
     Ok(ExitCode::Ok)
+}
+
+/// What a pinned plan covers, a line each (never a value: the params are
+/// a keyed digest).
+fn print_covers(c: &serde_json::Value) {
+    let text = |k: &str| c[k].as_str().unwrap_or("").to_string();
+    out!(
+        "  covers: target {}, command {}",
+        text("target"),
+        text("command")
+    );
+    out!("  params digest {}", text("params_digest"));
+    out!("  catalog {}", text("catalog_digest"));
+    if let Some(fns) = c["functions"].as_object() {
+        for (sig, md5) in fns {
+            out!(
+                "  function {sig} (definition md5 {})",
+                md5.as_str().unwrap_or("")
+            );
+        }
+    }
+    let gates: Vec<&str> = c["gates"]
+        .as_array()
+        .map(|g| g.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    out!("  gates {}", gates.join(", "));
+    out!(
+        "  max_rows {}",
+        c["max_rows"]
+            .as_i64()
+            .map_or_else(|| "none".to_string(), |n| n.to_string())
+    );
 }
 
 /// `govsql log`: the target's ledger through the daemon.

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use crate::job::{ErrorClass, Job, JobId, JobState, Mode, Outcome, Refusal};
+use crate::job::{Approval, ErrorClass, Job, JobId, JobState, Mode, Outcome, Refusal};
 use crate::protocol::ListFilter;
 use crate::time::unix_now as now;
 
@@ -71,7 +71,8 @@ enum Op {
     Owed(String, u32, Reply<Vec<Job>>),
     Retry(JobId, JobState, Reply<u32>),
     Prune(i64, Reply<usize>),
-    Approve(JobId, String, Option<String>, Reply<Job>),
+    Approve(JobId, Box<Approval>, u8, Reply<Job>),
+    Pin(JobId, String, String, Reply<usize>),
     Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
     Counts(Reply<QueueCounts>),
@@ -120,6 +121,8 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("result_until", "INTEGER"),
     ("approve_reason", "TEXT"),
     ("plan_digest", "TEXT"),
+    ("plan_covers", "TEXT"),
+    ("approvals", "TEXT"),
 ];
 
 impl Queue {
@@ -273,10 +276,23 @@ impl Queue {
     pub async fn approve(
         &self,
         job_id: &JobId,
-        by: &str,
-        reason: Option<String>,
+        approval: Approval,
+        needed: u8,
     ) -> Result<Job, QueueError> {
-        self.call(|r| Op::Approve(job_id.clone(), by.to_string(), reason, r))
+        self.call(|r| Op::Approve(job_id.clone(), Box::new(approval), needed, r))
+            .await
+    }
+
+    /// Pins a job awaiting approval to a plan (its digest and what it
+    /// covers); returns 0 when it no longer awaits approval.
+    pub async fn pin(
+        &self,
+        job_id: &JobId,
+        digest: &str,
+        covers: &serde_json::Value,
+    ) -> Result<usize, QueueError> {
+        let covers = covers.to_string();
+        self.call(|r| Op::Pin(job_id.clone(), digest.to_string(), covers, r))
             .await
     }
 
@@ -313,7 +329,7 @@ impl Queue {
     }
 }
 
-const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason, plan_digest";
+const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason, plan_digest, plan_covers, approvals";
 
 /// A column whose stored word this build does not know: an error, never
 /// a silent default.
@@ -359,6 +375,13 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         approved_at: r.get(14)?,
         approve_reason: r.get(21)?,
         plan_digest: r.get(22)?,
+        plan_covers: r
+            .get::<_, Option<String>>(23)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
+        approvals: r
+            .get::<_, Option<String>>(24)?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
         submitted_at: r.get(15)?,
         finished_at: r.get(16)?,
         outcome: outcome
@@ -612,9 +635,15 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             );
             respond(reply, r, path)
         }
-        Op::Approve(id, by, reason, reply) => match get_job(tx, &id) {
+        Op::Approve(id, approval, needed, reply) => match get_job(tx, &id) {
+            Ok(Some(j)) if j.approvals.iter().any(|a| a.by == approval.by) => {
+                let msg = format!("{} has already approved job {id}", approval.by);
+                Box::new(move |_| {
+                    let _ = reply.send(Err(QueueError::State(msg)));
+                })
+            }
             Ok(Some(j)) if j.state == JobState::AwaitingApproval => {
-                respond(reply, approve(tx, &id, &by, reason.as_deref()), path)
+                respond(reply, approve(tx, j, *approval, needed), path)
             }
             Ok(Some(j)) => {
                 let msg = format!("job {id} is {}, not awaiting approval", j.state);
@@ -630,6 +659,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             }
             Err(e) => respond(reply, Err(e), path),
         },
+        Op::Pin(id, digest, covers, reply) => {
+            let r = exec(tx,
+                "UPDATE jobs SET plan_digest = ?2, plan_covers = ?3 WHERE job_id = ?1 AND state = 'awaiting_approval'",
+                params![id.as_str(), digest, covers],
+            );
+            respond(reply, r, path)
+        }
         Op::Preset(id, refusal, reply) => {
             let r = exec(tx,
                 "UPDATE jobs SET state = 'queued', preset_class = ?2, preset_message = ?3 WHERE job_id = ?1 AND state IN ('queued', 'awaiting_approval')",
@@ -738,13 +774,30 @@ fn claim(tx: &Connection, target: &str, probe: bool) -> rusqlite::Result<Option<
     Ok(Some(j))
 }
 
-fn approve(tx: &Connection, id: &JobId, by: &str, reason: Option<&str>) -> rusqlite::Result<Job> {
-    exec(
-        tx,
-        "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3, approve_reason = ?4 WHERE job_id = ?1",
-        params![id.as_str(), by, now(), reason],
-    )?;
-    get_job(tx, id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+/// Adds an approval; with `needed` of them the job is queued, its
+/// approvers named in `approved_by` and the last reason kept.
+fn approve(tx: &Connection, mut job: Job, approval: Approval, needed: u8) -> rusqlite::Result<Job> {
+    let reason = approval
+        .reason
+        .as_ref()
+        .map(|r| format!("approved by {}: {r}", approval.by));
+    job.approvals.push(approval);
+    let list = serde_json::to_string(&job.approvals).unwrap_or_else(|_| "[]".into());
+    if job.approvals.len() >= usize::from(needed.max(1)) {
+        let names: Vec<&str> = job.approvals.iter().map(|a| a.by.as_str()).collect();
+        exec(
+            tx,
+            "UPDATE jobs SET state = 'queued', approved_by = ?2, approved_at = ?3, approve_reason = ?4, approvals = ?5 WHERE job_id = ?1",
+            params![job.job_id.as_str(), names.join(","), now(), reason, list],
+        )?;
+    } else {
+        exec(
+            tx,
+            "UPDATE jobs SET approvals = ?2 WHERE job_id = ?1",
+            params![job.job_id.as_str(), list],
+        )?;
+    }
+    get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 /// Jobs per state, and when the oldest unsettled one was submitted: one
@@ -941,13 +994,43 @@ mod tests {
         j.state = JobState::AwaitingApproval;
         q.submit(j).await.unwrap();
         assert!(q.claim_next("main", false).await.unwrap().is_none());
-        let approved = q.approve(&id("w"), "bob", None).await.unwrap();
+        let by = |who: &str| Approval {
+            by: who.into(),
+            at: "2026-12-03 00:00:00Z".into(),
+            reason: None,
+        };
+        let approved = q.approve(&id("w"), by("bob"), 1).await.unwrap();
         assert_eq!(approved.approved_by.as_deref(), Some("bob"));
-        assert!(q.approve(&id("w"), "bob", None).await.is_err());
+        assert!(q.approve(&id("w"), by("carol"), 1).await.is_err());
         assert_eq!(
             q.claim_next("main", false).await.unwrap().unwrap().job_id,
             id("w")
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_needing_two_approvals_waits_for_two_distinct_approvers() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("queue.db")).unwrap();
+        let mut j = job("w");
+        j.state = JobState::AwaitingApproval;
+        q.submit(j).await.unwrap();
+        let by = |who: &str, why: Option<&str>| Approval {
+            by: who.into(),
+            at: "2026-12-03 00:00:00Z".into(),
+            reason: why.map(Into::into),
+        };
+        let one = q.approve(&id("w"), by("bob", Some("ok")), 2).await.unwrap();
+        assert_eq!(one.state, JobState::AwaitingApproval);
+        assert_eq!(one.approved_by, None);
+        assert!(q.claim_next("main", false).await.unwrap().is_none());
+        // The same approver twice is not two approvals.
+        assert!(q.approve(&id("w"), by("bob", None), 2).await.is_err());
+        let two = q.approve(&id("w"), by("carol", None), 2).await.unwrap();
+        assert_eq!(two.state, JobState::Queued);
+        assert_eq!(two.approved_by.as_deref(), Some("bob,carol"));
+        assert_eq!(two.approvals.len(), 2);
+        assert_eq!(two.approvals[0].reason.as_deref(), Some("ok"));
     }
 
     #[tokio::test]

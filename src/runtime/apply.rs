@@ -7,12 +7,25 @@ use super::*;
 
 impl Runtime {
     pub(super) async fn apply(&self, ctx: &Ctx<'_>) -> Verdict {
-        if ctx.cmd.requires_approval && ctx.job.approved_by.is_none() {
-            let msg = format!(
-                "{} requires approval by a second person; submit it to the daemon and have an approver run `govsql approve JOB`",
-                ctx.cmd.name
-            );
-            return Verdict::record(ErrorClass::ApprovalMissing, msg);
+        let needed = usize::from(ctx.cmd.approvals_needed());
+        if needed > 0 {
+            // Distinct approvers, never the submitter (a job queued by an
+            // earlier release carries only approved_by).
+            let mut by: Vec<&str> = ctx.job.approvals.iter().map(|a| a.by.as_str()).collect();
+            if by.is_empty() {
+                by.extend(ctx.job.approved_by.as_deref());
+            }
+            by.retain(|b| *b != ctx.job.actor);
+            by.sort_unstable();
+            by.dedup();
+            if by.len() < needed {
+                let msg = format!(
+                    "{} requires approval by {needed} other person(s) ({} so far); submit it to the daemon and have approvers run `govsql approve JOB`",
+                    ctx.cmd.name,
+                    by.len()
+                );
+                return Verdict::record(ErrorClass::ApprovalMissing, msg);
+            }
         }
         let switch = self.switch.clone();
         let job = ctx.job.job_id.to_string();

@@ -74,7 +74,7 @@ pub(super) enum Entry {
 
 impl Runtime {
     /// The job's params as one JSON object (values as strings).
-    fn params_json(ctx: &Ctx<'_>) -> Value {
+    pub(super) fn params_json(ctx: &Ctx<'_>) -> Value {
         let map: serde_json::Map<String, Value> = ctx
             .job
             .param_pairs()
@@ -103,6 +103,8 @@ impl Runtime {
             submitted_at: Some(ctx.job.submitted_at.to_string()),
             ended_at: ctx.job.finished_at.map(|at| at.to_string()),
             plan_digest: ctx.job.plan_digest.clone(),
+            plan_covers: ctx.job.plan_covers.clone(),
+            approvals: (!ctx.job.approvals.is_empty()).then(|| ctx.job.approvals.clone()),
         }
     }
 

@@ -13,7 +13,8 @@
 //! command is refused locally (it cannot be logged).
 //!
 //! Files: [`dispatch`] (the call and the reading of its answer), [`plan`]
-//! (what plan tells), [`apply`] (local checks and settlement), [`ledger`]
+//! (what plan tells), [`pin`] (the plan a job awaiting approval is pinned
+//! to), [`apply`] (local checks and settlement), [`ledger`]
 //! (the ONE place a [`Verdict`] becomes the ledger row and the job's
 //! [`Outcome`]).
 
@@ -29,10 +30,12 @@ use crate::transport::{run_script, Executor};
 
 pub use crate::job::{Mode, Outcome, RunStatus};
 pub use dispatch::{read_ledger, read_status};
+pub use pin::Pin;
 
 mod apply;
 mod dispatch;
 mod ledger;
+mod pin;
 mod plan;
 
 /// The ledger row the database wrote (or the original run it returned).

@@ -1,10 +1,15 @@
 //! Approvals bound to what runs: plan digests (what a plan covers, pinned
 //! into the apply and checked by the dispatcher inside the applying
-//! transaction), used once.
+//! transaction, used once), plans pinned at submit for approvers, and
+//! commands that need several approvers.
+
+use std::time::Duration;
 
 use govsql::job::Job;
 use govsql::runtime::{Mode, RunStatus};
+use serde_json::json;
 
+use crate::daemon::*;
 use crate::harness::*;
 
 /// A plan's digest, as its outcome carries it.
@@ -132,4 +137,288 @@ async fn an_apply_pinned_to_a_plan_runs_once_and_is_refused_when_a_function_move
         "{}",
         unknown.message
     );
+}
+
+/// A soft-deleted piece that `dot_iu_purge_piece` (requires approval) can
+/// purge; its id.
+fn purgeable(db: &TestDb, n: u32) -> String {
+    let piece = format!("00000000-0000-0000-0000-0000000000{n:02x}");
+    db.sql(&format!(
+        "INSERT INTO iu_collection (collection_id, title) VALUES ('00000000-0000-0000-0000-0000000001{n:02x}', 'c') ON CONFLICT DO NOTHING; \
+         INSERT INTO iu_piece (piece_id, collection_id, body, deleted_at) VALUES ('{piece}', '00000000-0000-0000-0000-0000000001{n:02x}', 'b', now())"
+    ));
+    piece
+}
+
+fn approvers(db: &mut TestDb, approve: &str) {
+    configure(
+        db,
+        &format!("plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = {approve}\n"),
+        "",
+    );
+}
+
+/// Runs the CLI as a user; (exit code, stdout, stderr).
+fn cli(d: &DaemonProc, user: Option<&str>, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = d.cli(user, args);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_refuses_it() {
+    let mut db = test_db().await;
+    approvers(&mut db, &format!("[\"{OTHER}\"]"));
+    db.open_all();
+    db.switch(true);
+    let d = DaemonProc::start(&db);
+    let piece = purgeable(&db, 1);
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    assert_eq!(j["job"]["state"], "awaiting_approval", "{j}");
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let digest = j["job"]["plan_digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not pinned: {j}"))
+        .to_string();
+    // The approver sees the plan and what it covers.
+    let (code, shown, err) = cli(&d, Some(OTHER), &["show", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(shown.contains(&format!("plan {digest}")), "{shown}");
+    assert!(
+        shown.contains("function fn_iu_purge_piece(uuid) (definition md5 "),
+        "{shown}"
+    );
+    assert!(shown.contains("approvals: 0 of 1"), "{shown}");
+    // An approval of another plan than the job's is refused.
+    let (code, _, err) = cli(
+        &d,
+        Some(OTHER),
+        &["approve", &id, "--plan", &"a".repeat(64)],
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("pinned to plan"), "{err}");
+    // Between the approval and the apply, the function's body changes.
+    db.sql(
+        "CREATE OR REPLACE FUNCTION public.fn_iu_purge_piece(p_piece_id uuid) RETURNS jsonb
+         LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+         BEGIN
+             DELETE FROM public.iu_piece;
+             RETURN jsonb_build_object('status', 'purged');
+         END $$",
+    );
+    let (code, _, err) = cli(
+        &d,
+        Some(OTHER),
+        &["approve", &id, "--plan", &digest, "--reason", "CHG-7"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "refused", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
+    let msg = done["outcome"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("moved: function fn_iu_purge_piece(uuid)"),
+        "{msg}"
+    );
+    assert_eq!(db.count("iu_piece"), 1, "nothing ran");
+    let e: serde_json::Value = serde_json::from_str(&db.sql(&format!(
+        "SELECT evidence FROM dot_iu_command_run WHERE run_id = {}",
+        done["outcome"]["run_id"]
+    )))
+    .unwrap();
+    assert_eq!(e["plan_digest"], digest.as_str());
+    assert_eq!(e["approvals"][0]["by"], OTHER, "{e}");
+    assert_eq!(e["approvals"][0]["reason"], "CHG-7", "{e}");
+
+    // Submitted again, it is pinned to the plan as it is now, and runs.
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let digest2 = j["job"]["plan_digest"].as_str().unwrap().to_string();
+    assert_ne!(digest2, digest);
+    let (code, _, err) = cli(&d, Some(OTHER), &["approve", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "applied", "{done}");
+    assert_eq!(db.count("iu_piece"), 0);
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT evidence->>'plan_digest' FROM dot_iu_command_run WHERE run_id = {}",
+            done["outcome"]["run_id"]
+        )),
+        digest2
+    );
+}
+
+#[tokio::test]
+async fn a_catalog_reloaded_after_the_approval_refuses_the_apply() {
+    let mut db = test_db().await;
+    approvers(&mut db, &format!("[\"{OTHER}\"]"));
+    db.open_all();
+    db.switch(true);
+    let d = DaemonProc::start(&db);
+    let piece = purgeable(&db, 2);
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    // The command changes in the catalog; the database and the daemon
+    // both take the new catalog (no catalog_drift), after the pin.
+    let cat = db.dir.path().join("catalog.toml");
+    let text = std::fs::read_to_string(&cat).unwrap();
+    std::fs::write(
+        &cat,
+        text.replace(
+            "Remove a soft-deleted piece for good.",
+            "Remove a soft-deleted piece for good (now also for archived collections).",
+        ),
+    )
+    .unwrap();
+    let out = db.govsql(&["migrate", "--demo"]);
+    assert!(out.status.success(), "{out:?}");
+    let health = || d.request(json!({"v": 1, "op": "health"}))["health"]["catalog_digest"].clone();
+    let before = health();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || health() != before,
+        || "the new catalog was not picked up".into(),
+    );
+    let (code, _, err) = cli(&d, Some(OTHER), &["approve", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
+    assert!(
+        done["outcome"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("moved: catalog_digest"),
+        "{done}"
+    );
+    assert_eq!(db.count("iu_piece"), 1);
+}
+
+#[tokio::test]
+async fn a_command_needing_two_approvals_waits_for_two_other_people() {
+    let text = std::fs::read_to_string(catalog_path()).unwrap().replacen(
+        "requires_approval = true\n",
+        "requires_approval = true\napprovals_required = 2\n",
+        1,
+    );
+    let mut db = test_db_with(&text, 10).await;
+    let third = crate::sshd::SHELL_USERS[0].0;
+    approvers(&mut db, &format!("[\"root\", \"{OTHER}\", \"{third}\"]"));
+    db.open_all();
+    db.switch(true);
+    let d = DaemonProc::start(&db);
+    let piece = purgeable(&db, 3);
+    let j = submit(
+        &d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    );
+    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    // The submitter (root) is never one of them.
+    let (code, _, err) = cli(&d, None, &["approve", &id]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("different user"), "{err}");
+    // One approval: still waiting, nothing ran.
+    let (code, out, err) = cli(&d, Some(OTHER), &["approve", &id, "--reason", "first"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("awaiting_approval"), "{out}");
+    assert_eq!(job_state(&d, &id), "awaiting_approval");
+    // The same approver again is not a second approval.
+    let (code, _, err) = cli(&d, Some(OTHER), &["approve", &id]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("already approved"), "{err}");
+    let (_, shown, _) = cli(&d, Some(third), &["show", &id]);
+    assert!(shown.contains("approvals: 1 of 2"), "{shown}");
+    assert_eq!(db.count("dot_iu_command_run WHERE run_mode = 'apply'"), 0);
+    // A second person: it runs, both approvals in its evidence.
+    let (code, _, err) = cli(&d, Some(third), &["approve", &id, "--reason", "second"]);
+    assert_eq!(code, Some(0), "{err}");
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "applied", "{done}");
+    let e: serde_json::Value = serde_json::from_str(&db.sql(&format!(
+        "SELECT evidence FROM dot_iu_command_run WHERE run_id = {}",
+        done["outcome"]["run_id"]
+    )))
+    .unwrap();
+    let by: Vec<&str> = e["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, [OTHER, third], "{e}");
+    assert_eq!(e["approvals"][1]["reason"], "second");
+}
+
+/// The database counts approvals too: a caller holding the daemon's key
+/// who asserts one approver where two are needed, or the submitter as
+/// its own approver, is refused.
+#[tokio::test]
+async fn the_dispatcher_refuses_an_apply_with_fewer_approvers_than_the_command_needs() {
+    let text = std::fs::read_to_string(catalog_path()).unwrap().replacen(
+        "requires_approval = true\n",
+        "requires_approval = true\napprovals_required = 2\n",
+        1,
+    );
+    let db = test_db_with(&text, 10).await;
+    db.open_all();
+    let piece = purgeable(&db, 4);
+    let catalog = db.sql("SELECT digest FROM dot_iu_catalog_state");
+    let call = |client: &str| {
+        let sql = format!(
+            "SELECT value FROM fn_dot_iu_dispatch('apply', 'dot_iu_purge_piece', '{{\"piece_id\": \"{piece}\"}}', 'k{}', 'mallory', '{catalog}', false, 1000, '{client}') WHERE kind = 'run'",
+            client.len()
+        );
+        let o = pg().psql_as(RUNTIME_ROLE, &db.name, &sql);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    for (client, reason) in [
+        (
+            r#"{"approvals": [{"by": "bob", "at": "x"}]}"#,
+            "1 of 2 approvals",
+        ),
+        (
+            r#"{"approvals": [{"by": "bob", "at": "x"}, {"by": "mallory", "at": "x"}]}"#,
+            "1 of 2 approvals",
+        ),
+        (
+            r#"{"approvals": [{"by": "bob", "at": "x"}, {"by": "bob", "at": "y"}]}"#,
+            "1 of 2 approvals",
+        ),
+        (r#"{"approved_by": "mallory"}"#, "0 of 2 approvals"),
+    ] {
+        let run = call(client);
+        assert_eq!(run["status"], "refused", "{client}: {run}");
+        assert_eq!(run["class"], "approval_missing", "{client}: {run}");
+        assert_eq!(run["reasons"][0], reason, "{client}: {run}");
+    }
+    assert_eq!(db.count("iu_piece"), 1);
+    let run = call(r#"{"approvals": [{"by": "bob", "at": "x"}, {"by": "carol", "at": "x"}]}"#);
+    assert_eq!(run["status"], "applied", "{run}");
 }

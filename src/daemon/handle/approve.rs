@@ -4,7 +4,7 @@
 use super::super::peer::Peer;
 use super::super::Daemon;
 use super::{internal, not_found};
-use crate::job::{ErrorClass, Job, JobId, JobState};
+use crate::job::{Approval, ErrorClass, Job, JobId, JobState};
 use crate::protocol::{Reply, ReplyKind};
 use crate::time::unix_now;
 
@@ -17,6 +17,40 @@ fn reason_text(reason: &str) -> Option<String> {
         .take(200)
         .collect();
     (!r.trim().is_empty()).then_some(r)
+}
+
+/// How long pinning a job's plan may take before the submit answers
+/// without it (approve pins it then).
+const PIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Pins a job awaiting approval to the plan it would run now, and stores
+/// the pin; the job as stored, or the job unchanged and why not.
+pub(super) async fn pin(daemon: &Daemon, job: Job) -> Result<Job, (Job, String)> {
+    let Some(rt) = daemon.runtime(&job.target) else {
+        return Err((job, "its target is not configured".into()));
+    };
+    let pinned = match tokio::time::timeout(PIN_WITHIN, rt.pin(&job)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(why)) => return Err((job, why)),
+        Err(_) => {
+            return Err((
+                job,
+                format!("the target did not answer within {PIN_WITHIN:?}"),
+            ))
+        }
+    };
+    match daemon
+        .queue()
+        .pin(&job.job_id, &pinned.digest, &pinned.covers)
+        .await
+    {
+        Ok(1) => match daemon.queue().get(&job.job_id).await {
+            Ok(Some(j)) => Ok(j),
+            _ => Err((job, "the pinned job could not be read back".into())),
+        },
+        Ok(_) => Err((job, "it no longer awaits approval".into())),
+        Err(e) => Err((job, e.to_string())),
+    }
 }
 
 /// The job an approver acts on: the peer must be in the approve list and
@@ -50,10 +84,11 @@ pub(super) async fn approve(
     peer: &Peer,
     job_id: &JobId,
     reason: Option<String>,
+    plan: Option<String>,
 ) -> Reply {
     let reason = reason.as_deref().and_then(reason_text);
     let cfg = daemon.config();
-    let row = match awaiting_for_approver(daemon, peer, job_id).await {
+    let mut row = match awaiting_for_approver(daemon, peer, job_id).await {
         Ok(r) => r,
         Err(reply) => return reply,
     };
@@ -72,10 +107,43 @@ pub(super) async fn approve(
         daemon.wake(&row.target);
         return Reply::error(ReplyKind::Expired, msg);
     }
-    let reason = reason.map(|r| format!("approved by {}: {r}", peer.user));
-    match daemon.queue().approve(job_id, &peer.user, reason).await {
+    // An approval approves a plan: the one the job was pinned to at
+    // submit, or, when that could not be done then, the one it would run
+    // now. An approver who names the plan they saw gets exactly that one.
+    if row.mode == crate::job::Mode::Apply && row.plan_digest.is_none() {
+        row = match pin(daemon, row).await {
+            Ok(r) => r,
+            Err((_, why)) => {
+                return Reply::error(
+                    ReplyKind::Unavailable,
+                    format!("job {job_id} cannot be approved before its plan is pinned, and pinning it failed: {why}; try again"),
+                )
+            }
+        };
+    }
+    if let Some(seen) = plan.as_deref() {
+        if row.plan_digest.as_deref() != Some(seen) {
+            return Reply::error(
+                ReplyKind::Conflict,
+                format!(
+                    "job {job_id} is pinned to plan {}, not {seen}: run `govsql show {job_id}` again and approve what it shows",
+                    row.plan_digest.as_deref().unwrap_or("(none)")
+                ),
+            );
+        }
+    }
+    let needed = daemon
+        .catalog()
+        .get(&row.command)
+        .map_or(1, |c| c.approvals_needed().max(1));
+    let approval = Approval {
+        by: peer.user.clone(),
+        at: crate::time::utc_text(unix_now()),
+        reason,
+    };
+    match daemon.queue().approve(job_id, approval, needed).await {
         Ok(row) => {
-            tracing::info!(job_id = %job_id, approver = %peer.user, "job approved");
+            tracing::info!(job_id = %job_id, approver = %peer.user, approvals = row.approvals.len(), needed, "job approved");
             daemon.wake(&row.target);
             Reply::job(row)
         }

@@ -25,7 +25,7 @@ pub(super) async fn handle(daemon: &Daemon, peer: &Peer, req: Request) -> Reply 
         Request::Status(r) => wait::status(daemon, peer, &r.job_id).await,
         Request::Wait(r) => wait::wait(daemon, peer, &r.job_id, r.timeout_s).await,
         Request::List(r) => list::list(daemon, peer, r).await,
-        Request::Approve(r) => approve::approve(daemon, peer, &r.job_id, r.reason).await,
+        Request::Approve(r) => approve::approve(daemon, peer, &r.job_id, r.reason, r.plan).await,
         Request::Reject(r) => approve::reject(daemon, peer, &r.job_id, &r.reason).await,
         Request::Show(r) => show::show(daemon, peer, &r.job_id).await,
         Request::Cancel(r) => cancel::cancel(daemon, peer, &r.job_id).await,

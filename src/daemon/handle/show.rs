@@ -33,8 +33,16 @@ pub(super) async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply 
             ),
         );
     }
-    let (description, statements) = match daemon.catalog().get(&row.command) {
-        Ok(c) => (c.description.clone(), c.statements.clone()),
+    let (description, statements, needed) = match daemon.catalog().get(&row.command) {
+        Ok(c) => (
+            c.description.clone(),
+            c.statements.clone(),
+            if row.mode == crate::job::Mode::Apply {
+                c.approvals_needed()
+            } else {
+                0
+            },
+        ),
         Err(e) => return Reply::error(ReplyKind::UnknownCommand, e.to_string()),
     };
     tracing::info!(job_id = %job_id, user = %peer.user, "job shown");
@@ -48,5 +56,9 @@ pub(super) async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply 
         description,
         statements,
         params: row.param_pairs().to_vec(),
+        plan_digest: row.plan_digest.clone(),
+        plan_covers: row.plan_covers.clone(),
+        approvals: row.approvals.clone(),
+        approvals_required: needed,
     }))
 }

@@ -18,7 +18,18 @@ pub(super) async fn submit(daemon: &Daemon, peer: &Peer, r: Submit) -> Reply {
     // Registered before the job can run, so its result cannot slip by.
     let rx = wait.then(|| daemon.add_waiter(&job.job_id));
     let job_id = job.job_id.clone();
-    match (rx, queue(daemon, peer, job).await) {
+    let queued = match queue(daemon, peer, job).await {
+        // A job that waits for approval is pinned to the plan it would
+        // run now: that plan is what its approvers approve.
+        Ok(job) if job.state == JobState::AwaitingApproval && job.plan_digest.is_none() => {
+            Ok(super::approve::pin(daemon, job).await.unwrap_or_else(|(job, why)| {
+                tracing::warn!(job_id = %job.job_id, cause = %why, "the plan of a job awaiting approval could not be pinned yet; approve pins it");
+                job
+            }))
+        }
+        other => other,
+    };
+    match (rx, queued) {
         (Some(rx), Ok(job)) if !job.state.is_terminal() => {
             let reply = super::wait::await_outcome(peer, job, rx, timeout_s).await;
             daemon.prune_waiters(&job_id);

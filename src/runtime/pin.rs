@@ -1,0 +1,80 @@
+//! pin: what an apply of a job would be pinned to now (its plan digest
+//! and what it covers), asked of the database's `fn_dot_iu_pin` entry,
+//! which runs and records nothing. The daemon pins a job that needs
+//! approval when it is submitted, so its approvers approve that plan and
+//! the dispatcher refuses the apply (`plan_drift`) if anything it covers
+//! moved by then.
+
+use serde::Deserialize;
+
+use super::*;
+use crate::grammar::{entry_call, Arg, Entry as GrammarEntry};
+use crate::psql::copy_rows;
+
+/// The plan an apply is pinned to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pin {
+    /// sha256 hex of what it covers.
+    pub digest: String,
+    /// What it covers: target, command, params digest, catalog digest,
+    /// each target function's definition md5, gates, max_rows.
+    pub covers: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct PinRow {
+    plan_digest: Option<String>,
+    plan_covers: Option<serde_json::Value>,
+    class: Option<String>,
+}
+
+impl Runtime {
+    /// Pins `job` to the plan it would run now. An error says why in
+    /// words (an unknown command, bad params, the target unreachable).
+    pub async fn pin(&self, job: &Job) -> Result<Pin, String> {
+        let ctx = self.context(job).map_err(|o| o.message)?;
+        let params = Self::params_json(&ctx);
+        let client = serde_json::json!({ "target": self.target });
+        let mut s = self.script(&ctx);
+        s.section();
+        s.sql(&entry_call(
+            GrammarEntry::Pin,
+            &[
+                Arg::Word(&ctx.cmd.name),
+                Arg::Json(&params),
+                Arg::Json(&client),
+            ],
+        ));
+        let secs = match self.exec(&ctx, &s.finish()).await {
+            PsqlResult::Complete(secs) => secs,
+            PsqlResult::SqlError { state, .. } if state == "42883" => {
+                return Err(
+                    "the database has no fn_dot_iu_pin yet: run `govsql migrate` on the target"
+                        .into(),
+                )
+            }
+            other => return Err(format!("the plan could not be pinned: {other}")),
+        };
+        let rows = copy_rows(0, secs.get(0).unwrap_or_default()).map_err(|e| e.to_string())?;
+        let value = match rows.as_slice() {
+            [r] if r.len() == 2 && r[0].as_deref() == Some("pin") => r[1].clone(),
+            _ => None,
+        }
+        .ok_or("the pin entry answered something else than one pin row")?;
+        let row: PinRow = serde_json::from_str(&value)
+            .map_err(|_| "the pin entry's answer is not the promised JSON".to_string())?;
+        match row {
+            PinRow {
+                plan_digest: Some(digest),
+                plan_covers: Some(covers),
+                class: None,
+            } if crate::job::valid_plan_digest(&digest) && covers.is_object() => {
+                Ok(Pin { digest, covers })
+            }
+            PinRow { class: Some(c), .. } => Err(format!(
+                "the database refuses these params ({c}); the job will be refused when it runs"
+            )),
+            _ => Err("the pin entry's answer is malformed".into()),
+        }
+    }
+}
