@@ -269,6 +269,12 @@ pub struct LogEntry {
     pub job_id: Option<String>,
     /// The target it ran on.
     pub target: Option<String>,
+    /// The plan digest it recorded (plan) or was pinned to (apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_digest: Option<String>,
+    /// Who approved it, comma-separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<String>,
 }
 
 /// Which jobs a list shows (every field optional; all must match).

@@ -129,7 +129,11 @@ BEGIN
             ''error_class'', r.evidence ->> ''error_class'',
             ''duration_ms'', (r.evidence ->> ''duration_ms'')::bigint,
             ''job_id'', r.evidence ->> ''job_id'',
-            ''target'', r.evidence ->> ''target'')::text
+            ''target'', r.evidence ->> ''target'',
+            ''plan_digest'', r.evidence ->> ''plan_digest'',
+            ''approvers'', coalesce((SELECT string_agg(a ->> ''by'', '','') FROM jsonb_array_elements(
+                CASE WHEN jsonb_typeof(r.evidence -> ''approvals'') = ''array'' THEN r.evidence -> ''approvals'' END) AS a),
+                r.evidence ->> ''approved_by''))::text
           FROM public.dot_iu_command_run r WHERE true' || v_where ||
         ' ORDER BY r.run_id DESC LIMIT $7'
         USING f ->> 'command', f ->> 'status', f ->> 'mode', f ->> 'actor', f ->> 'target',

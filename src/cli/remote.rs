@@ -467,6 +467,17 @@ pub(super) async fn log_cmd(
                 .map(|d| format!("{d}ms"))
                 .unwrap_or_else(|| "-".into())
         );
+        // What a plan recorded or an apply was pinned to, and who approved.
+        if r.plan_digest.is_some() || r.approvers.is_some() {
+            out!(
+                "{:<28} plan {}  approved by {}",
+                "",
+                r.plan_digest
+                    .as_deref()
+                    .map_or("-", |d| &d[..d.len().min(16)]),
+                r.approvers.as_deref().map_or("-".into(), super::printable)
+            );
+        }
     }
     Ok(ExitCode::Ok)
 }

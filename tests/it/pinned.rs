@@ -262,6 +262,15 @@ async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_
         )),
         digest2
     );
+    // `log` shows the plan an apply was pinned to and who approved it.
+    let log = d.cli_json(None, &["log", "--mode", "apply", "--limit", "1", "--json"]);
+    assert_eq!(log[0]["plan_digest"], digest2.as_str(), "{log}");
+    assert_eq!(log[0]["approvers"], OTHER, "{log}");
+    let (_, text, _) = cli(&d, None, &["log", "--mode", "apply", "--limit", "1"]);
+    assert!(
+        text.contains(&format!("plan {}  approved by {OTHER}", &digest2[..16])),
+        "{text}"
+    );
 }
 
 #[tokio::test]
