@@ -315,3 +315,33 @@ async fn an_apply_that_would_commit_inside_a_window_that_began_while_it_ran_is_r
         .await;
     assert_eq!(other.status, RunStatus::Applied, "{other:?}");
 }
+
+/// PostgreSQL keeps a backend's table counters pending for up to a second
+/// across transactions (its "transaction" statistics are not reset per
+/// transaction while the backend is busy): in session mode, applies that
+/// follow each other in one psql session must each count only their own
+/// rows.
+#[tokio::test]
+async fn applies_back_to_back_in_one_session_each_count_only_their_own_rows() {
+    let db = test_db().await;
+    db.open_all();
+    let rt = db.runtime();
+    for n in 1..=4 {
+        let o = run(
+            &rt,
+            "dot_iu_diag_touch_rows",
+            Mode::Apply,
+            &[("rows", "3"), ("sleep_ms", "0")],
+        )
+        .await;
+        assert_eq!(o.status, RunStatus::Applied, "apply {n}: {o:?}");
+        let e = evidence(&db, o.run_id.unwrap());
+        assert_eq!(
+            e["rows_by_table"],
+            serde_json::json!({"public.iu_diag_probe": {"inserted": 3, "updated": 0, "deleted": 0}}),
+            "apply {n}"
+        );
+        assert_eq!(e["rows_changed"], 3, "apply {n}: {e}");
+    }
+    assert_eq!(db.count("iu_diag_probe"), 12);
+}
