@@ -67,7 +67,7 @@ impl Runtime {
         let row = answer.run.log_row();
         let message = match &row.plan_digest {
             Some(d) => format!(
-                "{message}\nplan digest {d}: pin an apply to this plan with `govsql apply {} --plan {d}` (same params); it is refused if anything it covers moves",
+                "{message}. Plan digest {d}: pin an apply to this plan with `govsql apply {} --plan {d}` (same params); it is refused if anything it covers moves",
                 ctx.cmd.name
             ),
             None => message,
