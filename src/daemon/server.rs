@@ -67,8 +67,10 @@ pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonErr
         path: cfg.socket.clone(),
         source,
     };
+    let mut created_dir = None;
     if let Some(dir) = cfg.socket.parent() {
         if !dir.exists() {
+            created_dir = Some(dir);
             // 0750 whatever the umask.
             std::fs::create_dir_all(dir)
                 .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)))
@@ -101,6 +103,10 @@ pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonErr
             })?
             .gid;
         set_group(&cfg.socket, group, gid)?;
+        // A directory it made itself is the group's way in (0750).
+        if let Some(dir) = created_dir {
+            set_group(dir, group, gid)?;
+        }
     }
     let meta = std::fs::symlink_metadata(&cfg.socket).map_err(|e| io("cannot examine", e))?;
     let bound = BoundSocket {
@@ -111,7 +117,7 @@ pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonErr
     Ok((listener, bound))
 }
 
-/// Gives the socket its group, calling chown only when the group is not
+/// Gives the socket (or the directory it made for it) its group, calling chown only when the group is not
 /// already right: under systemd `Group=` makes it so, and the unit's
 /// `SystemCallFilter=~@privileged` forbids every chown. A chown that is
 /// needed and refused says what to change.

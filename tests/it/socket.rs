@@ -309,6 +309,38 @@ async fn a_user_who_may_not_open_the_socket_is_told_which_group_to_join() {
     );
 }
 
+/// A socket directory the daemon creates gets `socket_group` too: with
+/// it left in root's group (mode 0750), the group the socket was given
+/// could not reach the socket.
+#[tokio::test]
+async fn the_socket_group_can_reach_a_socket_in_a_directory_the_daemon_created() {
+    let db = open_db().await;
+    let text = std::fs::read_to_string(&db.config_path)
+        .unwrap()
+        .replacen(
+            "socket_mode = \"0666\"",
+            "socket_mode = \"0660\"\nsocket_group = \"govsqlt_dash\"",
+            1,
+        )
+        .replacen(
+            "socket = \"govsql.sock\"",
+            "socket = \"run/govsql/govsql.sock\"",
+            1,
+        );
+    std::fs::write(&db.config_path, text).unwrap();
+    let socket = db.dir.path().join("run/govsql/govsql.sock");
+    let d = DaemonProc::start_config(&db, &db.config_path, &socket, &[]);
+    let out = d.cli(Some(OTHER), &["health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::fs::metadata(socket.parent().unwrap()).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o777, 0o750);
+}
+
 /// A second daemon with another state_dir but the same socket (the lock
 /// covers only state_dir) used to bind over a live daemon's socket and
 /// delete it on exit. It must refuse to start, naming the path, and leave
