@@ -111,9 +111,18 @@ pub(super) async fn freeze_cmd(
                 (None, Some(k)) => Scope::Category(k),
                 (None, None) => Scope::All,
             };
+            // A time that is not one is a usage error (exit 2), like any
+            // malformed flag.
+            let (from, until) = match (When::parse(&from), When::parse(&until)) {
+                (Ok(f), Ok(u)) => (f, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("govsql: {e}");
+                    return Ok(ExitCode::Usage);
+                }
+            };
             let w = NewWindow {
-                from: When::parse(&from)?,
-                until: When::parse(&until)?,
+                from,
+                until,
                 scope,
                 reason,
             };

@@ -236,7 +236,7 @@ async fn a_freeze_window_refuses_the_applies_it_covers_until_it_is_removed() {
     let bad = db.govsql(&[
         "freeze", "add", "--from", "tomorrow", "--until", "+1h", "--reason", "r",
     ]);
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"),
         "{bad:?}"
