@@ -283,12 +283,6 @@ BEGIN
         IF cardinality(v_approvers) < c.approvals_required THEN
             v_class := 'approval_missing';
             v_reasons := ARRAY[format('%s of %s approvals', cardinality(v_approvers), c.approvals_required)];
-            kind := 'run';
-            value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
-                public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started, NULL),
-                v_class, NULL, v_reasons);
-            RETURN NEXT;
-            RETURN;
         END IF;
     END IF;
 
@@ -300,7 +294,7 @@ BEGIN
         v_facts := public.fn_dot_iu_plan_facts(c, p_client ->> 'target', v_digest, NULL);
         v_plan := public.fn_dot_iu_plan_digest(v_facts);
     END IF;
-    IF p_mode = 'apply' AND v_pinned IS NOT NULL THEN
+    IF p_mode = 'apply' AND v_pinned IS NOT NULL AND v_class IS NULL THEN
         PERFORM pg_advisory_xact_lock(hashtextextended('govsql:plan:' || v_pinned, 0));
         IF jsonb_typeof(p_client -> 'plan_covers') = 'object'
            AND public.fn_dot_iu_plan_digest(p_client -> 'plan_covers') = v_pinned THEN
@@ -328,14 +322,17 @@ BEGIN
             v_reasons := ARRAY['the plan was applied by run ' || v_used];
         END IF;
         IF v_class IS NOT NULL THEN
-            kind := 'run';
-            value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
-                public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started,
-                    jsonb_build_object('plan_digest', v_pinned, 'plan_moved', to_jsonb(v_reasons))),
-                v_class, NULL, v_reasons);
-            RETURN NEXT;
-            RETURN;
+            v_extra := jsonb_build_object('plan_digest', v_pinned, 'plan_moved', to_jsonb(v_reasons));
         END IF;
+    END IF;
+    -- Too few approvers, or a pinned plan that moved or was used: refused.
+    IF v_class IS NOT NULL THEN
+        kind := 'run';
+        value := public.fn_dot_iu_record(p_command, p_mode, 'refused', p_actor, v_digest, p_key,
+            public.fn_dot_iu_evidence(p_mode, p_client, cardinality(c.statements), v_class, NULL, v_started, v_extra),
+            v_class, NULL, v_reasons);
+        RETURN NEXT;
+        RETURN;
     END IF;
 
     -- What would refuse an apply now.
@@ -469,20 +466,15 @@ BEGIN
             IF NOT v_ok THEN
                 v_class := 'verification_failed';
             END IF;
-        WHEN SQLSTATE 'GV091' THEN
-            v_class := 'unexpected_status';
-            v_rows := ARRAY[]::text[];
-        WHEN SQLSTATE 'GV092' THEN
-            v_class := 'result_too_large';
-            v_rows := ARRAY[]::text[];
-        WHEN SQLSTATE 'GV093' THEN
-            v_class := 'row_cap';
-            v_rows := ARRAY[]::text[];
-        WHEN SQLSTATE 'GV094' THEN
-            v_class := 'frozen';
-            v_rows := ARRAY[]::text[];
         WHEN OTHERS THEN
-            v_class := SQLSTATE;
+            -- Rolled back: the dispatcher's own codes are their class, any
+            -- other SQLSTATE is the class itself.
+            v_class := CASE SQLSTATE
+                WHEN 'GV091' THEN 'unexpected_status'
+                WHEN 'GV092' THEN 'result_too_large'
+                WHEN 'GV093' THEN 'row_cap'
+                WHEN 'GV094' THEN 'frozen'
+                ELSE SQLSTATE END;
             v_rows := ARRAY[]::text[];
     END;
     IF v_word IS NOT NULL THEN

@@ -553,6 +553,14 @@ impl TestDb {
             .parse()
             .unwrap()
     }
+
+    /// One ledger row's evidence.
+    pub fn evidence(&self, run_id: i64) -> serde_json::Value {
+        let text = self.sql(&format!(
+            "SELECT evidence FROM dot_iu_command_run WHERE run_id = {run_id}"
+        ));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("run {run_id}: {e}: {text}"))
+    }
 }
 
 /// A job with fresh id and the test actor.

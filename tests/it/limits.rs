@@ -8,12 +8,15 @@ use govsql::runtime::{Mode, RunStatus};
 
 use crate::harness::*;
 
-/// One ledger row's evidence.
-fn evidence(db: &TestDb, run_id: i64) -> serde_json::Value {
-    serde_json::from_str(&db.sql(&format!(
-        "SELECT evidence FROM dot_iu_command_run WHERE run_id = {run_id}"
-    )))
-    .unwrap()
+/// `dot_iu_diag_touch_rows` (max_rows 10): inserts `rows` probe rows.
+async fn touch_rows(rt: &govsql::runtime::Runtime, mode: Mode, rows: u32) -> govsql::job::Outcome {
+    run(
+        rt,
+        "dot_iu_diag_touch_rows",
+        mode,
+        &[("rows", &rows.to_string()), ("sleep_ms", "0")],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -21,19 +24,13 @@ async fn an_apply_over_its_row_cap_is_rolled_back_and_fails_row_cap() {
     let db = test_db().await;
     db.open_all();
     let rt = db.runtime();
-    let over = run(
-        &rt,
-        "dot_iu_diag_touch_rows",
-        Mode::Apply,
-        &[("rows", "11"), ("sleep_ms", "0")],
-    )
-    .await;
+    let over = touch_rows(&rt, Mode::Apply, 11).await;
     assert_eq!(over.status, RunStatus::Failed, "{over:?}");
     assert_eq!(over.class(), Some("row_cap"), "{over:?}");
     assert_eq!(over.exit_code().code(), 4);
     assert!(over.message.contains("max_rows (10)"), "{}", over.message);
     assert_eq!(db.count("iu_diag_probe"), 0, "nothing of it committed");
-    let e = evidence(&db, over.run_id.unwrap());
+    let e = db.evidence(over.run_id.unwrap());
     assert_eq!(e["error_class"], "row_cap");
     assert_eq!(e["max_rows"], 10);
     assert_eq!(e["rows_changed"], 11, "{e}");
@@ -42,16 +39,10 @@ async fn an_apply_over_its_row_cap_is_rolled_back_and_fails_row_cap() {
         "{e}"
     );
 
-    let at = run(
-        &rt,
-        "dot_iu_diag_touch_rows",
-        Mode::Apply,
-        &[("rows", "10"), ("sleep_ms", "0")],
-    )
-    .await;
+    let at = touch_rows(&rt, Mode::Apply, 10).await;
     assert_eq!(at.status, RunStatus::Applied, "{at:?}");
     assert_eq!(db.count("iu_diag_probe"), 10);
-    let e = evidence(&db, at.run_id.unwrap());
+    let e = db.evidence(at.run_id.unwrap());
     assert_eq!(e["rows_changed"], 10, "{e}");
     assert_eq!(
         e["rows_by_table"],
@@ -73,7 +64,7 @@ async fn every_apply_counts_its_rows_per_table_in_evidence() {
     )
     .await;
     assert_eq!(o.status, RunStatus::Applied, "{o:?}");
-    let e = evidence(&db, o.run_id.unwrap());
+    let e = db.evidence(o.run_id.unwrap());
     let by_table = e["rows_by_table"].as_object().unwrap();
     let total: i64 = by_table
         .values()
@@ -103,23 +94,17 @@ async fn every_apply_counts_its_rows_per_table_in_evidence() {
     .await;
     assert_eq!(o.status, RunStatus::Applied, "{o:?}");
     assert_eq!(db.count("iu_diag_probe"), 4);
-    let e = evidence(&db, o.run_id.unwrap());
+    let e = db.evidence(o.run_id.unwrap());
     assert_eq!(
         e["rows_by_table"]["public.iu_diag_probe"]["inserted"], 7,
         "{e}"
     );
 
     // plan shows the cap.
-    let p = run(
-        &rt,
-        "dot_iu_diag_touch_rows",
-        Mode::Plan,
-        &[("rows", "1"), ("sleep_ms", "0")],
-    )
-    .await;
+    let p = touch_rows(&rt, Mode::Plan, 1).await;
     assert_eq!(p.status, RunStatus::Planned, "{p:?}");
     assert!(p.message.contains("at most 10 row(s)"), "{}", p.message);
-    assert_eq!(evidence(&db, p.run_id.unwrap())["max_rows"], 10);
+    assert_eq!(db.evidence(p.run_id.unwrap())["max_rows"], 10);
 }
 
 /// Runs the CLI; panics unless it exits 0; its stdout.
@@ -172,7 +157,7 @@ async fn a_freeze_window_refuses_the_applies_it_covers_until_it_is_removed() {
     assert_eq!(o.class(), Some("frozen"));
     assert_eq!(o.exit_code().code(), 3);
     assert_eq!(db.count("iu_collection"), 0);
-    let e = evidence(&db, o.run_id.unwrap());
+    let e = db.evidence(o.run_id.unwrap());
     assert_eq!(e["freeze_ids"], serde_json::json!([id]), "{e}");
     // plan says so; another category is not covered.
     let p = run(
@@ -300,7 +285,7 @@ async fn an_apply_that_would_commit_inside_a_window_that_began_while_it_ran_is_r
     assert_eq!(o.status, RunStatus::Refused, "{o:?}");
     assert_eq!(o.class(), Some("frozen"), "{o:?}");
     assert_eq!(db.count("iu_diag_probe"), 0, "nothing committed");
-    let e = evidence(&db, o.run_id.unwrap());
+    let e = db.evidence(o.run_id.unwrap());
     assert!(
         e["duration_ms"].as_i64().unwrap() >= 2900,
         "refused at its commit, after its statements ran: {e}"
@@ -327,15 +312,9 @@ async fn applies_back_to_back_in_one_session_each_count_only_their_own_rows() {
     db.open_all();
     let rt = db.runtime();
     for n in 1..=4 {
-        let o = run(
-            &rt,
-            "dot_iu_diag_touch_rows",
-            Mode::Apply,
-            &[("rows", "3"), ("sleep_ms", "0")],
-        )
-        .await;
+        let o = touch_rows(&rt, Mode::Apply, 3).await;
         assert_eq!(o.status, RunStatus::Applied, "apply {n}: {o:?}");
-        let e = evidence(&db, o.run_id.unwrap());
+        let e = db.evidence(o.run_id.unwrap());
         assert_eq!(
             e["rows_by_table"],
             serde_json::json!({"public.iu_diag_probe": {"inserted": 3, "updated": 0, "deleted": 0}}),

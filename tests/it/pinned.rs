@@ -43,11 +43,7 @@ async fn an_apply_pinned_to_a_plan_runs_once_and_is_refused_when_a_function_move
     );
     // What it covers is recorded with it: function definitions by md5,
     // never a value.
-    let covers: serde_json::Value = serde_json::from_str(&db.sql(&format!(
-        "SELECT evidence->'plan_covers' FROM dot_iu_command_run WHERE run_id = {}",
-        plan.run_id.unwrap()
-    )))
-    .unwrap();
+    let covers = db.evidence(plan.run_id.unwrap())["plan_covers"].clone();
     assert_eq!(covers["command"], "dot_iu_create_collection");
     assert_eq!(covers["target"], "main");
     assert!(
@@ -67,13 +63,7 @@ async fn an_apply_pinned_to_a_plan_runs_once_and_is_refused_when_a_function_move
         .run(&pinned("dot_iu_create_collection", &title, &d))
         .await;
     assert_eq!(o.status, RunStatus::Applied, "{o:?}");
-    assert_eq!(
-        db.sql(&format!(
-            "SELECT evidence->>'plan_digest' FROM dot_iu_command_run WHERE run_id = {}",
-            o.run_id.unwrap()
-        )),
-        d
-    );
+    assert_eq!(db.evidence(o.run_id.unwrap())["plan_digest"], d.as_str());
     // The same plan again (another job, another key): used, refused.
     let replay = rt
         .run(&pinned("dot_iu_create_collection", &title, &d))
@@ -121,11 +111,10 @@ async fn an_apply_pinned_to_a_plan_runs_once_and_is_refused_when_a_function_move
         drift.message
     );
     assert_eq!(db.count("iu_collection"), 1, "nothing ran");
-    let moved = db.sql(&format!(
-        "SELECT evidence->'plan_moved' FROM dot_iu_command_run WHERE run_id = {}",
-        drift.run_id.unwrap()
-    ));
-    assert_eq!(moved, r#"["function fn_iu_collection_create(text)"]"#);
+    assert_eq!(
+        db.evidence(drift.run_id.unwrap())["plan_moved"],
+        json!(["function fn_iu_collection_create(text)"])
+    );
 
     // A digest no plan has: refused.
     let unknown = rt
@@ -148,6 +137,31 @@ fn purgeable(db: &TestDb, n: u32) -> String {
          INSERT INTO iu_piece (piece_id, collection_id, body, deleted_at) VALUES ('{piece}', '00000000-0000-0000-0000-0000000001{n:02x}', 'b', now())"
     ));
     piece
+}
+
+/// Submits `dot_iu_purge_piece` (requires approval) for a piece; the reply.
+fn submit_purge(d: &DaemonProc, piece: &str) -> serde_json::Value {
+    submit(
+        d,
+        "dot_iu_purge_piece",
+        "apply",
+        json!([["piece_id", piece]]),
+        false,
+    )
+}
+
+/// The job id of a submit's reply.
+fn job_id(reply: &serde_json::Value) -> String {
+    reply["job"]["job_id"].as_str().unwrap().to_string()
+}
+
+/// The test catalog with `dot_iu_purge_piece` needing two approvers.
+fn two_approvals_catalog() -> String {
+    std::fs::read_to_string(catalog_path()).unwrap().replacen(
+        "requires_approval = true\n",
+        "requires_approval = true\napprovals_required = 2\n",
+        1,
+    )
 }
 
 fn approvers(db: &mut TestDb, approve: &str) {
@@ -176,15 +190,9 @@ async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_
     db.switch(true);
     let d = DaemonProc::start(&db);
     let piece = purgeable(&db, 1);
-    let j = submit(
-        &d,
-        "dot_iu_purge_piece",
-        "apply",
-        json!([["piece_id", piece]]),
-        false,
-    );
+    let j = submit_purge(&d, &piece);
     assert_eq!(j["job"]["state"], "awaiting_approval", "{j}");
-    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let id = job_id(&j);
     let digest = j["job"]["plan_digest"]
         .as_str()
         .unwrap_or_else(|| panic!("not pinned: {j}"))
@@ -230,24 +238,14 @@ async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_
         "{msg}"
     );
     assert_eq!(db.count("iu_piece"), 1, "nothing ran");
-    let e: serde_json::Value = serde_json::from_str(&db.sql(&format!(
-        "SELECT evidence FROM dot_iu_command_run WHERE run_id = {}",
-        done["outcome"]["run_id"]
-    )))
-    .unwrap();
+    let e = db.evidence(done["outcome"]["run_id"].as_i64().unwrap());
     assert_eq!(e["plan_digest"], digest.as_str());
     assert_eq!(e["approvals"][0]["by"], OTHER, "{e}");
     assert_eq!(e["approvals"][0]["reason"], "CHG-7", "{e}");
 
     // Submitted again, it is pinned to the plan as it is now, and runs.
-    let j = submit(
-        &d,
-        "dot_iu_purge_piece",
-        "apply",
-        json!([["piece_id", piece]]),
-        false,
-    );
-    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let j = submit_purge(&d, &piece);
+    let id = job_id(&j);
     let digest2 = j["job"]["plan_digest"].as_str().unwrap().to_string();
     assert_ne!(digest2, digest);
     let (code, _, err) = cli(&d, Some(OTHER), &["approve", &id]);
@@ -256,11 +254,8 @@ async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_
     assert_eq!(done["state"], "applied", "{done}");
     assert_eq!(db.count("iu_piece"), 0);
     assert_eq!(
-        db.sql(&format!(
-            "SELECT evidence->>'plan_digest' FROM dot_iu_command_run WHERE run_id = {}",
-            done["outcome"]["run_id"]
-        )),
-        digest2
+        db.evidence(done["outcome"]["run_id"].as_i64().unwrap())["plan_digest"],
+        digest2.as_str()
     );
     // `log` shows the plan an apply was pinned to and who approved it.
     let log = d.cli_json(None, &["log", "--mode", "apply", "--limit", "1", "--json"]);
@@ -281,14 +276,8 @@ async fn a_catalog_reloaded_after_the_approval_refuses_the_apply() {
     db.switch(true);
     let d = DaemonProc::start(&db);
     let piece = purgeable(&db, 2);
-    let j = submit(
-        &d,
-        "dot_iu_purge_piece",
-        "apply",
-        json!([["piece_id", piece]]),
-        false,
-    );
-    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let j = submit_purge(&d, &piece);
+    let id = job_id(&j);
     // The command changes in the catalog; the database and the daemon
     // both take the new catalog (no catalog_drift), after the pin.
     let cat = db.dir.path().join("catalog.toml");
@@ -328,11 +317,7 @@ async fn a_catalog_reloaded_after_the_approval_refuses_the_apply() {
 
 #[tokio::test]
 async fn a_command_needing_two_approvals_waits_for_two_other_people() {
-    let text = std::fs::read_to_string(catalog_path()).unwrap().replacen(
-        "requires_approval = true\n",
-        "requires_approval = true\napprovals_required = 2\n",
-        1,
-    );
+    let text = two_approvals_catalog();
     let mut db = test_db_with(&text, 10).await;
     let third = crate::sshd::SHELL_USERS[0].0;
     approvers(&mut db, &format!("[\"root\", \"{OTHER}\", \"{third}\"]"));
@@ -340,14 +325,8 @@ async fn a_command_needing_two_approvals_waits_for_two_other_people() {
     db.switch(true);
     let d = DaemonProc::start(&db);
     let piece = purgeable(&db, 3);
-    let j = submit(
-        &d,
-        "dot_iu_purge_piece",
-        "apply",
-        json!([["piece_id", piece]]),
-        false,
-    );
-    let id = j["job"]["job_id"].as_str().unwrap().to_string();
+    let j = submit_purge(&d, &piece);
+    let id = job_id(&j);
     // The submitter (root) is never one of them.
     let (code, _, err) = cli(&d, None, &["approve", &id]);
     assert_eq!(code, Some(3), "{err}");
@@ -369,11 +348,7 @@ async fn a_command_needing_two_approvals_waits_for_two_other_people() {
     assert_eq!(code, Some(0), "{err}");
     let done = wait_terminal(&d, &id);
     assert_eq!(done["state"], "applied", "{done}");
-    let e: serde_json::Value = serde_json::from_str(&db.sql(&format!(
-        "SELECT evidence FROM dot_iu_command_run WHERE run_id = {}",
-        done["outcome"]["run_id"]
-    )))
-    .unwrap();
+    let e = db.evidence(done["outcome"]["run_id"].as_i64().unwrap());
     let by: Vec<&str> = e["approvals"]
         .as_array()
         .unwrap()
@@ -389,11 +364,7 @@ async fn a_command_needing_two_approvals_waits_for_two_other_people() {
 /// its own approver, is refused.
 #[tokio::test]
 async fn the_dispatcher_refuses_an_apply_with_fewer_approvers_than_the_command_needs() {
-    let text = std::fs::read_to_string(catalog_path()).unwrap().replacen(
-        "requires_approval = true\n",
-        "requires_approval = true\napprovals_required = 2\n",
-        1,
-    );
+    let text = two_approvals_catalog();
     let db = test_db_with(&text, 10).await;
     db.open_all();
     let piece = purgeable(&db, 4);
