@@ -85,7 +85,7 @@ pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("cannot remove the stale socket", e)),
     }
-    let listener = UnixListener::bind(&cfg.socket).map_err(|e| io("cannot listen on", e))?;
+    let listener = listen(&cfg.socket).map_err(|e| io("cannot listen on", e))?;
     let mode = cfg
         .socket_mode()
         .map_err(|m| io("invalid socket_mode for", std::io::Error::other(m)))?;
@@ -115,6 +115,28 @@ pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonErr
         ino: meta.ino(),
     };
     Ok((listener, bound))
+}
+
+/// The accept backlog. A connection waits in it, behind every one queued
+/// before it, until the accept loop reaches it: a short queue bounds that
+/// wait (64 at the loop's tens of thousands a second is a few ms). When
+/// it is full a client's blocking connect sleeps until the loop takes one
+/// (the kernel wakes it then), which is how a well-behaved client gets in
+/// past one user's connect flood ([`crate::client::Client::connect`]).
+const BACKLOG: i32 = 64;
+
+/// Binds and listens with [`BACKLOG`] (tokio's bind would queue 1024).
+fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &UnixAddr::new(path)?)?;
+    socket::listen(&fd, Backlog::new(BACKLOG)?)?;
+    UnixListener::from_std(std::os::unix::net::UnixListener::from(fd))
 }
 
 /// Gives the socket (or the directory it made for it) its group, calling chown only when the group is not
