@@ -58,6 +58,11 @@ impl ScriptRequest {
 pub struct Runner {
     launch: Arc<dyn Launch>,
     pool: Option<Arc<Pool>>,
+    /// Warm sessions for operators' reads (`govsql log`), on the read
+    /// channel, in session mode: a read is then one query on a psql
+    /// already connected, not a psql, a gate and a backend started for it.
+    read_pool: Option<Arc<Pool>>,
+    read_launch: ReadLaunch,
     started: Arc<AtomicU64>,
     /// How much output one run may hold.
     limits: OutputLimits,
@@ -81,25 +86,41 @@ impl Launch for Counted {
     }
 }
 
+/// A launcher whose every psql is a read's (the read channel): the read
+/// pool's sessions.
+struct ReadLaunch(Arc<Counted>);
+
+impl Launch for ReadLaunch {
+    fn launch(&self) -> BoxFuture<'_, Result<session::Process, TransportError>> {
+        self.0.launch_read()
+    }
+}
+
+/// Warm read sessions per target: as many as SSH's read channels.
+const READ_SESSIONS: usize = ssh::READ_CHANNELS;
+
 impl Runner {
     /// A runner for a target and role: session mode when the target has
     /// it on and the role is the runtime's (migrate runs its own psql).
     pub fn new(launch: Arc<dyn Launch>, target: &TargetConfig, role: DbRole) -> Runner {
-        let pool = (target.session_mode && role == DbRole::Runtime).then(|| {
-            Pool::new(SessionSettings {
-                max_sessions: target.max_channels,
-                idle: Duration::from_secs(target.session_idle_s.max(1)),
-                max_jobs: target.session_max_jobs.max(1),
-            })
-        });
+        let sessions = target.session_mode && role == DbRole::Runtime;
+        let settings = |max_sessions| SessionSettings {
+            max_sessions,
+            idle: Duration::from_secs(target.session_idle_s.max(1)),
+            max_jobs: target.session_max_jobs.max(1),
+        };
+        let pool = sessions.then(|| Pool::new(settings(target.max_channels)));
+        let read_pool = sessions.then(|| Pool::new(settings(READ_SESSIONS)));
         let started = Arc::new(AtomicU64::new(0));
         let launch = Arc::new(Counted {
             inner: launch,
             started: started.clone(),
         });
         Runner {
+            read_launch: ReadLaunch(launch.clone()),
             launch,
             pool,
+            read_pool,
             started,
             limits: OutputLimits::for_results(target.max_result_bytes),
         }
@@ -120,17 +141,25 @@ impl Runner {
         self.started.load(Ordering::Relaxed)
     }
 
-    /// Runs one script (a read in its own psql, on the read channel).
+    /// Runs one script (a read on the read channel: in its own psql, or in
+    /// session mode in the warm read session).
     pub async fn run(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
         match &self.pool {
-            _ if req.read => {
-                run_once(
-                    self.launch.launch_read().await?,
-                    req.text.as_bytes(),
-                    self.limits.clone(),
-                )
-                .await
-            }
+            _ if req.read => match &self.read_pool {
+                Some(reads) => {
+                    reads
+                        .run(&self.read_launch, &req, self.limits.clone())
+                        .await
+                }
+                None => {
+                    run_once(
+                        self.launch.launch_read().await?,
+                        req.text.as_bytes(),
+                        self.limits.clone(),
+                    )
+                    .await
+                }
+            },
             Some(pool) => {
                 pool.run(self.launch.as_ref(), &req, self.limits.clone())
                     .await
@@ -153,7 +182,7 @@ impl Runner {
 
     /// Closes the warm sessions.
     pub async fn close(&self) {
-        if let Some(pool) = &self.pool {
+        for pool in [&self.pool, &self.read_pool].into_iter().flatten() {
             pool.close().await;
         }
     }

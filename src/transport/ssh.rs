@@ -335,11 +335,11 @@ struct SshLink {
 
 const MAX_ATTEMPTS: u32 = 6;
 
-/// How long an abandoned channel waits for the server's Close before its
-/// slot is given back anyway.
 /// Channels for operators' reads per target, beside `max_channels`.
 pub const READ_CHANNELS: usize = 1;
 
+/// How long an abandoned channel waits for the server's Close before its
+/// slot is given back anyway.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 impl SshExecutor {

@@ -320,3 +320,32 @@ async fn session_mode_pauses_when_sessions_keep_dying_and_comes_back() {
         exec.stats().psql_started - before
     );
 }
+
+/// Under a `govsql log` flood another user's verify went from 10 ms to
+/// 26 ms (2.5x, scripts/abuse): each read started its own psql, remote
+/// gate and backend. In session mode reads have their own warm session on
+/// the read channel: six reads start one psql, and never take a job's.
+#[tokio::test]
+async fn reads_share_one_warm_session_of_their_own() {
+    let db = test_db().await;
+    let exec = db.session_executor("max_channels = 1");
+    let pid = backend(&exec).await;
+    let before = exec.stats().psql_started;
+    for _ in 0..6 {
+        let rows = govsql::runtime::read_ledger(
+            &exec,
+            &govsql::protocol::LogFilter::default(),
+            5,
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the read completes");
+        assert!(rows.len() <= 5);
+    }
+    assert_eq!(
+        exec.stats().psql_started - before,
+        1,
+        "six reads in session mode"
+    );
+    assert_eq!(backend(&exec).await, pid, "a read took the job's session");
+}
