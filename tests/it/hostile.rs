@@ -282,3 +282,66 @@ async fn many_runs_that_never_end_share_one_output_budget() {
     assert!(grew_mib < 100, "the test process grew {grew_mib} MiB");
     s.stop();
 }
+
+/// A hostile host that reads the nonce off stdin can answer anything: a
+/// verify was reported `applied` (run 999999) and believed. Here the
+/// host's "psql" is the real one with its answer rewritten on the way
+/// out (a verify's run record says `applied`; then a run id of 0): the
+/// job fails (`internal`, DESIGN.md has no other class for it) saying the
+/// database's answer does not fit a verify job, never verified or applied. The real psql behind the same door still works.
+#[tokio::test]
+async fn a_forged_answer_from_the_host_is_not_believed() {
+    use govsql::runtime::{Mode, RunStatus};
+
+    use crate::harness::*;
+    use crate::sshd::{shared, USER};
+
+    let s = shared();
+    let db = ssh_db(&s.target_toml(USER, &keys().ed25519), 20).await;
+    db.open_all();
+    let dir = tempfile::Builder::new()
+        .prefix("govsql-forge")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (_, real) = db.config.target(None).unwrap();
+    for (what, sed) in [
+        (
+            "a verify reported applied",
+            r#"s/"status": "verified"/"status": "applied"/"#,
+        ),
+        ("a run id of 0", r#"s/"run_id": [0-9]*/"run_id": 0/"#),
+    ] {
+        let forger = dir.path().join("psql");
+        std::fs::write(
+            &forger,
+            format!("#!/bin/sh\n{} \"$@\" | sed -u -e '{sed}'\n", real.psql),
+        )
+        .unwrap();
+        std::fs::set_permissions(&forger, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut target = real.clone();
+        target.psql = forger.display().to_string();
+        let exec = govsql::transport::for_target(&target, DbRole::Runtime).unwrap();
+        let o = run(
+            &db.runtime_with(exec),
+            "dot_iu_healthcheck",
+            Mode::Verify,
+            &[],
+        )
+        .await;
+        assert_eq!(o.status, RunStatus::Failed, "{what}: {o:?}");
+        assert_eq!(o.class(), Some("internal"), "{what}: {o:?}");
+        let message = &o.message;
+        assert!(
+            message.contains("does not fit a verify job"),
+            "{what}: {message}"
+        );
+    }
+    let o = run(&db.runtime(), "dot_iu_healthcheck", Mode::Verify, &[]).await;
+    assert_eq!(o.status, RunStatus::Verified, "{o:?}");
+}
