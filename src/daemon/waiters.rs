@@ -40,6 +40,31 @@ fn result_bytes(o: &Outcome) -> usize {
 }
 
 impl Waiting {
+    fn add(&mut self, job_id: &JobId) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        match self.delivered.get(job_id) {
+            Some(outcome) => {
+                let _ = tx.send(outcome.clone());
+            }
+            None => {
+                let list = self.waiters.entry(job_id.clone()).or_default();
+                // Waits that ended (their receiver is gone) leave no trace.
+                list.retain(|t| !t.is_closed());
+                list.push(tx);
+            }
+        }
+        rx
+    }
+
+    fn prune(&mut self, job_id: &JobId) {
+        if let Some(list) = self.waiters.get_mut(job_id) {
+            list.retain(|t| !t.is_closed());
+            if list.is_empty() {
+                self.waiters.remove(job_id);
+            }
+        }
+    }
+
     /// Drops recorded outcomes past their grace, or over the budget.
     fn expire(&mut self) {
         while let Some((at, id)) = self.expiry.front() {
@@ -62,32 +87,13 @@ impl Daemon {
     /// Registers a waiter for a job's outcome. A job whose outcome was
     /// already handed out (its queue row not yet written) answers at once.
     pub fn add_waiter(&self, job_id: &JobId) -> oneshot::Receiver<Outcome> {
-        let (tx, rx) = oneshot::channel();
-        let mut w = self.waiting();
-        match w.delivered.get(job_id) {
-            Some(outcome) => {
-                let _ = tx.send(outcome.clone());
-            }
-            None => {
-                let list = w.waiters.entry(job_id.clone()).or_default();
-                // Waits that ended (their receiver is gone) leave no trace.
-                list.retain(|t| !t.is_closed());
-                list.push(tx);
-            }
-        }
-        rx
+        self.waiting().add(job_id)
     }
 
     /// Drops the waiters of a job whose wait ended (their receiver is
     /// gone); every other request's wait on the same job stays.
     pub fn prune_waiters(&self, job_id: &JobId) {
-        let mut w = self.waiting();
-        if let Some(list) = w.waiters.get_mut(job_id) {
-            list.retain(|t| !t.is_closed());
-            if list.is_empty() {
-                w.waiters.remove(job_id);
-            }
-        }
+        self.waiting().prune(job_id)
     }
 
     /// Hands a finished job's outcome (result included) to its waiters,
@@ -113,5 +119,33 @@ impl Daemon {
         let mut w = self.waiting();
         w.expiry.push_back((Instant::now(), job_id.clone()));
         w.expire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `wait` with timeout 0 on one's own waiting job left one waiter per
+    /// request (300 000 requests: +48 MiB). A wait that ended leaves none,
+    /// and pruning one wait never drops another's.
+    #[test]
+    fn waits_that_ended_leave_no_waiter_and_others_stay() {
+        let mut w = Waiting::default();
+        let id = JobId::new();
+        for _ in 0..1000 {
+            drop(w.add(&id));
+            w.prune(&id);
+        }
+        assert!(w.waiters.is_empty());
+        let mine = w.add(&id);
+        let theirs = w.add(&id);
+        drop(theirs);
+        w.prune(&id);
+        assert_eq!(w.waiters[&id].len(), 1);
+        assert!(!w.waiters[&id][0].is_closed());
+        drop(mine);
+        w.prune(&id);
+        assert!(w.waiters.is_empty());
     }
 }
