@@ -406,7 +406,7 @@ mod tests {
             "{}{}{};\n{}",
             grammar::preamble("govsql:j", 1000, true),
             grammar::marker(nonce, "0"),
-            grammar::entry_call(grammar::Entry::Status, &[]),
+            grammar::entry_call(grammar::Entry::Status, None),
             grammar::marker(nonce, "end")
         );
         let mut out = Vec::new();

@@ -128,21 +128,6 @@ impl Entry {
     }
 }
 
-/// One argument of an entry call.
-#[derive(Debug, Clone, Copy)]
-pub enum Arg<'a> {
-    /// A runtime-owned word (mode, command, key, actor, digest, class):
-    /// `[A-Za-z0-9-_.:@+/=]` only, as a plain literal.
-    Word(&'a str),
-    /// A JSON value (the params, the client's facts, a filter): a
-    /// dollar-quoted jsonb literal whose tag does not occur in it.
-    Json(&'a serde_json::Value),
-    /// An integer.
-    Int(i64),
-    /// A boolean.
-    Bool(bool),
-}
-
 /// Whether a byte may stand inside a plain literal.
 fn plain_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-_.:@+/=".contains(&b)
@@ -185,26 +170,20 @@ pub fn dollar_quoted(value: &str, ty: &str) -> String {
     }
 }
 
-/// The one statement of an entry call.
-pub fn entry_call(entry: Entry, args: &[Arg<'_>]) -> String {
+/// The one statement of an entry call: its arguments as one jsonb
+/// literal (`src/runtime/calls.rs` builds them), or none (the status).
+/// The checker also accepts the positional arguments an earlier release
+/// sends (plain words, jsonb literals, integers, booleans), so a gate
+/// upgraded first still serves an older daemon.
+pub fn entry_call(entry: Entry, call: Option<&serde_json::Value>) -> String {
     let mut s = String::with_capacity(96);
     let _ = write!(
         s,
         "COPY (SELECT kind, value FROM public.{}(",
         entry.function()
     );
-    for (i, a) in args.iter().enumerate() {
-        if i > 0 {
-            s.push_str(", ");
-        }
-        match a {
-            Arg::Word(w) => s.push_str(&word_literal(w)),
-            Arg::Json(v) => s.push_str(&json_literal(v)),
-            Arg::Int(n) => {
-                let _ = write!(s, "{n}");
-            }
-            Arg::Bool(b) => s.push_str(if *b { "true" } else { "false" }),
-        }
+    if let Some(call) = call {
+        s.push_str(&json_literal(call));
     }
     s.push_str(")) TO STDOUT");
     s
@@ -812,21 +791,17 @@ mod tests {
 
     #[test]
     fn the_builders_output_passes_the_checker() {
-        let v = serde_json::json!({"title": "a'b $$ \\! id\n`x` :foo $q1$ ~|~ \u{10FFFF}"});
-        let call = entry_call(
-            Entry::Dispatch,
-            &[
-                Arg::Word("apply"),
-                Arg::Word("dot_iu_add_piece"),
-                Arg::Json(&v),
-                Arg::Word("job:1"),
-                Arg::Word("alice"),
-                Arg::Bool(false),
-                Arg::Int(16_777_216),
-            ],
-        );
+        let v =
+            serde_json::json!({"params": {"title": "a'b $$ \\! id\n`x` :foo $q1$ ~|~ \u{10FFFF}"}});
+        let call = entry_call(Entry::Dispatch, Some(&v));
         check_runtime_script(script(&call).as_bytes()).unwrap();
-        let status = entry_call(Entry::Status, &[]);
+        // An earlier release's positional call still passes.
+        let positional = format!(
+            "COPY (SELECT kind, value FROM public.fn_dot_iu_dispatch('apply', 'dot_iu_add_piece', {}, 'job:1', 'alice', false, 16777216)) TO STDOUT",
+            json_literal(&v)
+        );
+        check_runtime_script(script(&positional).as_bytes()).unwrap();
+        let status = entry_call(Entry::Status, None);
         check_runtime_script(script(&status).as_bytes()).unwrap();
         let cancel = format!(
             "{}{};\n{}",
@@ -844,7 +819,7 @@ mod tests {
 
     #[test]
     fn meta_commands_and_foreign_sql_are_refused() {
-        let ok = script(&entry_call(Entry::Status, &[]));
+        let ok = script(&entry_call(Entry::Status, None));
         for bad in [
             "\\! id\n",
             "\\o | id\n",
@@ -881,7 +856,7 @@ mod tests {
     fn a_refused_line_holds_back_its_whole_unit() {
         let nonce = "0123456789abcdef";
         let mut c = RuntimeChecker::default();
-        let good = script(&entry_call(Entry::Status, &[]));
+        let good = script(&entry_call(Entry::Status, None));
         c.feed(good.as_bytes()).unwrap();
         assert_eq!(c.take_ready(), good.as_bytes());
         c.feed(preamble("govsql:j", 1, false).as_bytes()).unwrap();

@@ -118,6 +118,10 @@ pub const FUNCTIONS: &[Repeatable] = &[
         name: "60_reads",
         sql: include_str!("../sql/functions/60_reads.sql"),
     },
+    Repeatable {
+        name: "70_calls",
+        sql: include_str!("../sql/functions/70_calls.sql"),
+    },
 ];
 
 /// Owners and grants of the repeatable functions: applied after them

@@ -2,8 +2,9 @@
 -- whenever any of them was (re)applied. Every function here is SECURITY
 -- DEFINER or called by one, owned by the NOLOGIN role govsql_owner (005),
 -- and executable by nobody else but the runtime role's entries: the
--- dispatcher, the refuse and fail entries, the status, the ledger, and
--- the per-job preflight. psql variable :runtime_role names the runtime
+-- dispatcher, the refuse and fail entries, the status, the ledger, the
+-- pin, and the per-job preflight (each entry in its one-object form,
+-- 70_calls, and in the positional form an earlier release calls). psql variable :runtime_role names the runtime
 -- role.
 REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb),
     public.fn_dot_iu_params_problem(jsonb, jsonb),
@@ -22,7 +23,9 @@ REVOKE ALL ON FUNCTION public.fn_dot_iu_params_digest(text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_command_resolves(text[], text[], text[]), public.fn_dot_iu_catalog_resolve(text),
     public.fn_dot_iu_log_exposure(), public.fn_dot_iu_preflight(), public.fn_dot_iu_status(),
-    public.fn_dot_iu_ledger(jsonb, int) FROM PUBLIC;
+    public.fn_dot_iu_ledger(jsonb, int), public.fn_dot_iu_call_fields(jsonb, text[]),
+    public.fn_dot_iu_dispatch(jsonb), public.fn_dot_iu_refuse(jsonb), public.fn_dot_iu_fail(jsonb),
+    public.fn_dot_iu_pin(jsonb), public.fn_dot_iu_ledger(jsonb) FROM PUBLIC;
 ALTER FUNCTION public.fn_dot_iu_params_digest(text, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_params_problem(jsonb, jsonb) OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_run_row(bigint, text, text, text[], text[], boolean, text) OWNER TO govsql_owner;
@@ -47,8 +50,16 @@ ALTER FUNCTION public.fn_dot_iu_log_exposure() OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_preflight() OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_status() OWNER TO govsql_owner;
 ALTER FUNCTION public.fn_dot_iu_ledger(jsonb, int) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_call_fields(jsonb, text[]) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_dispatch(jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_refuse(jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_fail(jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_pin(jsonb) OWNER TO govsql_owner;
+ALTER FUNCTION public.fn_dot_iu_ledger(jsonb) OWNER TO govsql_owner;
 GRANT EXECUTE ON FUNCTION public.fn_dot_iu_dispatch(text, text, jsonb, text, text, text, boolean, bigint, jsonb),
     public.fn_dot_iu_refuse(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_fail(text, text, jsonb, text, text, text, jsonb),
     public.fn_dot_iu_status(), public.fn_dot_iu_ledger(jsonb, int),
-    public.fn_dot_iu_preflight(), public.fn_dot_iu_pin(text, jsonb, jsonb) TO :"runtime_role";
+    public.fn_dot_iu_preflight(), public.fn_dot_iu_pin(text, jsonb, jsonb),
+    public.fn_dot_iu_dispatch(jsonb), public.fn_dot_iu_refuse(jsonb), public.fn_dot_iu_fail(jsonb),
+    public.fn_dot_iu_pin(jsonb), public.fn_dot_iu_ledger(jsonb) TO :"runtime_role";

@@ -2,6 +2,12 @@
 -- function they define, and their bookkeeping. The versioned rollbacks
 -- that follow drop the same functions again where they created them
 -- (IF EXISTS), and the tables.
+DROP FUNCTION IF EXISTS public.fn_dot_iu_ledger(jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_pin(jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_fail(jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_refuse(jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_dispatch(jsonb);
+DROP FUNCTION IF EXISTS public.fn_dot_iu_call_fields(jsonb, text[]);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_ledger(jsonb, int);
 DROP FUNCTION IF EXISTS public.fn_dot_iu_status();
 DROP FUNCTION IF EXISTS public.fn_dot_iu_preflight();

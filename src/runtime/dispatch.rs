@@ -15,8 +15,9 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::calls;
 use super::*;
-use crate::grammar::{entry_call, Arg, Entry as GrammarEntry};
+use crate::grammar::{entry_call, Entry as GrammarEntry};
 use crate::psql::copy_rows;
 
 /// The `run` row every entry ends with.
@@ -112,37 +113,38 @@ impl Runtime {
     /// database host's remote-gate checks).
     fn entry_sql(&self, ctx: &Ctx<'_>, entry: Entry, class: Option<&ErrorClass>) -> String {
         let params = Self::params_json(ctx);
-        let client = serde_json::to_value(self.client_facts(ctx)).unwrap_or_default();
-        let mut args = vec![
-            Arg::Word(ctx.job.mode.as_str()),
-            Arg::Word(&ctx.cmd.name),
-            Arg::Json(&params),
-            Arg::Word(ctx.key()),
-            Arg::Word(&ctx.job.actor),
-        ];
-        let max = i64::try_from(self.max_result_bytes).unwrap_or(i64::MAX);
-        let which = match entry {
-            Entry::Dispatch => {
-                args.extend([
-                    Arg::Word(self.catalog.digest()),
-                    Arg::Bool(self.allow_log_exposure),
-                    Arg::Int(max),
-                ]);
-                GrammarEntry::Dispatch
-            }
-            Entry::Refuse | Entry::Fail => {
-                args.push(Arg::Word(
-                    class.map(ErrorClass::as_str).unwrap_or("internal"),
-                ));
-                if matches!(entry, Entry::Refuse) {
-                    GrammarEntry::Refuse
-                } else {
-                    GrammarEntry::Fail
-                }
-            }
+        let client = self.client_facts(ctx);
+        let (mode, command, key, actor) = (
+            ctx.job.mode.as_str(),
+            ctx.cmd.name.as_str(),
+            ctx.key(),
+            ctx.job.actor.as_str(),
+        );
+        let record = |entry| calls::Record {
+            entry,
+            mode,
+            command,
+            params: &params,
+            key,
+            actor,
+            class: class.map(ErrorClass::as_str).unwrap_or("internal"),
+            client: &client,
         };
-        args.push(Arg::Json(&client));
-        entry_call(which, &args)
+        match entry {
+            Entry::Dispatch => calls::statement(&calls::Dispatch {
+                mode,
+                command,
+                params: &params,
+                key,
+                actor,
+                catalog_digest: self.catalog.digest(),
+                allow_log_exposure: self.allow_log_exposure,
+                max_result_bytes: i64::try_from(self.max_result_bytes).unwrap_or(i64::MAX),
+                client: &client,
+            }),
+            Entry::Refuse => calls::statement(&record(GrammarEntry::Refuse)),
+            Entry::Fail => calls::statement(&record(GrammarEntry::Fail)),
+        }
     }
 
     /// Calls an entry; its answer, or psql's result when there is none.
@@ -422,10 +424,7 @@ pub async fn read_ledger(
     }
     let mut s = Script::new("govsql:log", timeout.as_millis() as u64 + 2000);
     s.section();
-    s.sql(&entry_call(
-        GrammarEntry::Ledger,
-        &[Arg::Json(&f), Arg::Int(i64::from(limit))],
-    ));
+    s.sql(&calls::statement(&calls::Ledger { filter: &f, limit }));
     let script = s.finish();
     match crate::transport::run_read_script(exec, &script, "govsql:log", timeout).await {
         PsqlResult::Complete(secs) => copy_rows(0, secs.get(0).unwrap_or_default())
@@ -450,7 +449,7 @@ pub async fn read_ledger(
 pub async fn read_status(exec: &dyn Executor) -> Result<Vec<(String, String)>, String> {
     let mut s = Script::new("govsql:status", 30_000);
     s.section();
-    s.sql(&entry_call(GrammarEntry::Status, &[]));
+    s.sql(&entry_call(GrammarEntry::Status, None));
     let script = s.finish();
     let deadline = Duration::from_secs(60);
     let secs = match run_script(exec, &script, "govsql:status", deadline).await {

@@ -33,6 +33,7 @@ pub use dispatch::{read_ledger, read_status};
 pub use pin::Pin;
 
 mod apply;
+mod calls;
 mod dispatch;
 mod ledger;
 mod pin;

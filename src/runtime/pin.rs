@@ -7,8 +7,8 @@
 
 use serde::Deserialize;
 
+use super::calls;
 use super::*;
-use crate::grammar::{entry_call, Arg, Entry as GrammarEntry};
 use crate::psql::copy_rows;
 
 /// The plan an apply is pinned to.
@@ -34,17 +34,20 @@ impl Runtime {
     pub async fn pin(&self, job: &Job) -> Result<Pin, String> {
         let ctx = self.context(job).map_err(|o| o.message)?;
         let params = Self::params_json(&ctx);
-        let client = serde_json::json!({ "target": self.target });
+        // The job's id is in what the plan covers: a plan pinned for one
+        // job is drift for any other, however alike their values.
+        let client = ClientFacts {
+            target: Some(self.target.clone()),
+            job_id: Some(job.job_id.to_string()),
+            ..ClientFacts::default()
+        };
         let mut s = self.script(&ctx);
         s.section();
-        s.sql(&entry_call(
-            GrammarEntry::Pin,
-            &[
-                Arg::Word(&ctx.cmd.name),
-                Arg::Json(&params),
-                Arg::Json(&client),
-            ],
-        ));
+        s.sql(&calls::statement(&calls::Pin {
+            command: &ctx.cmd.name,
+            params: &params,
+            client: &client,
+        }));
         let secs = match self.exec(&ctx, &s.finish()).await {
             PsqlResult::Complete(secs) => secs,
             PsqlResult::SqlError { state, .. } if state == "42883" => {

@@ -99,6 +99,23 @@ async fn the_accept_queue_is_short_and_a_client_waits_for_room_in_it() {
     let d = DaemonProc::start(&db);
     let addr = UnixAddr::new(&db.config.daemon.socket).unwrap();
     d.signal(Signal::SIGSTOP);
+    // Every thread of it stopped (a loaded machine delivers late), so no
+    // accept runs while the queue is counted.
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stopped() {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut queued = Vec::new();
     let refused = loop {
         let fd = socket(

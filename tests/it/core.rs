@@ -167,7 +167,8 @@ struct Intercept {
 
 impl Executor for Intercept {
     fn run(&self, req: ScriptRequest) -> BoxFuture<'_, Result<ScriptOutput, TransportError>> {
-        let is_apply = req.text.contains("fn_dot_iu_dispatch('apply'");
+        let is_apply =
+            req.text.contains("fn_dot_iu_dispatch(") && req.text.contains(r#""mode":"apply""#);
         if is_apply {
             (self.before_apply)();
             if self

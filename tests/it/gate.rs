@@ -326,7 +326,7 @@ fn valid_script() -> String {
     s.section();
     s.sql(&govsql::grammar::entry_call(
         govsql::grammar::Entry::Status,
-        &[],
+        None,
     ));
     s.finish().text
 }

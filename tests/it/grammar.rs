@@ -172,10 +172,7 @@ fn whatever_the_checker_accepts_starts_nothing_and_writes_nothing() {
         s.section();
         s.sql(&govsql::grammar::entry_call(
             govsql::grammar::Entry::Ledger,
-            &[
-                govsql::grammar::Arg::Json(&serde_json::json!({"actor": "a'b\\c $x$"})),
-                govsql::grammar::Arg::Int(5),
-            ],
+            Some(&serde_json::json!({"filter": {"actor": "a'b\\c $x$"}, "limit": 5})),
         ));
         s.finish().text
     };

@@ -402,3 +402,36 @@ async fn the_dispatcher_refuses_an_apply_with_fewer_approvers_than_the_command_n
     let run = call(r#"{"approvals": [{"by": "bob", "at": "x"}, {"by": "carol", "at": "x"}]}"#);
     assert_eq!(run["status"], "applied", "{run}");
 }
+
+/// A plan pinned at submit binds its job. The pin sent no job id, so two
+/// jobs with the same values pinned one digest: once the first applied,
+/// the second was refused "the plan was applied by run N". Now each job
+/// pins its own plan, and one job's plan does not let another run.
+#[tokio::test]
+async fn two_jobs_with_the_same_values_pin_two_plans() {
+    let db = test_db().await;
+    db.open_all();
+    db.switch(true);
+    let rt = db.runtime();
+    let params = [("title", "same")];
+    let a = job("dot_iu_create_collection", Mode::Apply, &params);
+    let b = job("dot_iu_create_collection", Mode::Apply, &params);
+    let pa = rt.pin(&a).await.unwrap();
+    let pb = rt.pin(&b).await.unwrap();
+    assert_ne!(pa.digest, pb.digest, "two jobs, one plan");
+    assert_eq!(pa.covers["job_id"], json!(a.job_id.to_string()));
+    let with = |mut j: Job, p: &govsql::runtime::Pin| {
+        j.plan_digest = Some(p.digest.clone());
+        j.plan_covers = Some(p.covers.clone());
+        j
+    };
+    let o = rt.run(&with(b.clone(), &pa)).await;
+    assert_eq!(o.status, RunStatus::Refused, "{o:?}");
+    assert_eq!(o.class(), Some("plan_drift"), "{o:?}");
+    assert!(o.message.contains("job_id"), "{}", o.message);
+    for (j, p) in [(a, &pa), (b, &pb)] {
+        let o = rt.run(&with(j, p)).await;
+        assert_eq!(o.status, RunStatus::Applied, "{o:?}");
+    }
+    assert_eq!(db.count("iu_collection"), 2);
+}
