@@ -129,6 +129,29 @@ async fn the_dispatcher_refuses_what_govsql_refuses_and_records_it() {
         "SELECT * FROM fn_dot_iu_refuse('apply', 'dot_iu_create_collection', '{}', 'k', 'x', 'applied', '{}')",
     );
     assert!(!ok && err.contains("not a refusal class"), "{err}");
+    // The one-object form refuses the same, and a field it does not know
+    // (a daemon newer than the database's functions) or a call that is
+    // not an object, writing nothing.
+    let (ok, _, err) = as_runtime(
+        &db,
+        r#"SELECT * FROM fn_dot_iu_refuse('{"mode": "apply", "command": "dot_iu_create_collection", "params": {}, "key": "k", "actor": "x", "class": "applied", "client": {}}'::jsonb)"#,
+    );
+    assert!(!ok && err.contains("not a refusal class"), "{err}");
+    let before = db.count("dot_iu_command_run");
+    for call in [
+        r#"'{"mode": "plan", "command": "dot_iu_create_collection", "params": {"title": "t"}, "key": "k2", "actor": "x", "catalog_digest": "", "allow_log_exposure": false, "max_result_bytes": 1000, "client": {}, "max_rows": 1}'"#,
+        "'[]'",
+    ] {
+        let (ok, _, err) = as_runtime(
+            &db,
+            &format!("SELECT * FROM fn_dot_iu_dispatch({call}::jsonb)"),
+        );
+        assert!(
+            !ok && err.contains("not one object of the fields this database knows"),
+            "{call}: {err}"
+        );
+    }
+    assert_eq!(db.count("dot_iu_command_run"), before);
 }
 
 #[tokio::test]
