@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{configure, open_db, DaemonProc, OPEN_ACCESS, OTHER};
+use crate::daemon::{configure, DaemonProc, Scenario, OPEN_ACCESS, OTHER};
 use crate::harness::*;
 
 /// One user's flood: `hold` idle connections, and `threads` threads that
@@ -50,8 +50,7 @@ for t in ts: t.join()
 /// NSS look-ups, before the per-uid check, and the client did not retry.
 #[tokio::test]
 async fn one_users_connection_churn_does_not_lock_another_out() {
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().start().await;
     let socket = db.config.daemon.socket.clone();
     let mut attacker = flood(OTHER, &socket, 40, 6, 12);
     std::thread::sleep(Duration::from_secs(1));
@@ -95,8 +94,7 @@ async fn the_accept_queue_is_short_and_a_client_waits_for_room_in_it() {
     use nix::sys::signal::Signal;
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().start().await;
     let addr = UnixAddr::new(&db.config.daemon.socket).unwrap();
     d.signal(Signal::SIGSTOP);
     // Every thread of it stopped (a loaded machine delivers late), so no
@@ -214,10 +212,7 @@ async fn a_flood_of_huge_requests_is_refused_without_the_memory_it_asks_for() {
 /// `idempotency_conflict`, whatever the params.
 #[tokio::test]
 async fn another_users_key_is_a_conflict_whatever_the_params() {
-    let db = open_db().await;
-    db.open_all();
-    db.switch(true);
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().ready().start().await;
     let apply = |user: Option<&str>, title: &str| {
         let out = d.cli(
             user,
@@ -276,13 +271,10 @@ async fn held_metrics_connections_do_not_take_the_daemons_files() {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
     let port = free_port();
-    let mut db = test_db().await;
-    configure(
-        &mut db,
-        OPEN_ACCESS,
-        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
-    );
-    let d = DaemonProc::start(&db);
+    let (_db, d) = Scenario::new()
+        .daemon(&format!("metrics_listen = \"127.0.0.1:{port}\"\n"))
+        .start()
+        .await;
     let held: Vec<_> = (0..1100)
         .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
         .collect();
@@ -355,8 +347,7 @@ async fn log_answers_while_every_job_slot_is_busy() {
 /// database still knew the command. Its refusal is now written.
 #[tokio::test]
 async fn a_job_whose_command_left_the_catalog_still_gets_its_ledger_row() {
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().start().await;
     let r = d.request(serde_json::json!({
         "v": 1, "op": "submit", "command": "dot_iu_purge_piece", "mode": "apply",
         "params": [["piece_id", "00000000-0000-0000-0000-000000000001"]]

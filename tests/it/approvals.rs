@@ -14,14 +14,12 @@ use crate::sshd::{self, keys, USER};
 
 #[tokio::test]
 async fn approvals_need_a_different_user_and_expire() {
-    let mut db = test_db().await;
-    configure(
-        &mut db,
-        &format!("plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"root\", \"{OTHER}\"]\n"),
-        "approval_ttl_s = 3\n",
-    );
+    let (db, d) = Scenario::new()
+        .approvers(&["root", OTHER])
+        .daemon("approval_ttl_s = 60\n")
+        .start()
+        .await;
     db.open_all();
-    let d = DaemonProc::start(&db);
     let piece = "00000000-0000-0000-0000-00000000000a";
     db.sql(&format!(
         "INSERT INTO iu_collection (collection_id, title) VALUES ('00000000-0000-0000-0000-0000000000c0', 'c'); \
@@ -70,7 +68,7 @@ async fn approvals_need_a_different_user_and_expire() {
         false,
     );
     let late = j["job"]["job_id"].as_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_millis(4500));
+    age_job(&db, &late, 120);
     let out = d.cli(Some(OTHER), &["approve", &late]);
     assert_ne!(out.status.code(), Some(0));
     let done = wait_terminal(&d, &late);
@@ -204,13 +202,7 @@ async fn approvers_list_show_and_reject_with_a_reason_in_the_ledger_over_ssh() {
 /// never touches your own wait.
 #[tokio::test]
 async fn another_users_wait_show_or_cancel_never_touches_your_job() {
-    let mut db = test_db().await;
-    configure(
-        &mut db,
-        "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"root\"]\n",
-        "",
-    );
-    let d = DaemonProc::start(&db);
+    let (_db, d) = Scenario::new().approvers(&["root"]).start().await;
     let r = submit(
         &d,
         "dot_iu_diag_sleep",

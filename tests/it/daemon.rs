@@ -209,13 +209,98 @@ pub(crate) fn configure(db: &mut TestDb, access: &str, daemon_extra: &str) {
 /// A migrated database whose config lets every user do everything (the
 /// daemon tests' usual start; a test narrows [access] itself).
 pub(crate) async fn open_db() -> TestDb {
-    let mut db = test_db().await;
-    configure(&mut db, OPEN_ACCESS, "");
-    db
+    Scenario::new().db().await
 }
 
 pub(crate) const OPEN_ACCESS: &str =
     "plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = [\"*\"]\n";
+
+/// A daemon test's world said in one expression: which catalog, who may
+/// do what, the daemon's extra settings, whether the gates are open and
+/// the switch on; then the migrated database and, with [`start`], its
+/// daemon. `Scenario::new().approvers(&[OTHER]).ready().start().await`.
+///
+/// [`start`]: Scenario::start
+pub(crate) struct Scenario {
+    catalog: Option<String>,
+    access: String,
+    daemon: String,
+    ready: bool,
+}
+
+impl Scenario {
+    /// The test catalog, every user allowed everything, gates shut.
+    pub(crate) fn new() -> Scenario {
+        Scenario {
+            catalog: None,
+            access: OPEN_ACCESS.into(),
+            daemon: String::new(),
+            ready: false,
+        }
+    }
+
+    /// Another catalog's text.
+    pub(crate) fn catalog(mut self, text: String) -> Scenario {
+        self.catalog = Some(text);
+        self
+    }
+
+    /// Everyone may plan, apply and verify; only `users` may approve.
+    pub(crate) fn approvers(mut self, users: &[&str]) -> Scenario {
+        self.access =
+            format!("plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = {users:?}\n");
+        self
+    }
+
+    /// More `[daemon]` settings (TOML lines).
+    pub(crate) fn daemon(mut self, lines: &str) -> Scenario {
+        self.daemon.push_str(lines);
+        self
+    }
+
+    /// Every gate open and the apply switch on.
+    pub(crate) fn ready(mut self) -> Scenario {
+        self.ready = true;
+        self
+    }
+
+    /// The migrated, configured database, no daemon yet.
+    pub(crate) async fn db(self) -> TestDb {
+        let mut db = match &self.catalog {
+            Some(text) => test_db_with(text, 10).await,
+            None => test_db().await,
+        };
+        configure(&mut db, &self.access, &self.daemon);
+        if self.ready {
+            db.open_all();
+            db.switch(true);
+        }
+        db
+    }
+
+    /// The database and its running daemon.
+    pub(crate) async fn start(self) -> (TestDb, DaemonProc) {
+        let db = self.db().await;
+        let d = DaemonProc::start(&db);
+        (db, d)
+    }
+}
+
+/// Moves a queued job's clock back by `secs` (when it was submitted and
+/// approved), as if that much time had passed, so a test of a TTL given
+/// in seconds does not wait it out. Written to the daemon's own queue
+/// file while the daemon runs (SQLite in WAL mode takes a second writer).
+pub(crate) fn age_job(db: &TestDb, job_id: &str, secs: i64) {
+    let queue = rusqlite::Connection::open(db.config.daemon.state_dir.join("queue.db")).unwrap();
+    queue.busy_timeout(Duration::from_secs(10)).unwrap();
+    let n = queue
+        .execute(
+            "UPDATE jobs SET submitted_at = submitted_at - ?1, approved_at = approved_at - ?1 WHERE job_id = ?2",
+            rusqlite::params![secs, job_id],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "no queued job {job_id}");
+}
 
 pub(crate) fn submit(
     d: &DaemonProc,

@@ -205,8 +205,7 @@ async fn lifecycle_lock_sigterm_drain_and_sighup_reload() {
 
 #[tokio::test]
 async fn sighup_reloads_the_config_and_refuses_what_needs_a_restart() {
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().start().await;
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified", "{r}");
     let text = std::fs::read_to_string(&db.config_path).unwrap();
@@ -397,13 +396,10 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
         .local_addr()
         .unwrap()
         .port();
-    let mut db = test_db().await;
-    configure(
-        &mut db,
-        OPEN_ACCESS,
-        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
-    );
-    let d = DaemonProc::start(&db);
+    let (_db, d) = Scenario::new()
+        .daemon(&format!("metrics_listen = \"127.0.0.1:{port}\"\n"))
+        .start()
+        .await;
     let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
     assert_eq!(r["job"]["state"], "verified", "{r}");
     // The switch is off: a refusal with its class.
@@ -488,8 +484,7 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
 
 #[tokio::test]
 async fn jobs_filter_by_state_mode_command_and_since_and_show_times_and_targets() {
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (_db, d) = Scenario::new().start().await;
     for _ in 0..2 {
         let r = submit(&d, "dot_iu_healthcheck", "verify", json!([]), true);
         assert_eq!(r["job"]["state"], "verified");

@@ -164,14 +164,6 @@ fn two_approvals_catalog() -> String {
     )
 }
 
-fn approvers(db: &mut TestDb, approve: &str) {
-    configure(
-        db,
-        &format!("plan = [\"*\"]\napply = [\"*\"]\nverify = [\"*\"]\napprove = {approve}\n"),
-        "",
-    );
-}
-
 /// Runs the CLI as a user; (exit code, stdout, stderr).
 fn cli(d: &DaemonProc, user: Option<&str>, args: &[&str]) -> (Option<i32>, String, String) {
     let o = d.cli(user, args);
@@ -184,11 +176,7 @@ fn cli(d: &DaemonProc, user: Option<&str>, args: &[&str]) -> (Option<i32>, Strin
 
 #[tokio::test]
 async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_refuses_it() {
-    let mut db = test_db().await;
-    approvers(&mut db, &format!("[\"{OTHER}\"]"));
-    db.open_all();
-    db.switch(true);
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().approvers(&[OTHER]).ready().start().await;
     let piece = purgeable(&db, 1);
     let j = submit_purge(&d, &piece);
     assert_eq!(j["job"]["state"], "awaiting_approval", "{j}");
@@ -270,11 +258,7 @@ async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_
 
 #[tokio::test]
 async fn a_catalog_reloaded_after_the_approval_refuses_the_apply() {
-    let mut db = test_db().await;
-    approvers(&mut db, &format!("[\"{OTHER}\"]"));
-    db.open_all();
-    db.switch(true);
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new().approvers(&[OTHER]).ready().start().await;
     let piece = purgeable(&db, 2);
     let j = submit_purge(&d, &piece);
     let id = job_id(&j);
@@ -317,13 +301,13 @@ async fn a_catalog_reloaded_after_the_approval_refuses_the_apply() {
 
 #[tokio::test]
 async fn a_command_needing_two_approvals_waits_for_two_other_people() {
-    let text = two_approvals_catalog();
-    let mut db = test_db_with(&text, 10).await;
     let third = crate::sshd::SHELL_USERS[0].0;
-    approvers(&mut db, &format!("[\"root\", \"{OTHER}\", \"{third}\"]"));
-    db.open_all();
-    db.switch(true);
-    let d = DaemonProc::start(&db);
+    let (db, d) = Scenario::new()
+        .catalog(two_approvals_catalog())
+        .approvers(&["root", OTHER, third])
+        .ready()
+        .start()
+        .await;
     let piece = purgeable(&db, 3);
     let j = submit_purge(&d, &piece);
     let id = job_id(&j);

@@ -17,8 +17,7 @@ use crate::sshd::{self};
 
 #[tokio::test]
 async fn malformed_requests_get_clear_errors_and_the_daemon_keeps_serving() {
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (_db, d) = Scenario::new().start().await;
     let long = {
         let mut v = vec![b'{'; 1024 * 1024 + 10];
         v.push(b'\n');
@@ -438,8 +437,7 @@ async fn a_waiting_submit_names_its_job_at_once_and_says_when_it_needs_approval(
 
 #[tokio::test]
 async fn a_job_has_one_json_shape_wherever_it_is_printed() {
-    let db = open_db().await;
-    let d = DaemonProc::start(&db);
+    let (_db, d) = Scenario::new().start().await;
     let json_of_cli = |args: &[&str]| d.cli_json(None, args);
     let waited = json_of_cli(&["verify", "--wait", "--json"]);
     let id = waited["job_id"].as_str().unwrap().to_string();
