@@ -196,6 +196,19 @@ impl Daemon {
         }
     }
 
+    /// Whether a job submitted to `target` now would wait for a channel:
+    /// every one is taken, and the target answers (one that is down
+    /// cannot be read, so nothing could be pinned there).
+    pub fn target_busy(&self, target: &str) -> bool {
+        self.targets.get(target).is_some_and(|t| {
+            t.permits.available_permits() == 0
+                && t.record
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reachable()
+        })
+    }
+
     /// A connection slot for `uid`, unless it has too many open.
     pub fn connection_slot(&self, uid: u32) -> Option<UidSlot> {
         self.connections.take(uid)

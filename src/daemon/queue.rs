@@ -696,8 +696,8 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
         .map(|p| (p.class.as_str().to_string(), p.message.clone()))
         .unzip();
     exec(tx,
-        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at, plan_digest)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at, plan_digest, plan_covers)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             job.job_id.as_str(),
             job.command,
@@ -712,7 +712,8 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
             class,
             message,
             job.submitted_at,
-            job.plan_digest
+            job.plan_digest,
+            job.plan_covers.as_ref().map(|c| c.to_string())
         ],
     )?;
     get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)

@@ -3,7 +3,9 @@
 //! which runs and records nothing. The daemon pins a job that needs
 //! approval when it is submitted, so its approvers approve that plan and
 //! the dispatcher refuses the apply (`plan_drift`) if anything it covers
-//! moved by then.
+//! moved by then; so is an apply that has to wait for a channel of its
+//! target (`daemon/handle/submit.rs`). A pin is a read: it runs on the
+//! target's read channel, never in a job's slot.
 
 use serde::Deserialize;
 
@@ -48,7 +50,16 @@ impl Runtime {
             params: &params,
             client: &client,
         }));
-        let secs = match self.exec(&ctx, &s.finish()).await {
+        // A read (the target's read channel, its warm read session): a pin
+        // never takes the job slot a waiting job is waiting for.
+        let (script, tag) = (s.finish(), self.tag(&ctx));
+        let read = crate::transport::run_read_script(
+            self.executor.as_ref(),
+            &script,
+            &tag,
+            self.job_timeout,
+        );
+        let secs = match read.await {
             PsqlResult::Complete(secs) => secs,
             PsqlResult::SqlError { state, .. } if state == "42883" => {
                 return Err(

@@ -131,7 +131,9 @@ async fn the_accept_queue_is_short_and_a_client_waits_for_room_in_it() {
     };
     let depth = queued.len();
     let out = std::thread::scope(|s| {
-        let health = s.spawn(|| d.cli(None, &["health", "--json"]));
+        // Another user (root's own queued connections count against
+        // root's share of 32 while the daemon drains them).
+        let health = s.spawn(|| d.cli(Some(OTHER), &["health", "--json"]));
         std::thread::sleep(Duration::from_millis(500));
         drop(queued);
         d.signal(Signal::SIGCONT);

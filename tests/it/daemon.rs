@@ -225,6 +225,7 @@ pub(crate) struct Scenario {
     catalog: Option<String>,
     access: String,
     daemon: String,
+    target: String,
     ready: bool,
 }
 
@@ -235,6 +236,7 @@ impl Scenario {
             catalog: None,
             access: OPEN_ACCESS.into(),
             daemon: String::new(),
+            target: String::new(),
             ready: false,
         }
     }
@@ -258,6 +260,12 @@ impl Scenario {
         self
     }
 
+    /// More settings of the target `main` (TOML lines).
+    pub(crate) fn target(mut self, lines: &str) -> Scenario {
+        self.target.push_str(lines);
+        self
+    }
+
     /// Every gate open and the apply switch on.
     pub(crate) fn ready(mut self) -> Scenario {
         self.ready = true;
@@ -271,6 +279,16 @@ impl Scenario {
             None => test_db().await,
         };
         configure(&mut db, &self.access, &self.daemon);
+        if !self.target.is_empty() {
+            let text = std::fs::read_to_string(&db.config_path).unwrap();
+            let text = text.replacen(
+                "[targets.main]\n",
+                &format!("[targets.main]\n{}", self.target),
+                1,
+            );
+            std::fs::write(&db.config_path, text).unwrap();
+            db.config = govsql::config::Config::load(&db.config_path).unwrap();
+        }
         if self.ready {
             db.open_all();
             db.switch(true);

@@ -419,3 +419,72 @@ async fn two_jobs_with_the_same_values_pin_two_plans() {
     }
     assert_eq!(db.count("iu_collection"), 2);
 }
+
+/// A job without approval gets the same pinning between its submit and
+/// its run when it has to wait: with the target's one channel busy, an
+/// apply is pinned at submit (on the read channel), the target function's
+/// body is replaced while it waits, and it is refused `plan_drift` naming
+/// the function, nothing run. An apply that starts at once is not pinned.
+#[tokio::test]
+async fn an_apply_that_waits_for_a_channel_is_pinned_at_submit() {
+    let (db, d) = Scenario::new()
+        .target("max_channels = 1\n")
+        .ready()
+        .start()
+        .await;
+    let create = |title: &str| {
+        submit(
+            &d,
+            "dot_iu_create_collection",
+            "apply",
+            json!([["title", title]]),
+            false,
+        )
+    };
+    // The channel is free: no pin, and it applies.
+    let at_once = create("at once");
+    assert!(at_once["job"]["plan_digest"].is_null(), "{at_once}");
+    let done = wait_terminal(&d, &job_id(&at_once));
+    assert_eq!(done["state"], "applied", "{done}");
+    // The channel is held by a verify that sleeps.
+    let sleeper = submit(
+        &d,
+        "dot_iu_diag_sleep",
+        "verify",
+        json!([["seconds", "3"]]),
+        false,
+    );
+    let sleeper = job_id(&sleeper);
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || job_state(&d, &sleeper) == "running",
+        || "the sleeper never ran".into(),
+    );
+    let waiting = create("waits");
+    let id = job_id(&waiting);
+    let digest = waiting["job"]["plan_digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a waiting apply was not pinned: {waiting}"))
+        .to_string();
+    assert_eq!(job_state(&d, &id), "queued");
+    db.sql(
+        "CREATE OR REPLACE FUNCTION public.fn_iu_collection_create(p_title text) RETURNS jsonb
+         LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+         BEGIN
+             DELETE FROM public.iu_collection;
+             RETURN jsonb_build_object('status', 'created');
+         END $$",
+    );
+    let done = wait_terminal(&d, &id);
+    assert_eq!(done["state"], "refused", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
+    let msg = done["outcome"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("moved: function fn_iu_collection_create(text)"),
+        "{msg}"
+    );
+    assert_eq!(db.count("iu_collection"), 1, "nothing ran");
+    let e = db.evidence(done["outcome"]["run_id"].as_i64().unwrap());
+    assert_eq!(e["plan_digest"], digest.as_str(), "{e}");
+}
