@@ -127,6 +127,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         loops.spawn(worker::run_target(daemon.clone(), name.clone()));
     }
     loops.spawn(worker::sweep_approvals(daemon.clone()));
+    loops.spawn(worker::pin_waiting(daemon.clone()));
     loops.spawn(heartbeat(daemon.clone()));
     loops.spawn(server::serve(listener, daemon.clone()));
     if let Some(listener) = metrics_listener {

@@ -196,19 +196,6 @@ impl Daemon {
         }
     }
 
-    /// Whether a job submitted to `target` now would wait for a channel:
-    /// every one is taken, and the target answers (one that is down
-    /// cannot be read, so nothing could be pinned there).
-    pub fn target_busy(&self, target: &str) -> bool {
-        self.targets.get(target).is_some_and(|t| {
-            t.permits.available_permits() == 0
-                && t.record
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .reachable()
-        })
-    }
-
     /// A connection slot for `uid`, unless it has too many open.
     pub fn connection_slot(&self, uid: u32) -> Option<UidSlot> {
         self.connections.take(uid)
@@ -247,6 +234,7 @@ impl Daemon {
     /// never "zero jobs".
     pub async fn health(&self) -> Result<protocol::Health, queue::QueueError> {
         let now = unix_now() as u64;
+        let config = self.config();
         let alive = self.workers_alive(now);
         let counts = self.queue.counts().await?;
         let switch = ApplySwitch::new(&self.config().daemon.state_dir);
@@ -273,6 +261,11 @@ impl Daemon {
                     let r = t.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     protocol::TargetHealth {
                         name: n.clone(),
+                        tags: config
+                            .targets
+                            .get(n)
+                            .map(|c| c.tags.clone())
+                            .unwrap_or_default(),
                         transport: t.executor.kind().to_string(),
                         reachable: r.reachable(),
                         last_ok_at: r.last_ok_at,

@@ -77,6 +77,7 @@ enum Op {
     Recover(Reply<usize>),
     Counts(Reply<QueueCounts>),
     Expired(i64, Reply<Vec<JobId>>),
+    Unpinned(String, i64, usize, Reply<Vec<Job>>),
 }
 
 /// A handle to the queue's writer thread.
@@ -283,8 +284,9 @@ impl Queue {
             .await
     }
 
-    /// Pins a job awaiting approval to a plan (its digest and what it
-    /// covers); returns 0 when it no longer awaits approval.
+    /// Pins a job awaiting approval, or a waiting apply that has no plan
+    /// yet, to a plan (its digest and what it covers); returns 0 when it
+    /// is neither any more (a worker claimed it first).
     pub async fn pin(
         &self,
         job_id: &JobId,
@@ -326,6 +328,19 @@ impl Queue {
     /// awaiting_approval jobs submitted before `before` (unix seconds).
     pub async fn expired_approvals(&self, before: i64) -> Result<Vec<JobId>, QueueError> {
         self.call(|r| Op::Expired(before, r)).await
+    }
+
+    /// Applies of a target queued since `before` or earlier with no plan
+    /// pinned (no approval, no `--plan`, no refusal preset), oldest first,
+    /// at most `limit`.
+    pub async fn unpinned_waiting(
+        &self,
+        target: &str,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<Job>, QueueError> {
+        let target = target.to_string();
+        self.call(|r| Op::Unpinned(target, before, limit, r)).await
     }
 }
 
@@ -512,6 +527,7 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                     | Op::List(..)
                     | Op::Counts(..)
                     | Op::Expired(..)
+                    | Op::Unpinned(..)
             )
         });
         if durable != full {
@@ -661,7 +677,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         },
         Op::Pin(id, digest, covers, reply) => {
             let r = exec(tx,
-                "UPDATE jobs SET plan_digest = ?2, plan_covers = ?3 WHERE job_id = ?1 AND state = 'awaiting_approval'",
+                "UPDATE jobs SET plan_digest = ?2, plan_covers = ?3 WHERE job_id = ?1 AND (state = 'awaiting_approval'
+                   OR (state = 'queued' AND mode = 'apply' AND plan_digest IS NULL AND preset_class IS NULL))",
                 params![id.as_str(), digest, covers],
             );
             respond(reply, r, path)
@@ -685,6 +702,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         }
         Op::Counts(reply) => respond(reply, counts(tx), path),
         Op::Expired(before, reply) => respond(reply, expired(tx, before), path),
+        Op::Unpinned(target, before, limit, reply) => {
+            respond(reply, unpinned(tx, &target, before, limit), path)
+        }
     }
 }
 
@@ -836,6 +856,22 @@ fn expired(tx: &Connection, before: i64) -> rusqlite::Result<Vec<JobId>> {
             let id = r.get::<_, String>(0)?;
             JobId::parse(&id).ok_or_else(|| bad_word(0, "job id"))
         })?
+        .collect();
+    rows
+}
+
+fn unpinned(
+    tx: &Connection,
+    target: &str,
+    before: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<Job>> {
+    let mut st = tx.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state = 'queued' AND mode = 'apply' \
+         AND plan_digest IS NULL AND preset_class IS NULL AND submitted_at <= ?2 ORDER BY seq LIMIT ?3"
+    ))?;
+    let rows = st
+        .query_map(params![target, before, limit as i64], row_to_job)?
         .collect();
     rows
 }

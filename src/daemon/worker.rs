@@ -277,6 +277,102 @@ async fn pay_owed_rows(daemon: &Daemon) {
     }
 }
 
+/// How long an apply waits in the queue before it is pinned.
+pub const PIN_AFTER_S: i64 = 1;
+/// Applies pinned in one script (one round trip).
+const PIN_BATCH: usize = 64;
+
+/// Pins the applies that wait: an apply still queued [`PIN_AFTER_S`] after
+/// its submit (its target's channels are busy, or it waits behind others)
+/// is pinned to the plan it would run now, so whatever that plan covers
+/// (a function's definition, the catalog, the gates, `max_rows`) cannot
+/// move while it keeps waiting: the dispatcher refuses it `plan_drift`.
+/// An apply that starts within that second is not pinned, and costs
+/// nothing; nor is one whose target is down (nothing can be read there)
+/// until the target answers. Pins are reads on the target's read channel,
+/// never a job's slot; a worker that claims the job first wins (the pin
+/// is then dropped: the job started).
+pub async fn pin_waiting(daemon: Arc<Daemon>) {
+    let shutdown = daemon.shutdown_token().clone();
+    // Jobs a pin was tried for (failed ones are not retried every second).
+    let mut tried: std::collections::HashSet<crate::job::JobId> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (name, slot) in &daemon.targets {
+            let reachable = slot
+                .record
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reachable();
+            if !reachable {
+                continue;
+            }
+            let jobs = match daemon
+                .queue
+                // Past the ones whose pin failed (they stay unpinned).
+                .unpinned_waiting(name, unix_now() - PIN_AFTER_S, PIN_BATCH + tried.len())
+                .await
+            {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::error!(target = %name, cause = %e, "cannot read the queue for waiting applies");
+                    continue;
+                }
+            };
+            let jobs: Vec<Job> = jobs
+                .into_iter()
+                .filter(|job| {
+                    seen.insert(job.job_id.clone());
+                    tried.insert(job.job_id.clone())
+                })
+                .take(PIN_BATCH)
+                .collect();
+            if jobs.is_empty() || shutdown.is_cancelled() {
+                continue;
+            }
+            // One round trip for all of them.
+            let pinned =
+                tokio::time::timeout(Duration::from_secs(10), slot.runtime().pin_many(&jobs)).await;
+            let pins = match pinned {
+                Ok(Ok(pins)) => pins,
+                failed => {
+                    // Tried again at the next round.
+                    for job in &jobs {
+                        tried.remove(&job.job_id);
+                    }
+                    let cause = match failed {
+                        Ok(Err(why)) => why,
+                        _ => "no answer within 10 s".into(),
+                    };
+                    tracing::info!(target = %name, jobs = jobs.len(), cause = %cause, "waiting applies could not be pinned yet");
+                    continue;
+                }
+            };
+            for (job, pin) in jobs.iter().zip(pins) {
+                match pin {
+                    Ok(pin) => {
+                        if let Err(e) = daemon
+                            .queue
+                            .pin(&job.job_id, &pin.digest, &pin.covers)
+                            .await
+                        {
+                            tracing::error!(job_id = %job.job_id, cause = %e, "cannot store a waiting apply's pin");
+                        }
+                    }
+                    Err(why) => {
+                        tracing::info!(job_id = %job.job_id, cause = %why, "a waiting apply could not be pinned; it runs as the dispatcher finds it")
+                    }
+                }
+            }
+        }
+        tried.retain(|id| seen.contains(id));
+    }
+}
+
 /// Refuses (and audits) jobs whose approval never came within the TTL,
 /// writes owed ledger rows, and prunes terminal jobs older than
 /// `retention_days`.

@@ -34,25 +34,54 @@ impl Runtime {
     /// Pins `job` to the plan it would run now. An error says why in
     /// words (an unknown command, bad params, the target unreachable).
     pub async fn pin(&self, job: &Job) -> Result<Pin, String> {
-        let ctx = self.context(job).map_err(|o| o.message)?;
-        let params = Self::params_json(&ctx);
-        // The job's id is in what the plan covers: a plan pinned for one
-        // job is drift for any other, however alike their values.
-        let client = ClientFacts {
-            target: Some(self.target.clone()),
-            job_id: Some(job.job_id.to_string()),
-            ..ClientFacts::default()
+        self.pin_many(std::slice::from_ref(job))
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err("no pin came back".into()))
+    }
+
+    /// Pins several jobs in one script (one round trip): each job's pin,
+    /// or why not; an error when the script itself could not run.
+    pub async fn pin_many(&self, jobs: &[Job]) -> Result<Vec<Result<Pin, String>>, String> {
+        let mut out: Vec<Result<Pin, String>> = Vec::with_capacity(jobs.len());
+        let mut script = None;
+        let mut tag = String::new();
+        let mut sections = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let ctx = match self.context(job) {
+                Ok(ctx) => ctx,
+                Err(o) => {
+                    out.push(Err(o.message));
+                    continue;
+                }
+            };
+            let params = Self::params_json(&ctx);
+            // The job's id is in what the plan covers: a plan pinned for
+            // one job is drift for any other, however alike their values.
+            let client = ClientFacts {
+                target: Some(self.target.clone()),
+                job_id: Some(job.job_id.to_string()),
+                ..ClientFacts::default()
+            };
+            let s = script.get_or_insert_with(|| {
+                tag = self.tag(&ctx);
+                self.script(&ctx)
+            });
+            s.section();
+            s.sql(&calls::statement(&calls::Pin {
+                command: &ctx.cmd.name,
+                params: &params,
+                client: &client,
+            }));
+            sections.push(i);
+            out.push(Err(String::new()));
+        }
+        let Some(s) = script else {
+            return Ok(out);
         };
-        let mut s = self.script(&ctx);
-        s.section();
-        s.sql(&calls::statement(&calls::Pin {
-            command: &ctx.cmd.name,
-            params: &params,
-            client: &client,
-        }));
         // A read (the target's read channel, its warm read session): a pin
         // never takes the job slot a waiting job is waiting for.
-        let (script, tag) = (s.finish(), self.tag(&ctx));
+        let script = s.finish();
         let read = crate::transport::run_read_script(
             self.executor.as_ref(),
             &script,
@@ -69,26 +98,34 @@ impl Runtime {
             }
             other => return Err(format!("the plan could not be pinned: {other}")),
         };
-        let rows = copy_rows(0, secs.get(0).unwrap_or_default()).map_err(|e| e.to_string())?;
-        let value = match rows.as_slice() {
-            [r] if r.len() == 2 && r[0].as_deref() == Some("pin") => r[1].clone(),
-            _ => None,
+        for (n, i) in sections.into_iter().enumerate() {
+            out[i] = read_pin(n, secs.get(n).unwrap_or_default());
         }
-        .ok_or("the pin entry answered something else than one pin row")?;
-        let row: PinRow = serde_json::from_str(&value)
-            .map_err(|_| "the pin entry's answer is not the promised JSON".to_string())?;
-        match row {
-            PinRow {
-                plan_digest: Some(digest),
-                plan_covers: Some(covers),
-                class: None,
-            } if crate::job::valid_plan_digest(&digest) && covers.is_object() => {
-                Ok(Pin { digest, covers })
-            }
-            PinRow { class: Some(c), .. } => Err(format!(
-                "the database refuses these params ({c}); the job will be refused when it runs"
-            )),
-            _ => Err("the pin entry's answer is malformed".into()),
+        Ok(out)
+    }
+}
+
+/// One pin section's answer.
+fn read_pin(n: usize, section: &[u8]) -> Result<Pin, String> {
+    let rows = copy_rows(n, section).map_err(|e| e.to_string())?;
+    let value = match rows.as_slice() {
+        [r] if r.len() == 2 && r[0].as_deref() == Some("pin") => r[1].clone(),
+        _ => None,
+    }
+    .ok_or("the pin entry answered something else than one pin row")?;
+    let row: PinRow = serde_json::from_str(&value)
+        .map_err(|_| "the pin entry's answer is not the promised JSON".to_string())?;
+    match row {
+        PinRow {
+            plan_digest: Some(digest),
+            plan_covers: Some(covers),
+            class: None,
+        } if crate::job::valid_plan_digest(&digest) && covers.is_object() => {
+            Ok(Pin { digest, covers })
         }
+        PinRow { class: Some(c), .. } => Err(format!(
+            "the database refuses these params ({c}); the job will be refused when it runs"
+        )),
+        _ => Err("the pin entry's answer is malformed".into()),
     }
 }

@@ -418,15 +418,30 @@ async fn two_jobs_with_the_same_values_pin_two_plans() {
         assert_eq!(o.status, RunStatus::Applied, "{o:?}");
     }
     assert_eq!(db.count("iu_collection"), 2);
+    // Many at once, in one round trip: each its own pin, or why not.
+    let long = "x".repeat(300);
+    let jobs = [
+        job("dot_iu_create_collection", Mode::Apply, &params),
+        job("dot_iu_create_collection", Mode::Apply, &[("title", &long)]),
+        job("dot_iu_create_collection", Mode::Apply, &params),
+    ];
+    let pins = rt.pin_many(&jobs).await.unwrap();
+    assert_eq!(pins.len(), 3);
+    let (first, third) = (pins[0].as_ref().unwrap(), pins[2].as_ref().unwrap());
+    assert_ne!(first.digest, third.digest);
+    assert_eq!(third.covers["job_id"], json!(jobs[2].job_id.to_string()));
+    let why = pins[1].as_ref().unwrap_err();
+    assert!(!why.contains(&long), "a value in an error: {why}");
 }
 
 /// A job without approval gets the same pinning between its submit and
-/// its run when it has to wait: with the target's one channel busy, an
-/// apply is pinned at submit (on the read channel), the target function's
-/// body is replaced while it waits, and it is refused `plan_drift` naming
-/// the function, nothing run. An apply that starts at once is not pinned.
+/// its run when it waits: with the target's one channel busy, an apply
+/// still queued a second after its submit is pinned (on the read
+/// channel); the target function's body is replaced while it waits, and
+/// it is refused `plan_drift` naming the function, nothing run. An apply
+/// that starts at once is not pinned.
 #[tokio::test]
-async fn an_apply_that_waits_for_a_channel_is_pinned_at_submit() {
+async fn an_apply_that_waits_for_a_channel_is_pinned() {
     let (db, d) = Scenario::new()
         .target("max_channels = 1\n")
         .ready()
@@ -441,17 +456,18 @@ async fn an_apply_that_waits_for_a_channel_is_pinned_at_submit() {
             false,
         )
     };
-    // The channel is free: no pin, and it applies.
+    let status = |id: &str| d.request(json!({"v": 1, "op": "status", "job_id": id}))["job"].clone();
+    // The channel is free: it applies at once, never pinned.
     let at_once = create("at once");
-    assert!(at_once["job"]["plan_digest"].is_null(), "{at_once}");
     let done = wait_terminal(&d, &job_id(&at_once));
     assert_eq!(done["state"], "applied", "{done}");
+    assert!(done["plan_digest"].is_null(), "{done}");
     // The channel is held by a verify that sleeps.
     let sleeper = submit(
         &d,
         "dot_iu_diag_sleep",
         "verify",
-        json!([["seconds", "3"]]),
+        json!([["seconds", "6"]]),
         false,
     );
     let sleeper = job_id(&sleeper);
@@ -461,12 +477,14 @@ async fn an_apply_that_waits_for_a_channel_is_pinned_at_submit() {
         || job_state(&d, &sleeper) == "running",
         || "the sleeper never ran".into(),
     );
-    let waiting = create("waits");
-    let id = job_id(&waiting);
-    let digest = waiting["job"]["plan_digest"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a waiting apply was not pinned: {waiting}"))
-        .to_string();
+    let id = job_id(&create("waits"));
+    wait_until(
+        Duration::from_secs(4),
+        Duration::from_millis(50),
+        || status(&id)["plan_digest"].is_string(),
+        || format!("a waiting apply was not pinned: {}", status(&id)),
+    );
+    let digest = status(&id)["plan_digest"].as_str().unwrap().to_string();
     assert_eq!(job_state(&d, &id), "queued");
     db.sql(
         "CREATE OR REPLACE FUNCTION public.fn_iu_collection_create(p_title text) RETURNS jsonb

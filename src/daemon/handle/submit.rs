@@ -15,7 +15,6 @@ pub(super) async fn submit(daemon: &Daemon, peer: &Peer, r: Submit) -> Reply {
         Ok(job) => job,
         Err(reply) => return *reply,
     };
-    let job = pin_if_it_waits(daemon, job).await;
     // Registered before the job can run, so its result cannot slip by.
     let rx = wait.then(|| daemon.add_waiter(&job.job_id));
     let job_id = job.job_id.clone();
@@ -47,46 +46,6 @@ pub(super) async fn submit(daemon: &Daemon, peer: &Peer, r: Submit) -> Reply {
             }
         }
     }
-}
-
-/// How long pinning a waiting apply may take before it is queued without
-/// a pin.
-const PIN_WAITING_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// An apply that has to wait for a channel of its target is pinned to the
-/// plan it would run now, before it is queued (so no worker can claim it
-/// first): if what the plan covers moves while it waits (a function's
-/// definition, the catalog, the gates it needs, max_rows), the dispatcher
-/// refuses it `plan_drift`. A job that starts at once needs no pin (its
-/// submit and its run see the same database); one whose target is down
-/// cannot be pinned (nothing can be read there) and runs as the dispatcher
-/// then finds it. The pin is a read on the target's read channel.
-async fn pin_if_it_waits(daemon: &Daemon, mut job: Job) -> Job {
-    if job.mode != Mode::Apply
-        || job.preset.is_some()
-        || job.plan_digest.is_some()
-        || job.state == JobState::AwaitingApproval
-        || !daemon.target_busy(&job.target)
-    {
-        return job;
-    }
-    let Some(rt) = daemon.runtime(&job.target) else {
-        return job;
-    };
-    match tokio::time::timeout(PIN_WAITING_WITHIN, rt.pin(&job)).await {
-        Ok(Ok(pin)) => {
-            job.plan_digest = Some(pin.digest);
-            job.plan_covers = Some(pin.covers);
-        }
-        Ok(Err(why)) => {
-            tracing::info!(job_id = %job.job_id, cause = %why, "a waiting apply could not be pinned; it runs as the dispatcher finds it")
-        }
-        Err(_) => tracing::info!(
-            job_id = %job.job_id,
-            "a waiting apply could not be pinned within {PIN_WAITING_WITHIN:?}; it runs as the dispatcher finds it"
-        ),
-    }
-    job
 }
 
 /// Checks a job without queuing it: the params against the command's
