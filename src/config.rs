@@ -143,6 +143,10 @@ pub enum TransportKind {
 pub struct TargetConfig {
     /// SSH or local.
     pub transport: TransportKind,
+    /// Tags a `--targets tag:NAME` selector picks it by
+    /// ([`crate::fleet`]).
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// SSH server host name or address.
     #[serde(default)]
     pub ssh_host: Option<String>,
@@ -395,6 +399,11 @@ impl Config {
             }
         }
         for (name, t) in &self.targets {
+            if !crate::fleet::valid_tag(name) || name == "all" {
+                return Err(format!(
+                    "[targets.{name}]: a target name is 1-64 of a-z A-Z 0-9 _ - and not `all` (a --targets selector names it)"
+                ));
+            }
             t.check().map_err(|m| format!("[targets.{name}]: {m}"))?;
         }
         Ok(())
@@ -467,6 +476,9 @@ pub const MAX_CHANNELS: usize = 64;
 
 impl TargetConfig {
     fn check(&self) -> Result<(), String> {
+        if let Some(t) = self.tags.iter().find(|t| !crate::fleet::valid_tag(t)) {
+            return Err(format!("tag {t:?} is not 1-64 of a-z A-Z 0-9 _ -"));
+        }
         if !(1..=MAX_CHANNELS).contains(&self.max_channels) {
             return Err(format!(
                 "max_channels must be between 1 and {MAX_CHANNELS} (and at most the server's MaxSessions - 3)"

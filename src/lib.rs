@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod freeze;
 pub mod gate;
 pub mod grammar;

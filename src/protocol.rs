@@ -334,6 +334,9 @@ pub struct Health {
 pub struct TargetHealth {
     /// The target.
     pub name: String,
+    /// Its tags (`--targets tag:NAME`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// ssh or local.
     pub transport: String,
     /// False when its latest job could not reach the database.

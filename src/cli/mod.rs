@@ -249,6 +249,15 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The targets a selector picks, with their tags and health.
+    Targets {
+        /// Target names, tag:NAME and all, comma-separated.
+        #[arg(long, default_value = "all")]
+        targets: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The ledger from the target, through the daemon (no psql on the database host needed).
     Log {
         /// Only this catalog command.
@@ -517,6 +526,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Err(code) => Ok(code),
         },
         Cmd::Health { json } => health_cmd(&config_path, json).await,
+        Cmd::Targets { targets, json } => remote::targets_cmd(&config_path, &targets, json).await,
         Cmd::Metrics => metrics_cmd(&config_path).await,
         Cmd::Approvals { json } => {
             let filter = crate::protocol::ListFilter {

@@ -578,3 +578,78 @@ fn job_line(job: &Job) -> String {
         job.state, job.mode, job.command, job.job_id
     )
 }
+
+/// `govsql targets`: what a `--targets` selector picks (config order as
+/// the daemon holds it), with each target's tags and health. A selector
+/// that cannot be read, or names a target or tag that is not there, is a
+/// usage error that lists what there is.
+pub(super) async fn targets_cmd(
+    config_path: &Path,
+    selector: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let selector = match selector.parse::<crate::fleet::Selector>() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("govsql: {e}");
+            return Ok(ExitCode::Usage);
+        }
+    };
+    let reply = call(config_path, &Request::Health {}).await?;
+    let Reply::Health(h) = &reply else {
+        return Ok(print_reply_error(&reply));
+    };
+    let all: Vec<(&str, &[String])> = h
+        .target_health
+        .iter()
+        .map(|t| (t.name.as_str(), t.tags.as_slice()))
+        .collect();
+    let picked = match selector.pick(&all) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("govsql: {e}");
+            return Ok(ExitCode::Usage);
+        }
+    };
+    let rows: Vec<&crate::protocol::TargetHealth> = h
+        .target_health
+        .iter()
+        .filter(|t| picked.contains(&t.name.as_str()))
+        .collect();
+    if json {
+        out!("{}", serde_json::to_string(&rows)?);
+        return Ok(ExitCode::Ok);
+    }
+    let ago = |at: Option<i64>| {
+        at.map(|a| format!("{} s ago", crate::time::unix_now() - a))
+            .unwrap_or_else(|| "never".into())
+    };
+    out!(
+        "{:<20} {:<24} {:<9} {:<11} {:<14} LAST ERROR",
+        "TARGET",
+        "TAGS",
+        "TRANSPORT",
+        "REACHABLE",
+        "LAST SUCCESS"
+    );
+    for t in rows {
+        out!(
+            "{:<20} {:<24} {:<9} {:<11} {:<14} {}{}",
+            t.name,
+            if t.tags.is_empty() {
+                "-".to_string()
+            } else {
+                t.tags.join(",")
+            },
+            t.transport,
+            if t.reachable { "yes" } else { "NO" },
+            ago(t.last_ok_at),
+            ago(t.last_error_at),
+            t.last_error_class
+                .as_deref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::Ok)
+}

@@ -8,6 +8,7 @@ mod core;
 mod daemon;
 mod exposure;
 mod faults;
+mod fleet;
 mod gate;
 mod governance;
 mod grammar;
