@@ -296,11 +296,17 @@ pub async fn pin_waiting(daemon: Arc<Daemon>) {
     let shutdown = daemon.shutdown_token().clone();
     // Jobs a pin was tried for (failed ones are not retried every second).
     let mut tried: std::collections::HashSet<crate::job::JobId> = Default::default();
+    // A round that pinned a full batch somewhere goes on at once (a long
+    // queue is pinned as fast as one read session answers).
+    let mut more = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.cancelled() => return,
+        if !more {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
+        more = false;
         let mut seen = std::collections::HashSet::new();
         for (name, slot) in &daemon.targets {
             let reachable = slot
@@ -338,7 +344,10 @@ pub async fn pin_waiting(daemon: Arc<Daemon>) {
             let pinned =
                 tokio::time::timeout(Duration::from_secs(10), slot.runtime().pin_many(&jobs)).await;
             let pins = match pinned {
-                Ok(Ok(pins)) => pins,
+                Ok(Ok(pins)) => {
+                    more |= jobs.len() == PIN_BATCH;
+                    pins
+                }
                 failed => {
                     // Tried again at the next round.
                     for job in &jobs {
