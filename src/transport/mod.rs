@@ -144,29 +144,16 @@ impl Runner {
     /// Runs one script (a read on the read channel: in its own psql, or in
     /// session mode in the warm read session).
     pub async fn run(&self, req: ScriptRequest) -> Result<ScriptOutput, TransportError> {
-        match &self.pool {
-            _ if req.read => match &self.read_pool {
-                Some(reads) => {
-                    reads
-                        .run(&self.read_launch, &req, self.limits.clone())
-                        .await
-                }
-                None => {
-                    run_once(
-                        self.launch.launch_read().await?,
-                        req.text.as_bytes(),
-                        self.limits.clone(),
-                    )
-                    .await
-                }
-            },
-            Some(pool) => {
-                pool.run(self.launch.as_ref(), &req, self.limits.clone())
-                    .await
-            }
+        let (pool, launch): (Option<&Pool>, &dyn Launch) = if req.read {
+            (self.read_pool.as_deref(), &self.read_launch)
+        } else {
+            (self.pool.as_deref(), self.launch.as_ref())
+        };
+        match pool {
+            Some(pool) => pool.run(launch, &req, self.limits.clone()).await,
             None => {
                 run_once(
-                    self.launch.launch().await?,
+                    launch.launch().await?,
                     req.text.as_bytes(),
                     self.limits.clone(),
                 )

@@ -128,6 +128,25 @@ async fn an_apply_pinned_to_a_plan_runs_once_and_is_refused_when_a_function_move
     );
 }
 
+/// Waits for a job that must end refused `plan_drift` naming `moved`
+/// (nothing ran); its ledger evidence, which carries the pinned digest.
+fn refused_for_drift(
+    d: &DaemonProc,
+    db: &TestDb,
+    id: &str,
+    moved: &str,
+    digest: &str,
+) -> serde_json::Value {
+    let done = wait_terminal(d, id);
+    assert_eq!(done["state"], "refused", "{done}");
+    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
+    let msg = done["outcome"]["message"].as_str().unwrap();
+    assert!(msg.contains(&format!("moved: {moved}")), "{msg}");
+    let e = db.evidence(done["outcome"]["run_id"].as_i64().unwrap());
+    assert_eq!(e["plan_digest"], digest, "{e}");
+    e
+}
+
 /// A soft-deleted piece that `dot_iu_purge_piece` (requires approval) can
 /// purge; its id.
 fn purgeable(db: &TestDb, n: u32) -> String {
@@ -217,17 +236,8 @@ async fn an_approval_approves_the_plan_pinned_at_submit_and_a_replaced_function_
         &["approve", &id, "--plan", &digest, "--reason", "CHG-7"],
     );
     assert_eq!(code, Some(0), "{err}");
-    let done = wait_terminal(&d, &id);
-    assert_eq!(done["state"], "refused", "{done}");
-    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
-    let msg = done["outcome"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("moved: function fn_iu_purge_piece(uuid)"),
-        "{msg}"
-    );
+    let e = refused_for_drift(&d, &db, &id, "function fn_iu_purge_piece(uuid)", &digest);
     assert_eq!(db.count("iu_piece"), 1, "nothing ran");
-    let e = db.evidence(done["outcome"]["run_id"].as_i64().unwrap());
-    assert_eq!(e["plan_digest"], digest.as_str());
     assert_eq!(e["approvals"][0]["by"], OTHER, "{e}");
     assert_eq!(e["approvals"][0]["reason"], "CHG-7", "{e}");
 
@@ -285,17 +295,10 @@ async fn a_catalog_reloaded_after_the_approval_refuses_the_apply() {
         || health() != before,
         || "the new catalog was not picked up".into(),
     );
+    let digest = j["job"]["plan_digest"].as_str().unwrap().to_string();
     let (code, _, err) = cli(&d, Some(OTHER), &["approve", &id]);
     assert_eq!(code, Some(0), "{err}");
-    let done = wait_terminal(&d, &id);
-    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
-    assert!(
-        done["outcome"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("moved: catalog_digest"),
-        "{done}"
-    );
+    refused_for_drift(&d, &db, &id, "catalog_digest", &digest);
     assert_eq!(db.count("iu_piece"), 1);
 }
 
@@ -494,15 +497,12 @@ async fn an_apply_that_waits_for_a_channel_is_pinned() {
              RETURN jsonb_build_object('status', 'created');
          END $$",
     );
-    let done = wait_terminal(&d, &id);
-    assert_eq!(done["state"], "refused", "{done}");
-    assert_eq!(done["outcome"]["error_class"], "plan_drift", "{done}");
-    let msg = done["outcome"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("moved: function fn_iu_collection_create(text)"),
-        "{msg}"
+    refused_for_drift(
+        &d,
+        &db,
+        &id,
+        "function fn_iu_collection_create(text)",
+        &digest,
     );
     assert_eq!(db.count("iu_collection"), 1, "nothing ran");
-    let e = db.evidence(done["outcome"]["run_id"].as_i64().unwrap());
-    assert_eq!(e["plan_digest"], digest.as_str(), "{e}");
 }
