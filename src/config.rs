@@ -3,7 +3,7 @@
 //! in a config file never silently changes behaviour. Relative paths are
 //! resolved against the config file's directory.
 
-use std::collections::BTreeMap;
+use indexmap::IndexMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -57,9 +57,10 @@ pub struct Config {
     /// The `[access]` table: who may plan, apply, verify and approve.
     #[serde(default)]
     pub access: AccessConfig,
-    /// The `[targets.NAME]` tables.
+    /// The `[targets.NAME]` tables, in the config's order (a fleet's
+    /// order: `--targets` selections keep it).
     #[serde(default)]
-    pub targets: BTreeMap<String, TargetConfig>,
+    pub targets: IndexMap<String, TargetConfig>,
 }
 
 /// The `[daemon]` table.

@@ -579,8 +579,8 @@ fn job_line(job: &Job) -> String {
     )
 }
 
-/// `govsql targets`: what a `--targets` selector picks (config order as
-/// the daemon holds it), with each target's tags and health. A selector
+/// `govsql targets`: what a `--targets` selector picks, in the config's
+/// order, with each target's tags and health. A selector
 /// that cannot be read, or names a target or tag that is not there, is a
 /// usage error that lists what there is.
 pub(super) async fn targets_cmd(

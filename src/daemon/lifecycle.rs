@@ -73,7 +73,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     // the workers claim only after that.
     let recovered = CancellationToken::new();
     tokio::spawn(recover(queue.clone(), recovered.clone()));
-    let mut targets = BTreeMap::new();
+    let mut targets = indexmap::IndexMap::new();
     for (name, t) in &config.targets {
         let executor = crate::transport::for_target(t, DbRole::Runtime)
             .map_err(|e| DaemonError::Target(name.clone(), e))?;

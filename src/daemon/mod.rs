@@ -35,7 +35,6 @@ pub use target::{TargetRecord, TargetSlot, PROBE_EVERY};
 pub use uid::{PerUid, UidSlot};
 use waiters::Waiting;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -112,7 +111,7 @@ pub struct Daemon {
     config_path: PathBuf,
     queue: queue::Queue,
     catalog: RwLock<Arc<Catalog>>,
-    targets: BTreeMap<String, TargetSlot>,
+    targets: indexmap::IndexMap<String, TargetSlot>,
     waiting: Mutex<Waiting>,
     started: Instant,
     /// Unix time of the start, for metrics.

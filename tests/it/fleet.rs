@@ -37,14 +37,15 @@ async fn targets_lists_what_a_selector_picks_with_tags_and_health() {
             .map(|t| t["name"].as_str().unwrap().to_string())
             .collect()
     };
+    // The config's order, not the names' (a rollout goes in this order).
     let all = d.cli_json(None, &["targets", "--json"]);
-    assert_eq!(names(&all), ["lab", "main", "us1"], "{all}");
-    assert_eq!(all[1]["tags"], serde_json::json!(["prod", "eu"]));
-    assert_eq!(all[1]["reachable"], true);
+    assert_eq!(names(&all), ["main", "us1", "lab"], "{all}");
+    assert_eq!(all[0]["tags"], serde_json::json!(["prod", "eu"]));
+    assert_eq!(all[0]["reachable"], true);
     let prod = d.cli_json(None, &["targets", "--targets", "tag:prod", "--json"]);
     assert_eq!(names(&prod), ["main", "us1"]);
     let union = d.cli_json(None, &["targets", "--targets", "lab,tag:eu", "--json"]);
-    assert_eq!(names(&union), ["lab", "main"]);
+    assert_eq!(names(&union), ["main", "lab"]);
     // The table says the same in words.
     let out = d.cli(None, &["targets", "--targets", "tag:us"]);
     let text = String::from_utf8_lossy(&out.stdout);
