@@ -470,7 +470,7 @@ async fn an_apply_that_waits_for_a_channel_is_pinned() {
         &d,
         "dot_iu_diag_sleep",
         "verify",
-        json!([["seconds", "6"]]),
+        json!([["seconds", "9"]]),
         false,
     );
     let sleeper = job_id(&sleeper);
@@ -482,7 +482,7 @@ async fn an_apply_that_waits_for_a_channel_is_pinned() {
     );
     let id = job_id(&create("waits"));
     wait_until(
-        Duration::from_secs(4),
+        Duration::from_secs(7),
         Duration::from_millis(50),
         || status(&id)["plan_digest"].is_string(),
         || format!("a waiting apply was not pinned: {}", status(&id)),
