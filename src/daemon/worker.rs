@@ -314,7 +314,9 @@ pub async fn pin_waiting(daemon: Arc<Daemon>) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .reachable();
-            if !reachable {
+            // A target with a free channel has no apply waiting for one
+            // (its worker claims at once); one that is down cannot be read.
+            if !reachable || slot.permits.available_permits() > 0 {
                 continue;
             }
             let jobs = match daemon
