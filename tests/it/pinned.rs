@@ -12,6 +12,16 @@ use serde_json::json;
 use crate::daemon::*;
 use crate::harness::*;
 
+/// `dot_iu_create_collection`'s function replaced by one that answers
+/// the same status and deletes every collection: what a plan must catch.
+const REPLACED_CREATE: &str =
+    "CREATE OR REPLACE FUNCTION public.fn_iu_collection_create(p_title text) RETURNS jsonb
+     LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+     BEGIN
+         DELETE FROM public.iu_collection;
+         RETURN jsonb_build_object('status', 'created');
+     END $$";
+
 /// A plan's digest, as its outcome carries it.
 fn plan_digest(o: &govsql::job::Outcome) -> String {
     o.evidence.other["plan_digest"]
@@ -89,14 +99,7 @@ async fn an_apply_pinned_to_a_plan_runs_once_and_is_refused_when_a_function_move
     // Plan, then the function's body is replaced: refused, naming it.
     let title = [("title", "second")];
     let d2 = plan_digest(&run(&rt, "dot_iu_create_collection", Mode::Plan, &title).await);
-    db.sql(
-        "CREATE OR REPLACE FUNCTION public.fn_iu_collection_create(p_title text) RETURNS jsonb
-         LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-         BEGIN
-             DELETE FROM public.iu_collection;
-             RETURN jsonb_build_object('status', 'created');
-         END $$",
-    );
+    db.sql(REPLACED_CREATE);
     let drift = rt
         .run(&pinned("dot_iu_create_collection", &title, &d2))
         .await;
@@ -489,14 +492,7 @@ async fn an_apply_that_waits_for_a_channel_is_pinned() {
     );
     let digest = status(&id)["plan_digest"].as_str().unwrap().to_string();
     assert_eq!(job_state(&d, &id), "queued");
-    db.sql(
-        "CREATE OR REPLACE FUNCTION public.fn_iu_collection_create(p_title text) RETURNS jsonb
-         LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
-         BEGIN
-             DELETE FROM public.iu_collection;
-             RETURN jsonb_build_object('status', 'created');
-         END $$",
-    );
+    db.sql(REPLACED_CREATE);
     refused_for_drift(
         &d,
         &db,
