@@ -122,7 +122,7 @@ pub fn bind(cfg: &DaemonConfig) -> Result<(UnixListener, BoundSocket), DaemonErr
 /// wait (64 at the loop's tens of thousands a second is a few ms). When
 /// it is full a client's blocking connect sleeps until the loop takes one
 /// (the kernel wakes it then), which is how a well-behaved client gets in
-/// past one user's connect flood ([`crate::client::Client::connect`]).
+/// past one user's connect flood (govsql's client connects that way).
 const BACKLOG: i32 = 64;
 
 /// Binds and listens with [`BACKLOG`] (tokio's bind would queue 1024).
