@@ -236,7 +236,7 @@ impl Daemon {
         let config = self.config();
         let alive = self.workers_alive(now);
         let counts = self.queue.counts().await?;
-        let switch = ApplySwitch::new(&self.config().daemon.state_dir);
+        let switch = ApplySwitch::new(&config.daemon.state_dir);
         let apply_switch = tokio::task::spawn_blocking(move || switch.is_on())
             .await
             .unwrap_or(false);

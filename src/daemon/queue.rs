@@ -72,7 +72,7 @@ enum Op {
     Retry(JobId, JobState, Reply<u32>),
     Prune(i64, Reply<usize>),
     Approve(JobId, Box<Approval>, u8, Reply<Job>),
-    Pin(JobId, String, String, Reply<usize>),
+    Pin(Vec<(JobId, String, String)>, Reply<usize>),
     Preset(JobId, Refusal, Reply<usize>),
     Recover(Reply<usize>),
     Counts(Reply<QueueCounts>),
@@ -293,9 +293,21 @@ impl Queue {
         digest: &str,
         covers: &serde_json::Value,
     ) -> Result<usize, QueueError> {
-        let covers = covers.to_string();
-        self.call(|r| Op::Pin(job_id.clone(), digest.to_string(), covers, r))
+        self.pin_many(vec![(job_id.clone(), digest.to_string(), covers)])
             .await
+    }
+
+    /// [`Queue::pin`] for several jobs in one transaction (one sync of
+    /// the queue file, not one per job); how many were pinned.
+    pub async fn pin_many(
+        &self,
+        pins: Vec<(JobId, String, &serde_json::Value)>,
+    ) -> Result<usize, QueueError> {
+        let pins = pins
+            .into_iter()
+            .map(|(id, digest, covers)| (id, digest, covers.to_string()))
+            .collect();
+        self.call(|r| Op::Pin(pins, r)).await
     }
 
     /// Sets a refusal the worker will audit, and queues the job; returns
@@ -675,12 +687,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
             }
             Err(e) => respond(reply, Err(e), path),
         },
-        Op::Pin(id, digest, covers, reply) => {
-            let r = exec(tx,
-                "UPDATE jobs SET plan_digest = ?2, plan_covers = ?3 WHERE job_id = ?1 AND (state = 'awaiting_approval'
-                   OR (state = 'queued' AND mode = 'apply' AND plan_digest IS NULL AND preset_class IS NULL))",
-                params![id.as_str(), digest, covers],
+        Op::Pin(pins, reply) => {
+            let sql = format!(
+                "UPDATE jobs SET plan_digest = ?2, plan_covers = ?3 WHERE job_id = ?1 AND (state = 'awaiting_approval' OR ({WAITING_UNPINNED}))"
             );
+            let r = pins.iter().try_fold(0, |n, (id, digest, covers)| {
+                Ok(n + exec(tx, &sql, params![id.as_str(), digest, covers])?)
+            });
             respond(reply, r, path)
         }
         Op::Preset(id, refusal, reply) => {
@@ -860,6 +873,11 @@ fn expired(tx: &Connection, before: i64) -> rusqlite::Result<Vec<JobId>> {
     rows
 }
 
+/// A queued apply with no plan pinned yet (no approval, no `--plan`, no
+/// refusal preset): what the pin loop pins.
+const WAITING_UNPINNED: &str =
+    "state = 'queued' AND mode = 'apply' AND plan_digest IS NULL AND preset_class IS NULL";
+
 fn unpinned(
     tx: &Connection,
     target: &str,
@@ -867,8 +885,7 @@ fn unpinned(
     limit: usize,
 ) -> rusqlite::Result<Vec<Job>> {
     let mut st = tx.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND state = 'queued' AND mode = 'apply' \
-         AND plan_digest IS NULL AND preset_class IS NULL AND submitted_at <= ?2 ORDER BY seq LIMIT ?3"
+        "SELECT {COLUMNS} FROM jobs WHERE target = ?1 AND {WAITING_UNPINNED} AND submitted_at <= ?2 ORDER BY seq LIMIT ?3"
     ))?;
     let rows = st
         .query_map(params![target, before, limit as i64], row_to_job)?

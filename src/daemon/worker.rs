@@ -363,21 +363,17 @@ pub async fn pin_waiting(daemon: Arc<Daemon>) {
                     continue;
                 }
             };
-            for (job, pin) in jobs.iter().zip(pins) {
+            let mut stored = Vec::with_capacity(jobs.len());
+            for (job, pin) in jobs.iter().zip(&pins) {
                 match pin {
-                    Ok(pin) => {
-                        if let Err(e) = daemon
-                            .queue
-                            .pin(&job.job_id, &pin.digest, &pin.covers)
-                            .await
-                        {
-                            tracing::error!(job_id = %job.job_id, cause = %e, "cannot store a waiting apply's pin");
-                        }
-                    }
+                    Ok(pin) => stored.push((job.job_id.clone(), pin.digest.clone(), &pin.covers)),
                     Err(why) => {
                         tracing::info!(job_id = %job.job_id, cause = %why, "a waiting apply could not be pinned; it runs as the dispatcher finds it")
                     }
                 }
+            }
+            if let Err(e) = daemon.queue.pin_many(stored).await {
+                tracing::error!(target = %name, cause = %e, "cannot store waiting applies' pins");
             }
         }
         tried.retain(|id| seen.contains(id));

@@ -3,8 +3,8 @@
 //! which runs and records nothing. The daemon pins a job that needs
 //! approval when it is submitted, so its approvers approve that plan and
 //! the dispatcher refuses the apply (`plan_drift`) if anything it covers
-//! moved by then; so is an apply that has to wait for a channel of its
-//! target (`daemon/handle/submit.rs`). A pin is a read: it runs on the
+//! moved by then; so is an apply still waiting a second after its submit
+//! (`daemon/worker.rs`, `pin_waiting`, through [`Runtime::pin_many`]). A pin is a read: it runs on the
 //! target's read channel, never in a job's slot.
 
 use serde::Deserialize;
@@ -43,15 +43,16 @@ impl Runtime {
     /// Pins several jobs in one script (one round trip): each job's pin,
     /// or why not; an error when the script itself could not run.
     pub async fn pin_many(&self, jobs: &[Job]) -> Result<Vec<Result<Pin, String>>, String> {
-        let mut out: Vec<Result<Pin, String>> = Vec::with_capacity(jobs.len());
+        // Each job's section in the script, or why it has none.
+        let mut sections: Vec<Result<usize, String>> = Vec::with_capacity(jobs.len());
         let mut script = None;
         let mut tag = String::new();
-        let mut sections = Vec::new();
-        for (i, job) in jobs.iter().enumerate() {
+        let mut n = 0;
+        for job in jobs {
             let ctx = match self.context(job) {
                 Ok(ctx) => ctx,
                 Err(o) => {
-                    out.push(Err(o.message));
+                    sections.push(Err(o.message));
                     continue;
                 }
             };
@@ -73,11 +74,16 @@ impl Runtime {
                 params: &params,
                 client: &client,
             }));
-            sections.push(i);
-            out.push(Err(String::new()));
+            sections.push(Ok(n));
+            n += 1;
         }
         let Some(s) = script else {
-            return Ok(out);
+            // No job had a section: each answer is why not.
+            return Ok(sections
+                .into_iter()
+                .filter_map(Result::err)
+                .map(Err)
+                .collect());
         };
         // A read (the target's read channel, its warm read session): a pin
         // never takes the job slot a waiting job is waiting for.
@@ -98,10 +104,10 @@ impl Runtime {
             }
             other => return Err(format!("the plan could not be pinned: {other}")),
         };
-        for (n, i) in sections.into_iter().enumerate() {
-            out[i] = read_pin(n, secs.get(n).unwrap_or_default());
-        }
-        Ok(out)
+        Ok(sections
+            .into_iter()
+            .map(|s| s.and_then(|n| read_pin(n, secs.get(n).unwrap_or_default())))
+            .collect())
     }
 }
 
