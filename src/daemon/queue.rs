@@ -80,16 +80,6 @@ enum Op {
     Unpinned(String, i64, usize, Reply<Vec<Job>>),
 }
 
-impl Op {
-    /// Whether the op only reads.
-    fn reads_only(&self) -> bool {
-        matches!(
-            self,
-            Op::Get(..) | Op::List(..) | Op::Counts(..) | Op::Expired(..) | Op::Unpinned(..)
-        )
-    }
-}
-
 /// A handle to the queue's writer thread.
 #[derive(Clone)]
 pub struct Queue {
@@ -538,15 +528,19 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             }
         }
         let durable = batch.iter().any(|op| {
-            !op.reads_only()
-                && !matches!(
-                    op,
-                    Op::ClaimNext(..)
-                        | Op::WakeWaiting(..)
-                        | Op::Finish(..)
-                        | Op::ExpireResults(..)
-                        | Op::Owed(..)
-                )
+            !matches!(
+                op,
+                Op::ClaimNext(..)
+                    | Op::WakeWaiting(..)
+                    | Op::Finish(..)
+                    | Op::ExpireResults(..)
+                    | Op::Owed(..)
+                    | Op::Get(..)
+                    | Op::List(..)
+                    | Op::Counts(..)
+                    | Op::Expired(..)
+                    | Op::Unpinned(..)
+            )
         });
         if durable != full {
             let level = if durable { "FULL" } else { "NORMAL" };
@@ -569,16 +563,8 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                 continue;
             }
         };
-        // Reads run first: they see only what was committed before this
-        // batch, so their answers stand whatever its commit does (a status
-        // asked while a write fails on a full disk still answers).
-        let (reads, writes): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(Op::reads_only);
-        let mut replies: Vec<Deferred> = Vec::with_capacity(reads.len() + writes.len());
-        for op in reads {
-            let reply = apply(&tx, op, &path);
-            replies.push(Box::new(move |_| reply(None)));
-        }
-        for op in writes {
+        let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
+        for op in batch {
             replies.push(apply(&tx, op, &path));
         }
         let committed = tx.commit();
