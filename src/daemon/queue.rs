@@ -80,6 +80,44 @@ enum Op {
     Unpinned(String, i64, usize, Reply<Vec<Job>>),
 }
 
+impl Op {
+    /// Whether the op only reads (it changes no row).
+    fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Op::Get(..)
+                | Op::List(..)
+                | Op::Owed(..)
+                | Op::Counts(..)
+                | Op::Expired(..)
+                | Op::Unpinned(..)
+        )
+    }
+
+    /// Answers the op with an error, without running it.
+    fn fail(self, e: QueueError) {
+        fn send<T>(r: Reply<T>, e: QueueError) {
+            let _ = r.send(Err(e));
+        }
+        match self {
+            Op::Submit(_, r) | Op::Approve(_, _, _, r) => send(r, e),
+            Op::Get(_, r) => send(r, e),
+            Op::List(_, _, _, _, r) | Op::Owed(_, _, r) | Op::Unpinned(_, _, _, r) => send(r, e),
+            Op::ClaimNext(_, _, r) => send(r, e),
+            Op::WakeWaiting(_, r)
+            | Op::ExpireResults(_, r)
+            | Op::Prune(_, r)
+            | Op::Pin(_, r)
+            | Op::Preset(_, _, r)
+            | Op::Recover(r) => send(r, e),
+            Op::Finish(_, _, _, _, r) => send(r, e),
+            Op::Retry(_, _, r) => send(r, e),
+            Op::Counts(r) => send(r, e),
+            Op::Expired(_, r) => send(r, e),
+        }
+    }
+}
+
 /// A handle to the queue's writer thread.
 #[derive(Clone)]
 pub struct Queue {
@@ -556,23 +594,40 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             scrub = true;
             erased_since.get_or_insert_with(std::time::Instant::now);
         }
-        let tx = match conn.transaction() {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::error!(cause = %e, "queue transaction failed to start");
+        // Writes commit first; the reads then run in their own
+        // transaction, so they see every write of the batch (a read asked
+        // after a write sees it) and keep their answer when the writes
+        // could not commit (a full disk).
+        let (reads, writes): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(Op::is_read);
+        for (ops, what) in [(writes, "write"), (reads, "read")] {
+            if ops.is_empty() {
                 continue;
             }
-        };
-        let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
-        for op in batch {
-            replies.push(apply(&tx, op, &path));
-        }
-        let committed = tx.commit();
-        if let Err(e) = &committed {
-            tracing::error!(cause = %e, "queue commit failed");
-        }
-        for reply in replies {
-            reply(committed.as_ref().err());
+            let tx = match conn.transaction() {
+                Ok(tx) => tx,
+                Err(e) => {
+                    tracing::error!(cause = %e, what, "queue transaction failed to start");
+                    let msg = e.to_string();
+                    for op in ops {
+                        op.fail(QueueError::Commit(msg.clone()));
+                    }
+                    continue;
+                }
+            };
+            let replies: Vec<Deferred> = ops.into_iter().map(|op| apply(&tx, op, &path)).collect();
+            let committed = if what == "read" {
+                // Nothing to keep: a read's answer never waits on the disk.
+                drop(tx);
+                Ok(())
+            } else {
+                tx.commit()
+            };
+            if let Err(e) = &committed {
+                tracing::error!(cause = %e, "queue commit failed");
+            }
+            for reply in replies {
+                reply(committed.as_ref().err());
+            }
         }
     }
 }
