@@ -299,6 +299,8 @@ fn healthcheck(wait: bool) -> Request {
         plan_digest: None,
         wait,
         timeout_s: wait.then_some(120),
+        targets: None,
+        strategy: None,
     })
 }
 
@@ -313,6 +315,8 @@ async fn daemon_job(a: &Args, client: &mut Client, w: Work, target: &str) -> boo
         plan_digest: None,
         wait: true,
         timeout_s: Some(120),
+        targets: None,
+        strategy: None,
     });
     match client.call(&req).await {
         Ok(Reply::Job(j)) => j.state == done(w),

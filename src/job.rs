@@ -623,6 +623,9 @@ pub struct Job {
     pub finished_at: Option<i64>,
     /// The outcome, once terminal (`result` only for its submitter).
     pub outcome: Option<Outcome>,
+    /// The rollout it is a child of (`--targets`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<JobId>,
     /// When it was first sent back to the queue, if it was (a job in which
     /// nothing ran waits up to `max_target_wait_s` from then).
     #[serde(skip)]
@@ -681,6 +684,7 @@ impl Job {
             finished_at: None,
             outcome: None,
             first_try_at: None,
+            rollout_id: None,
             in_doubt: false,
         }
     }
@@ -739,6 +743,9 @@ pub struct ClientFacts {
     /// Time spent on the job so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// The rollout the job is a child of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<String>,
     /// The database host's key fingerprint (SSH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,

@@ -26,6 +26,7 @@ pub mod migrate;
 pub mod params;
 pub mod protocol;
 pub mod psql;
+pub mod rollout;
 pub mod runtime;
 pub mod sqlstate;
 pub mod switch;

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::job::{Job, JobId, JobState, Mode, Params};
+use crate::rollout::{Rollout, Strategy};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -64,6 +65,32 @@ pub enum Request {
     Log(ReadLog),
     /// The metrics, in the Prometheus text exposition format.
     Metrics {},
+    /// Recent rollouts (`govsql rollouts`).
+    Rollouts(ListRollouts),
+    /// One rollout, per target (`govsql rollout status`).
+    RolloutStatus(RolloutRef),
+    /// A new pass over a halted, partial or cancelled rollout's targets
+    /// that did not succeed.
+    RolloutResume(RolloutRef),
+    /// Cancel a rollout: nothing more starts.
+    RolloutCancel(RolloutRef),
+}
+
+/// One rollout, by id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRef {
+    /// The rollout.
+    pub rollout_id: JobId,
+}
+
+/// A page of recent rollouts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListRollouts {
+    /// At most this many (default 20, at most 200).
+    #[serde(default)]
+    pub limit: Option<u32>,
 }
 
 /// A job to check: what a submit names.
@@ -114,6 +141,13 @@ pub struct Submit {
     /// With `wait`: give up waiting after this long (the job goes on).
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// A selector (`--targets`): the job becomes a rollout over the
+    /// targets it picks (not with `target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<String>,
+    /// A rollout's strategy (only with `targets`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
 }
 
 impl From<JobSpec> for Submit {
@@ -128,6 +162,8 @@ impl From<JobSpec> for Submit {
             plan_digest: j.plan_digest,
             wait: false,
             timeout_s: None,
+            targets: None,
+            strategy: None,
         }
     }
 }
@@ -358,7 +394,7 @@ pub struct TargetHealth {
 
 /// A reply: exactly one answer, or an error. On the wire it is one JSON
 /// object with the version, `ok`, and the one field its answer names
-/// (`job`, `jobs`, `health`, `metrics`, `log`, `show` or `error`); a line
+/// (`job`, `jobs`, `health`, `metrics`, `log`, `show`, `rollout`, `rollouts` or `error`); a line
 /// with more than one, or an error that is not one, is an unexpected
 /// message.
 #[derive(Debug, Clone, Deserialize)]
@@ -378,6 +414,10 @@ pub enum Reply {
     Log(Vec<LogEntry>),
     /// show: what the job will run.
     Show(Box<ShowJob>),
+    /// A submit with targets, rollout status, resume, cancel: the rollout.
+    Rollout(Box<Rollout>),
+    /// rollouts: the rollouts.
+    Rollouts(Vec<Rollout>),
     /// The request failed: what went wrong and what to do.
     Error(ReplyError),
 }
@@ -401,6 +441,10 @@ struct WireReply {
     log: Option<Vec<LogEntry>>,
     #[serde(default)]
     show: Option<Box<ShowJob>>,
+    #[serde(default)]
+    rollout: Option<Box<Rollout>>,
+    #[serde(default)]
+    rollouts: Option<Vec<Rollout>>,
 }
 
 /// A reply as it is written to the socket (borrowed: a job's result is
@@ -423,6 +467,10 @@ struct WireOut<'a> {
     log: Option<&'a [LogEntry]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     show: Option<&'a ShowJob>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<&'a Rollout>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollouts: Option<&'a [Rollout]>,
 }
 
 impl Serialize for Reply {
@@ -458,6 +506,14 @@ impl Serialize for Reply {
                 show: Some(show),
                 ..ok
             },
+            Reply::Rollout(r) => WireOut {
+                rollout: Some(r),
+                ..ok
+            },
+            Reply::Rollouts(r) => WireOut {
+                rollouts: Some(r),
+                ..ok
+            },
             Reply::Error(e) => WireOut {
                 ok: false,
                 error: Some(e),
@@ -485,6 +541,8 @@ impl TryFrom<WireReply> for Reply {
             w.metrics.is_some(),
             w.log.is_some(),
             w.show.is_some(),
+            w.rollout.is_some(),
+            w.rollouts.is_some(),
         ]
         .into_iter()
         .filter(|&a| a)
@@ -503,6 +561,10 @@ impl TryFrom<WireReply> for Reply {
                 Reply::Log(l)
             } else if let Some(s) = w.show {
                 Reply::Show(s)
+            } else if let Some(r) = w.rollout {
+                Reply::Rollout(r)
+            } else if let Some(r) = w.rollouts {
+                Reply::Rollouts(r)
             } else {
                 Reply::Done
             }),

@@ -16,7 +16,7 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Evidence: the database's own structural facts, plus the few facts only
--- the daemon knows (job id, transport, target, host key, approver, the
+-- the daemon knows (job id, rollout id, transport, target, host key, approver, the
 -- job's submit and end times, time spent before the call), each a short
 -- scalar, and the approvals (who, when, why; at most 9). Never a value.
 CREATE OR REPLACE FUNCTION public.fn_dot_iu_evidence(
@@ -27,7 +27,7 @@ LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
 BEGIN
     RETURN coalesce((
         SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(coalesce(p_client, '{}'::jsonb)) AS e
-        WHERE e.key IN ('job_id', 'transport', 'target', 'host_key', 'approved_by', 'submitted_at', 'ended_at', 'reason')
+        WHERE e.key IN ('job_id', 'rollout_id', 'transport', 'target', 'host_key', 'approved_by', 'submitted_at', 'ended_at', 'reason')
           AND jsonb_typeof(e.value) = 'string' AND length(e.value #>> '{}') <= 200
     ), '{}'::jsonb)
     || jsonb_build_object(

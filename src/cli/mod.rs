@@ -37,6 +37,7 @@ mod direct;
 mod freeze;
 mod gate;
 mod remote;
+mod rollout;
 mod service_user;
 
 pub use admin::catalog_check;
@@ -90,7 +91,9 @@ pub const EXIT_CODES: &str = "Exit codes:
   2  usage: unknown flag, malformed --param, unknown target, bad job id
   3  refused (an unknown command too, in every subcommand)
   4  failed
-  5  still pending when a --timeout ended the wait (the job goes on)";
+  5  still pending when a --timeout ended the wait (the job goes on)
+A rollout (--targets) exits 0 when done, 3 when every target was refused,
+4 when halted, partial or cancelled, 5 when the wait ended first.";
 
 /// The version with the commit it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("GOVSQL_COMMIT"), ")");
@@ -312,6 +315,21 @@ pub enum Cmd {
     },
     /// Print the daemon's metrics (Prometheus text format; for node_exporter's textfile collector).
     Metrics,
+    /// Recent rollouts (jobs submitted with --targets), newest first.
+    Rollouts {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One rollout: status (per target), resume, cancel.
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        action: rollout::RolloutAction,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -386,9 +404,25 @@ struct CommonJobArgs {
     #[arg(long, value_name = "-")]
     params_json: Option<String>,
     /// The target (default: the config's default).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "targets")]
     target: Option<String>,
-    /// Idempotency key: the same key never runs twice.
+    /// A rollout over the targets this selector picks: target names,
+    /// tag:NAME and all, comma-separated (config order).
+    #[arg(long, value_name = "SELECTOR", conflicts_with_all = ["direct", "plan"])]
+    targets: Option<String>,
+    /// With --targets: the first N targets run first, one at a time; the
+    /// rest start only if all of them succeeded (default 0).
+    #[arg(long, value_name = "N", requires = "targets")]
+    canary: Option<u32>,
+    /// With --targets: at most this many targets at once, N or P% (default 1).
+    #[arg(long, value_name = "N|P%", requires = "targets")]
+    max_concurrency: Option<String>,
+    /// With --targets: failures tolerated before the rollout halts, N or
+    /// P% (default 0: the first failure halts).
+    #[arg(long, value_name = "N|P%", requires = "targets")]
+    max_errors: Option<String>,
+    /// Idempotency key: the same key never runs twice (with --targets:
+    /// each target's child runs under KEY@target).
     #[arg(long)]
     idempotency_key: Option<String>,
     /// apply: pin it to this plan digest (from `govsql plan`): it is
@@ -528,6 +562,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Health { json } => health_cmd(&config_path, json).await,
         Cmd::Targets { targets, json } => remote::targets_cmd(&config_path, &targets, json).await,
         Cmd::Metrics => metrics_cmd(&config_path).await,
+        Cmd::Rollouts { limit, json } => rollout::rollouts_cmd(&config_path, limit, json).await,
+        Cmd::Rollout { action } => rollout::rollout_cmd(&config_path, action).await,
         Cmd::Approvals { json } => {
             let filter = crate::protocol::ListFilter {
                 state: Some(crate::job::JobState::AwaitingApproval),

@@ -30,6 +30,32 @@ pub(super) async fn submit_to_daemon(
     params: Vec<(String, String)>,
     a: CommonJobArgs,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(targets) = a.targets {
+        let strategy = match super::rollout::strategy(
+            a.canary,
+            a.max_concurrency.as_deref(),
+            a.max_errors.as_deref(),
+        ) {
+            Ok(s) => s,
+            Err(msg) => {
+                eprintln!("govsql: {msg}");
+                return Ok(ExitCode::Usage);
+            }
+        };
+        let submit = Submit {
+            command,
+            mode,
+            params: Params(params),
+            target: None,
+            idempotency_key: a.idempotency_key,
+            plan_digest: None,
+            wait: false,
+            timeout_s: None,
+            targets: Some(targets),
+            strategy: Some(strategy),
+        };
+        return super::rollout::submit(config_path, submit, a.wait, a.timeout, a.json).await;
+    }
     // Submitted first, so the job id is known at once; a --wait then
     // waits for it on the same connection.
     let req = Request::Submit(Submit {
@@ -41,6 +67,8 @@ pub(super) async fn submit_to_daemon(
         plan_digest: a.plan,
         wait: false,
         timeout_s: None,
+        targets: None,
+        strategy: None,
     });
     let socket = client::socket_from_config(config_path)?;
     let mut c = Client::connect(&socket).await?;

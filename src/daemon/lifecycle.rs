@@ -120,6 +120,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         connections: PerUid::new(server::MAX_CONNECTIONS_PER_UID),
         reads: PerUid::new(server::MAX_READS_PER_UID),
         peers: peer::PeerCache::default(),
+        rollouts: tokio::sync::Notify::new(),
     });
     // The loops run until shutdown; they are not drained, only stopped.
     let mut loops = tokio::task::JoinSet::new();
@@ -128,6 +129,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     }
     loops.spawn(worker::sweep_approvals(daemon.clone()));
     loops.spawn(worker::pin_waiting(daemon.clone()));
+    loops.spawn(super::rollouts::run(daemon.clone()));
     loops.spawn(heartbeat(daemon.clone()));
     loops.spawn(server::serve(listener, daemon.clone()));
     if let Some(listener) = metrics_listener {

@@ -15,7 +15,8 @@
 //! start, recovery, signals, heartbeat and reload; `target` a target's
 //! slot and probe; `waiters` who waits for which job and delivery; `uid`
 //! each uid's share; `server` the socket; `handle` one handler per
-//! request; `queue` the SQLite queue; `worker` the per-target workers.
+//! request; `queue` the SQLite queue; `worker` the per-target workers;
+//! `rollouts` the rollouts' tables and their scheduler.
 
 pub mod fscheck;
 mod handle;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod notify;
 pub mod peer;
 pub mod queue;
+pub mod rollouts;
 pub mod server;
 mod target;
 mod uid;
@@ -136,6 +138,8 @@ pub struct Daemon {
     reads: Arc<PerUid>,
     /// Users and groups of recent peers.
     pub peers: peer::PeerCache,
+    /// Wakes the rollout scheduler (a child ended, a rollout changed).
+    rollouts: Notify,
 }
 
 impl Daemon {
@@ -186,6 +190,12 @@ impl Daemon {
             }
         }
         self.wake(target);
+    }
+
+    /// Wakes the rollout scheduler: a child ended, or a rollout was
+    /// submitted, resumed or cancelled.
+    pub fn rollouts_changed(&self) {
+        self.rollouts.notify_one();
     }
 
     /// Wakes the worker of a target.

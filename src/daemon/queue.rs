@@ -54,6 +54,23 @@ type Reply<T> = oneshot::Sender<Result<T, QueueError>>;
 /// The deferred reply of one op, sent once the batch's commit is known.
 type Deferred = Box<dyn FnOnce(Option<&rusqlite::Error>)>;
 
+/// Another module's statements (the rollouts'), run on the writer thread
+/// in the batch's transaction; given the error instead when that
+/// transaction cannot start.
+type Custom = Box<dyn FnOnce(Result<&Connection, QueueError>, &Path) -> Deferred + Send>;
+
+/// What a [`Custom`] op does to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only.
+    Read,
+    /// Writes (durably: synchronous FULL).
+    Write,
+    /// Writes and erases values (the WAL is checkpointed and the file
+    /// scrubbed after it, as after a job's end).
+    Erase,
+}
+
 enum Op {
     Submit(Box<Job>, Reply<Job>),
     Get(JobId, Reply<Option<Job>>),
@@ -78,6 +95,7 @@ enum Op {
     Counts(Reply<QueueCounts>),
     Expired(i64, Reply<Vec<JobId>>),
     Unpinned(String, i64, usize, Reply<Vec<Job>>),
+    Custom(Access, Custom),
 }
 
 impl Op {
@@ -91,6 +109,7 @@ impl Op {
                 | Op::Counts(..)
                 | Op::Expired(..)
                 | Op::Unpinned(..)
+                | Op::Custom(Access::Read, _)
         )
     }
 
@@ -114,6 +133,7 @@ impl Op {
             Op::Retry(_, _, r) => send(r, e),
             Op::Counts(r) => send(r, e),
             Op::Expired(_, r) => send(r, e),
+            Op::Custom(_, run) => run(Err(e), Path::new(""))(None),
         }
     }
 }
@@ -162,7 +182,27 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("plan_digest", "TEXT"),
     ("plan_covers", "TEXT"),
     ("approvals", "TEXT"),
+    ("rollout_id", "TEXT"),
 ];
+
+/// Creates the queue's tables, or brings those of an earlier release up
+/// to date (added columns, indexes, the rollout tables).
+pub(super) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(SCHEMA)?;
+    for (name, decl) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {decl}"))?;
+        }
+    }
+    // The sweeper looks for owed ledger rows every few seconds.
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS jobs_owed ON jobs (seq) WHERE row_owed = 1")?;
+    conn.execute_batch(super::rollouts::SCHEMA)
+}
 
 impl Queue {
     /// Opens (creating with mode 0600) the queue at `path` and starts its
@@ -189,23 +229,7 @@ impl Queue {
             .map_err(sq)?;
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(sq)?;
-        conn.execute_batch(SCHEMA).map_err(sq)?;
-        for (name, decl) in ADDED_COLUMNS {
-            let present: bool = conn
-                .query_row(
-                    "SELECT count(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .map_err(sq)?;
-            if !present {
-                conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {decl}"))
-                    .map_err(sq)?;
-            }
-        }
-        // The sweeper looks for owed ledger rows every few seconds.
-        conn.execute_batch("CREATE INDEX IF NOT EXISTS jobs_owed ON jobs (seq) WHERE row_owed = 1")
-            .map_err(sq)?;
+        prepare(&conn).map_err(sq)?;
         let (tx, rx) = mpsc::channel();
         let owned = path.to_path_buf();
         std::thread::Builder::new()
@@ -222,6 +246,28 @@ impl Queue {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Runs another module's statements on the writer thread, in the
+    /// batch's transaction (committed with it unless `access` is Read).
+    pub async fn custom<T: Send + 'static>(
+        &self,
+        access: Access,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        self.call(move |reply| {
+            Op::Custom(
+                access,
+                Box::new(move |conn, path| match conn {
+                    Ok(c) => respond(reply, f(c), path),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        Box::new(|_| {})
+                    }
+                }),
+            )
+        })
+        .await
     }
 
     /// Inserts a job.
@@ -394,7 +440,7 @@ impl Queue {
     }
 }
 
-const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason, plan_digest, plan_covers, approvals";
+pub(super) const COLUMNS: &str = "seq, job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, approved_by, approved_at, submitted_at, finished_at, outcome, first_try_at, result, result_until, approve_reason, plan_digest, plan_covers, approvals, rollout_id";
 
 /// A column whose stored word this build does not know: an error, never
 /// a silent default.
@@ -406,7 +452,7 @@ fn bad_word(col: usize, what: &str) -> rusqlite::Error {
     )
 }
 
-fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+pub(super) fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let word = |col: usize, what: &str| -> rusqlite::Result<String> {
         r.get::<_, String>(col).map_err(|_| bad_word(col, what))
     };
@@ -461,6 +507,9 @@ fn row_to_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
                 o
             }),
         first_try_at: r.get(18)?,
+        rollout_id: r
+            .get::<_, Option<String>>(25)?
+            .and_then(|t| JobId::parse(&t)),
         in_doubt: false,
     })
 }
@@ -578,6 +627,7 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
                     | Op::Counts(..)
                     | Op::Expired(..)
                     | Op::Unpinned(..)
+                    | Op::Custom(Access::Read, _)
             )
         });
         if durable != full {
@@ -587,10 +637,15 @@ fn writer(mut conn: Connection, path: PathBuf, rx: mpsc::Receiver<Op>) {
             }
             full = durable;
         }
-        if batch
-            .iter()
-            .any(|op| matches!(op, Op::Finish(..) | Op::Prune(..) | Op::ExpireResults(..)))
-        {
+        if batch.iter().any(|op| {
+            matches!(
+                op,
+                Op::Finish(..)
+                    | Op::Prune(..)
+                    | Op::ExpireResults(..)
+                    | Op::Custom(Access::Erase, _)
+            )
+        }) {
             scrub = true;
             erased_since.get_or_insert_with(std::time::Instant::now);
         }
@@ -773,10 +828,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, path: &Path) -> Deferred {
         Op::Unpinned(target, before, limit, reply) => {
             respond(reply, unpinned(tx, &target, before, limit), path)
         }
+        Op::Custom(_, run) => run(Ok(tx), path),
     }
 }
 
-fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
+pub(super) fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
     let params = serde_json::to_string(&job.params).unwrap_or_else(|_| "[]".into());
     let (class, message) = job
         .preset
@@ -784,8 +840,8 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
         .map(|p| (p.class.as_str().to_string(), p.message.clone()))
         .unzip();
     exec(tx,
-        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at, plan_digest, plan_covers)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        "INSERT INTO jobs (job_id, command, mode, target, params, params_digest, idempotency_key, actor, actor_uid, state, preset_class, preset_message, submitted_at, plan_digest, plan_covers, rollout_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
         params![
             job.job_id.as_str(),
             job.command,
@@ -801,7 +857,8 @@ fn insert(tx: &Connection, job: &Job) -> rusqlite::Result<Job> {
             message,
             job.submitted_at,
             job.plan_digest,
-            job.plan_covers.as_ref().map(|c| c.to_string())
+            job.plan_covers.as_ref().map(|c| c.to_string()),
+            job.rollout_id.as_ref().map(JobId::as_str)
         ],
     )?;
     get_job(tx, &job.job_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)

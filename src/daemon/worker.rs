@@ -130,6 +130,9 @@ pub async fn run_job(daemon: &Daemon, mut job: Job) {
         wait = (wait * 2).min(Duration::from_secs(10));
     }
     daemon.recorded(&job.job_id);
+    if job.rollout_id.is_some() {
+        daemon.rollouts_changed();
+    }
 }
 
 /// `GOVSQL_TEST_RECORD_DELAY_MS`, read once (not on every job).

@@ -98,6 +98,7 @@ impl Runtime {
             target: Some(self.target.clone()),
             duration_ms: Some(ctx.started.elapsed().as_millis() as u64),
             host_key: self.executor.host_key_fingerprint(),
+            rollout_id: ctx.job.rollout_id.as_ref().map(|r| r.to_string()),
             approved_by: ctx.job.approved_by.clone(),
             reason: reason.map(|r| r.chars().take(200).collect()),
             // The job's own times (a row written late says when it happened).

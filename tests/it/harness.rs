@@ -197,6 +197,31 @@ pub fn test_bin() -> PathBuf {
 /// The cluster of this test process, started on first use.
 pub fn pg() -> &'static Pg {
     PG.get_or_init(|| {
+        let pg = Pg::start();
+        at_exit(stop_cluster);
+        pg
+    })
+}
+
+/// Another cluster for this test process (a fleet spreads its databases
+/// over several), stopped at exit.
+pub fn extra_cluster() -> &'static Pg {
+    let pg: &'static Pg = Box::leak(Box::new(Pg::start()));
+    at_exit(move || pg.stop());
+    pg
+}
+
+/// Stops the cluster of this test process.
+fn stop_cluster() {
+    if let Some(pg) = PG.get() {
+        pg.stop();
+    }
+}
+
+impl Pg {
+    /// A new cluster (initdb, then its postmaster on a free port) with
+    /// the runtime role.
+    fn start() -> Pg {
         let bindir = pg_bindir();
         let dir = tempfile::Builder::new()
             .prefix("govsql-pg-")
@@ -233,8 +258,33 @@ pub fn pg() -> &'static Pg {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let pg = Pg {
+            dir,
+            port: free_port(),
+            psql: bindir.join("psql"),
+            postmaster: Mutex::new(None),
+        };
+        pg.launch();
+        pg.admin(
+            "postgres",
+            &format!("CREATE ROLE {RUNTIME_ROLE} LOGIN NOINHERIT"),
+        );
+        pg
+    }
+
+    /// Starts (again) the postmaster on its port and waits until it
+    /// answers.
+    pub fn launch(&self) {
+        let bindir = pg_bindir();
+        let pg_user = nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("the postgres user exists");
+        let (dir, port) = (&self.dir, self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))
+            .unwrap();
         // The postmaster itself, in the foreground (no pg_ctl, no
         // daemonizing): its pid is the child's, known before it writes any
         // pid file.
@@ -242,7 +292,7 @@ pub fn pg() -> &'static Pg {
         cmd.arg("-D")
             .arg(dir.join("data"))
             .args(["-p", &port.to_string(), "-k"])
-            .arg(&dir)
+            .arg(dir)
             .args([
                 "-c",
                 "listen_addresses=",
@@ -263,39 +313,36 @@ pub fn pg() -> &'static Pg {
             cmd.uid(pg_user.uid.as_raw()).gid(pg_user.gid.as_raw());
         }
         let child = cmd.spawn().expect("start postgres");
-        let pg = Pg {
-            dir,
-            port,
-            psql: bindir.join("psql"),
-            postmaster: Mutex::new(Some(child)),
-        };
-        at_exit(stop_cluster);
+        {
+            let mut slot = self.postmaster.lock().unwrap_or_else(|p| p.into_inner());
+            assert!(slot.is_none(), "the cluster is running already");
+            *slot = Some(child);
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !pg
+        while !self
             .psql_as("postgres", "postgres", "SELECT 1")
             .status
             .success()
         {
-            let exited = pg.postmaster.lock().unwrap().as_mut().map(|c| c.try_wait());
+            let exited = self
+                .postmaster
+                .lock()
+                .unwrap()
+                .as_mut()
+                .map(|c| c.try_wait());
             assert!(
                 matches!(exited, Some(Ok(None))) && Instant::now() < deadline,
                 "postgres did not start: {}",
-                std::fs::read_to_string(pg.dir.join("log")).unwrap_or_default()
+                std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        pg.admin(
-            "postgres",
-            &format!("CREATE ROLE {RUNTIME_ROLE} LOGIN NOINHERIT"),
-        );
-        pg
-    })
-}
+    }
 
-/// Stops the cluster (SIGQUIT: immediate shutdown, its backends too).
-fn stop_cluster() {
-    if let Some(pg) = PG.get() {
-        if let Some(mut child) = pg
+    /// Stops the postmaster (SIGQUIT: immediate shutdown, its backends
+    /// too); [`Pg::launch`] starts it again.
+    pub fn stop(&self) {
+        if let Some(mut child) = self
             .postmaster
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -304,9 +351,7 @@ fn stop_cluster() {
             stop_child(&mut child, nix::sys::signal::Signal::SIGQUIT);
         }
     }
-}
 
-impl Pg {
     /// Runs SQL as the superuser on `db`; returns unaligned, tuples-only
     /// output. Panics on error.
     pub fn admin(&self, db: &str, sql: &str) -> String {
@@ -631,8 +676,13 @@ pub struct TableLock {
 impl TableLock {
     /// Takes the lock (returns once it is held).
     pub fn take(db: &str, table: &str) -> TableLock {
+        TableLock::take_on(pg(), db, table)
+    }
+
+    /// Takes the lock on a database of another cluster.
+    pub fn take_on(cluster: &Pg, db: &str, table: &str) -> TableLock {
         use std::io::{BufRead, Write};
-        let mut session = pg().session(db);
+        let mut session = cluster.session(db);
         let stdin = session.stdin.as_mut().unwrap();
         writeln!(
             stdin,

@@ -19,6 +19,7 @@ mod layout;
 mod limits;
 mod operate;
 mod pinned;
+mod rollouts;
 mod secrets;
 mod seed_lock;
 mod service;

@@ -8,6 +8,7 @@ mod approve;
 mod cancel;
 mod list;
 mod log;
+mod rollout;
 mod show;
 mod submit;
 mod wait;
@@ -30,6 +31,10 @@ pub(super) async fn handle(daemon: &Daemon, peer: &Peer, req: Request) -> Reply 
         Request::Show(r) => show::show(daemon, peer, &r.job_id).await,
         Request::Cancel(r) => cancel::cancel(daemon, peer, &r.job_id).await,
         Request::Log(r) => log::log(daemon, peer, r).await,
+        Request::Rollouts(r) => rollout::list(daemon, peer, r.limit).await,
+        Request::RolloutStatus(r) => rollout::status(daemon, peer, &r.rollout_id).await,
+        Request::RolloutResume(r) => rollout::change(daemon, peer, &r.rollout_id, true).await,
+        Request::RolloutCancel(r) => rollout::change(daemon, peer, &r.rollout_id, false).await,
         Request::Metrics {} => Reply::Metrics(daemon.metrics_text().await),
         Request::Health {} => match daemon.health().await {
             Ok(h) => Reply::Health(Box::new(h)),

@@ -10,6 +10,15 @@ use crate::protocol::{JobSpec, Reply, ReplyKind, Submit};
 /// Queues a job; with `wait`, answers once it ended (or the wait timed
 /// out: the job goes on).
 pub(super) async fn submit(daemon: &Daemon, peer: &Peer, r: Submit) -> Reply {
+    if r.targets.is_some() {
+        return super::rollout::submit(daemon, peer, r).await;
+    }
+    if r.strategy.is_some() {
+        return Reply::error(
+            ReplyKind::BadRequest,
+            "--canary, --max-concurrency and --max-errors shape a rollout: give --targets too",
+        );
+    }
     let (wait, timeout_s) = (r.wait, r.timeout_s);
     let job = match new_job(daemon, peer, r.spec()) {
         Ok(job) => job,
@@ -67,7 +76,7 @@ pub(super) fn check(daemon: &Daemon, peer: &Peer, spec: JobSpec) -> Reply {
 /// The job a submit asks for: its target resolved, and a refusal preset
 /// when the command is unknown or the peer may not run this mode (the
 /// worker records it in the ledger).
-fn new_job(daemon: &Daemon, peer: &Peer, spec: JobSpec) -> Result<Job, Box<Reply>> {
+pub(super) fn new_job(daemon: &Daemon, peer: &Peer, spec: JobSpec) -> Result<Job, Box<Reply>> {
     let JobSpec {
         command,
         mode,

@@ -1,0 +1,388 @@
+//! Rollouts over a real fleet: twelve targets, each its own database
+//! (migrated with --demo) spread over four PostgreSQL clusters, all
+//! reached over SSH through one sshd. Halt and resume, a canary that
+//! fails, a daemon killed mid-rollout; each target's own ledger is the
+//! judge of "applied exactly once".
+
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::daemon::*;
+use crate::harness::*;
+use crate::sshd::{self, keys, USER};
+
+/// One target of a fleet: its cluster and database.
+pub(crate) struct FleetTarget {
+    pub(crate) name: String,
+    pub(crate) pg: &'static Pg,
+    pub(crate) db: String,
+}
+
+impl FleetTarget {
+    /// The rollout under `key` (which is also the collection's title)
+    /// applied on this target exactly once: one applied ledger row under
+    /// its child key, one collection.
+    pub(crate) fn assert_applied_once(&self, key: &str) {
+        assert_eq!(
+            self.rows("applied", &format!("{key}@")),
+            1,
+            "{} applied exactly once",
+            self.name
+        );
+        assert_eq!(
+            self.sql(&format!(
+                "SELECT count(*) FROM iu_collection WHERE title = '{key}'"
+            )),
+            "1",
+            "{}",
+            self.name
+        );
+    }
+
+    /// Admin SQL on this target's database.
+    pub(crate) fn sql(&self, sql: &str) -> String {
+        self.pg.admin(&self.db, sql)
+    }
+
+    /// Ledger rows of this target with this status under keys starting
+    /// with `key`.
+    pub(crate) fn rows(&self, status: &str, key: &str) -> i64 {
+        self.sql(&format!(
+            "SELECT count(*) FROM dot_iu_command_run WHERE run_status = '{status}' AND idempotency_key LIKE '{key}%'"
+        ))
+        .parse()
+        .unwrap()
+    }
+}
+
+/// A fleet: the daemon's config lists the targets `t01`… in order; the
+/// `base` database (the harness's own) holds the config and state dir.
+pub(crate) struct Fleet {
+    pub(crate) base: TestDb,
+    pub(crate) targets: Vec<FleetTarget>,
+}
+
+impl Fleet {
+    /// One target per entry of `placement` (the index of its cluster in
+    /// `clusters`), with `per_target` extra TOML lines for target i.
+    pub(crate) async fn build(
+        clusters: &[&'static Pg],
+        placement: &[usize],
+        per_target: impl Fn(usize) -> String,
+    ) -> Fleet {
+        let base = Scenario::new().ready().db().await;
+        let s = sshd::shared();
+        let ssh = s.target_toml(USER, &keys().ed25519);
+        let mut targets = Vec::new();
+        let mut toml = String::new();
+        for (i, c) in placement.iter().enumerate() {
+            let pg = clusters[*c];
+            let name = format!("t{:02}", i + 1);
+            let db = format!("{}_{name}", base.name);
+            pg.admin("postgres", &format!("CREATE DATABASE {db}"));
+            let keys = format!(
+                "psql = \"{psql}\"\ndb_host = \"{host}\"\ndb_port = {port}\ndb_name = \"{db}\"\ndb_user = \"{RUNTIME_ROLE}\"\nadmin_db_user = \"postgres\"\n",
+                psql = pg.psql.display(),
+                host = pg.dir.display(),
+                port = pg.port,
+            );
+            let local = format!("transport = \"local\"\n{keys}");
+            let admin = govsql::transport::local::LocalExecutor::new(
+                &toml::from_str(&local).unwrap(),
+                govsql::psql::DbRole::Admin,
+            );
+            govsql::migrate::migrate(&admin, &base.catalog, RUNTIME_ROLE, true)
+                .await
+                .expect("migrate --demo");
+            pg.admin(&db, "UPDATE dot_config SET value = 'true'");
+            toml.push_str(&format!(
+                "\n[targets.{name}]\n{ssh}{keys}session_mode = {}\njob_timeout_s = 30\n{}\n",
+                session_mode(),
+                per_target(i)
+            ));
+            targets.push(FleetTarget { name, pg, db });
+        }
+        // The fleet replaces `main`.
+        let text = std::fs::read_to_string(&base.config_path).unwrap();
+        let head = &text[..text.find("[targets.main]").unwrap()];
+        std::fs::write(&base.config_path, format!("{head}{toml}")).unwrap();
+        let mut base = base;
+        base.config = govsql::config::Config::load(&base.config_path).unwrap();
+        Fleet { base, targets }
+    }
+
+    pub(crate) fn target(&self, name: &str) -> &FleetTarget {
+        self.targets.iter().find(|t| t.name == name).unwrap()
+    }
+}
+
+/// The CLI's stdout as JSON, whatever its exit code (returned too).
+fn json_out(out: &Output) -> (Option<i32>, Value) {
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+/// Each target's state in a rollout's JSON, by name.
+fn states(r: &Value) -> Vec<(String, String)> {
+    r["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["target"].as_str().unwrap().to_string(),
+                t["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn state_of(r: &Value, target: &str) -> String {
+    states(r)
+        .into_iter()
+        .find(|(t, _)| t == target)
+        .map(|(_, s)| s)
+        .unwrap()
+}
+
+/// A rollout with two broken targets (t03's cluster stopped, t04's gate
+/// shut) halts once failures exceed max-errors: the canary and what ran
+/// applied once each, the rest skipped with no row; fixed, a resume
+/// completes it and no target applies twice. Then a second rollout whose
+/// second canary fails starts nothing else.
+#[tokio::test]
+async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
+    // t03 is alone on the fourth cluster, and gives up at once when its
+    // database is down (max_target_wait_s = 0).
+    let dead = extra_cluster();
+    let clusters = [pg(), extra_cluster(), extra_cluster(), dead];
+    let placement: Vec<usize> = (0..12).map(|i| if i == 2 { 3 } else { i % 3 }).collect();
+    let fleet = Fleet::build(&clusters, &placement, |i| match i {
+        2 => "max_target_wait_s = 0\n".into(),
+        _ => String::new(),
+    })
+    .await;
+    let d = DaemonProc::start(&fleet.base);
+
+    dead.stop();
+    fleet
+        .target("t04")
+        .sql("UPDATE dot_config SET value = 'false' WHERE key = 'iu_core.composer_enabled'");
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=fleet-1",
+            "--targets",
+            "all",
+            "--canary",
+            "1",
+            "--max-concurrency",
+            "4",
+            "--max-errors",
+            "1",
+            "--idempotency-key",
+            "fleet-1",
+            "--wait",
+            "--json",
+        ],
+    );
+    let (code, r) = json_out(&out);
+    eprintln!("halted rollout: {r}");
+    assert_eq!(code, Some(4), "halted exits 4: {r}");
+    assert_eq!(r["state"], "halted");
+    assert_eq!(state_of(&r, "t01"), "applied", "the canary");
+    assert_eq!(state_of(&r, "t03"), "failed");
+    assert_eq!(state_of(&r, "t04"), "refused");
+    let skipped: Vec<String> = states(&r)
+        .into_iter()
+        .filter(|(_, s)| s == "skipped")
+        .map(|(t, _)| t)
+        .collect();
+    assert!(
+        skipped.len() >= 3,
+        "the halt skipped what had not started: {r}"
+    );
+    for t in fleet.targets.iter().filter(|t| t.name != "t03") {
+        let applied = t.rows("applied", "fleet-1@");
+        match state_of(&r, &t.name).as_str() {
+            "applied" => assert_eq!(applied, 1, "{}", t.name),
+            "skipped" => assert_eq!(
+                t.sql("SELECT count(*) FROM dot_iu_command_run"),
+                "0",
+                "a skipped target ran nothing: {}",
+                t.name
+            ),
+            _ => assert_eq!(applied, 0, "{}", t.name),
+        }
+    }
+    // Every applied row names the rollout in its evidence.
+    let rid = r["rollout_id"].as_str().unwrap().to_string();
+    let ev = fleet
+        .target("t01")
+        .sql("SELECT evidence->>'rollout_id' FROM dot_iu_command_run WHERE run_status = 'applied'");
+    assert_eq!(ev, rid);
+
+    // The table says the same for a person.
+    let out = d.cli(None, &["rollout", "status", &rid]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("halted") && table.contains("TARGET") && table.contains("gate_closed"),
+        "{table}"
+    );
+    let listed = d.cli_json(None, &["rollouts", "--json"]);
+    assert_eq!(listed[0]["rollout_id"], rid.as_str());
+
+    // Fixed: the cluster is back, the gate open. The resume runs only
+    // what did not succeed.
+    dead.launch();
+    fleet
+        .target("t04")
+        .sql("UPDATE dot_config SET value = 'true'");
+    let out = d.cli(None, &["rollout", "resume", &rid, "--wait", "--json"]);
+    let (code, r) = json_out(&out);
+    eprintln!("resumed rollout: {r}");
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["state"], "done");
+    assert_eq!(r["pass"], 2);
+    for t in &fleet.targets {
+        t.assert_applied_once("fleet-1");
+    }
+    // A done rollout resumes no more.
+    let out = d.cli(None, &["rollout", "resume", &rid]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("only a halted, partial or cancelled rollout resumes"));
+
+    // A canary that fails: nothing else starts.
+    fleet
+        .target("t02")
+        .sql("UPDATE dot_config SET value = 'false' WHERE key = 'iu_core.composer_enabled'");
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=fleet-2",
+            "--targets",
+            "all",
+            "--canary",
+            "2",
+            "--max-concurrency",
+            "8",
+            "--max-errors",
+            "5",
+            "--idempotency-key",
+            "fleet-2",
+            "--wait",
+            "--json",
+        ],
+    );
+    let (code, r) = json_out(&out);
+    assert_eq!(code, Some(4), "{r}");
+    assert_eq!(r["state"], "halted");
+    assert_eq!(state_of(&r, "t01"), "applied");
+    assert_eq!(state_of(&r, "t02"), "refused");
+    for t in &fleet.targets[2..] {
+        assert_eq!(state_of(&r, &t.name), "skipped", "{r}");
+    }
+    for t in &fleet.targets[2..] {
+        assert_eq!(
+            t.sql("SELECT count(*) FROM dot_iu_command_run WHERE idempotency_key LIKE 'fleet-2@%'"),
+            "0",
+            "{}",
+            t.name
+        );
+    }
+}
+
+/// A rollout of 12 with the daemon killed (SIGKILL) in its middle, one
+/// child held on a lock at that moment: the restarted daemon goes on
+/// from where it stood, the held child is settled by its key, every
+/// target ends applied exactly once and nothing stays running.
+#[tokio::test]
+async fn a_rollout_survives_a_sigkill_and_applies_each_target_once() {
+    let clusters = [pg(), extra_cluster(), extra_cluster()];
+    let placement: Vec<usize> = (0..12).map(|i| i % 3).collect();
+    let fleet = Fleet::build(&clusters, &placement, |_| String::new()).await;
+    let mut d = DaemonProc::start(&fleet.base);
+    // t05's child waits on a lock while the others go on.
+    let t05 = fleet.target("t05");
+    let lock = TableLock::take_on(t05.pg, &t05.db, "iu_collection");
+    let r = d.cli_json(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=crash-roll",
+            "--targets",
+            "all",
+            "--max-concurrency",
+            "2",
+            "--idempotency-key",
+            "crash-roll",
+            "--json",
+        ],
+    );
+    let rid = r["rollout_id"].as_str().unwrap().to_string();
+    let applied = || {
+        fleet
+            .targets
+            .iter()
+            .filter(|t| t.rows("applied", "crash-roll@") == 1)
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || applied() >= 6,
+        || "the rollout did not get going".to_string(),
+    );
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(10));
+    let at_kill = applied();
+    assert!(at_kill < 12, "the kill came too late ({at_kill} applied)");
+    // The held apply commits after the daemon is gone: only its key can
+    // tell the restarted daemon.
+    lock.release();
+    let d = DaemonProc::start(&fleet.base);
+    let status = || json_out(&d.cli(None, &["rollout", "status", &rid, "--json"])).1;
+    wait_until(
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || {
+            let r = status();
+            r["state"] == "done" && r.get("finished_at").is_some()
+        },
+        || format!("the rollout did not finish after the restart: {}", status()),
+    );
+    let r = status();
+    for t in &fleet.targets {
+        t.assert_applied_once("crash-roll");
+        assert_eq!(state_of(&r, &t.name), "applied");
+    }
+    let jobs = d.cli_json(None, &["jobs", "--json", "--limit", "200"]);
+    let stuck: Vec<&Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| {
+            !["applied", "refused", "failed", "cancelled"]
+                .contains(&j["status"].as_str().or(j["state"].as_str()).unwrap_or(""))
+        })
+        .collect();
+    assert!(stuck.is_empty(), "nothing stuck: {stuck:?}");
+    eprintln!("rollout kill -9: {at_kill} of 12 targets applied at SIGKILL; 12 of 12 applied exactly once after restart");
+}
