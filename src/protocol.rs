@@ -586,8 +586,11 @@ pub struct ShowJob {
     pub command: String,
     /// plan, apply or verify.
     pub mode: Mode,
-    /// The target.
+    /// The target (a rollout: its first).
     pub target: String,
+    /// A rollout's targets, in order: what one approval covers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
     /// The command's description.
     pub description: String,
     /// Its statements, with `{{name}}` placeholders.

@@ -320,6 +320,9 @@ pub struct Rollout {
     /// Who approved it (a requires_approval command).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
+    /// Its approvals so far (one set for every target).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<crate::job::Approval>,
     /// Its targets, in order.
     pub targets: Vec<RolloutTarget>,
 }
@@ -356,6 +359,11 @@ impl Rollout {
             _ => ExitCode::Failed,
         }
     }
+}
+
+/// Whether an id names a rollout (`r…`; a job id starts with a hex digit).
+pub fn is_rollout_id(id: &JobId) -> bool {
+    id.as_str().starts_with('r')
 }
 
 /// The idempotency key of a rollout's child on `target`: `KEY@target`
@@ -538,6 +546,7 @@ mod tests {
             submitted_at: 0,
             finished_at: None,
             approved_by: None,
+            approvals: Vec::new(),
             targets: vec![RolloutTarget {
                 target: "t".into(),
                 state: X,

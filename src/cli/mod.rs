@@ -291,7 +291,8 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Jobs waiting for approval (those you may approve or reject).
+    /// Jobs and rollouts waiting for approval (those you may approve or
+    /// reject; `rollouts --json` lists rollouts as JSON).
     Approvals {
         /// Print JSON.
         #[arg(long)]
@@ -569,7 +570,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 state: Some(crate::job::JobState::AwaitingApproval),
                 ..Default::default()
             };
-            jobs_cmd(&config_path, 1000, 0, filter, json).await
+            let code = jobs_cmd(&config_path, 1000, 0, filter, json).await?;
+            if json || code != ExitCode::Ok {
+                return Ok(code);
+            }
+            rollout::awaiting_cmd(&config_path).await
         }
         Cmd::Show { job_id, json } => remote::show_cmd(&config_path, &job_id, json).await,
         Cmd::Reject { job_id, reason } => match remote::job_id_arg(&job_id) {

@@ -207,6 +207,22 @@ pub(super) async fn simple_job_op(
     let socket = client::socket_from_config(config_path)?;
     let mut c = Client::connect(&socket).await?;
     let reply = c.call(&req).await?;
+    if let Reply::Rollout(r) = &reply {
+        // A rollout's approval or rejection: one line for all its targets.
+        out!(
+            "{}  rollout {}  {} {} over {} targets{}",
+            r.state,
+            r.rollout_id,
+            r.mode,
+            r.command,
+            r.targets.len(),
+            r.approved_by
+                .as_deref()
+                .map(|b| format!("  approved by {b}"))
+                .unwrap_or_default()
+        );
+        return Ok(ExitCode::Ok);
+    }
     let Reply::Job(job) = &reply else {
         return Ok(print_reply_error(&reply));
     };
@@ -367,14 +383,29 @@ pub(super) async fn show_cmd(
         out!("{}", serde_json::to_string(s)?);
         return Ok(ExitCode::Ok);
     }
-    out!("job {}  {}  ({})", s.job_id, s.state, s.actor);
-    out!(
-        "{} {} on {}: {}",
-        s.mode,
-        s.command,
-        s.target,
-        s.description
-    );
+    if s.targets.is_empty() {
+        out!("job {}  {}  ({})", s.job_id, s.state, s.actor);
+        out!(
+            "{} {} on {}: {}",
+            s.mode,
+            s.command,
+            s.target,
+            s.description
+        );
+    } else {
+        out!("rollout {}  {}  ({})", s.job_id, s.state, s.actor);
+        out!(
+            "{} {} on {} targets: {}",
+            s.mode,
+            s.command,
+            s.targets.len(),
+            s.description
+        );
+        out!(
+            "  targets (one approval covers exactly these): {}",
+            s.targets.join(", ")
+        );
+    }
     for st in &s.statements {
         out!("  statement: {}", super::printable(st));
     }

@@ -325,3 +325,31 @@ pub(super) async fn rollouts_cmd(
     }
     Ok(ExitCode::Ok)
 }
+
+/// The rollouts awaiting approval, after `govsql approvals`' jobs: one
+/// line each (`govsql show ROLLOUT` shows its values and targets).
+pub(super) async fn awaiting_cmd(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let reply = call(
+        config_path,
+        &Request::Rollouts(ListRollouts { limit: Some(200) }),
+    )
+    .await?;
+    let Reply::Rollouts(list) = reply else {
+        return Ok(print_reply_error(&reply));
+    };
+    for r in list
+        .iter()
+        .filter(|r| r.state == crate::rollout::RolloutState::AwaitingApproval)
+    {
+        out!(
+            "rollout {}  awaiting_approval  {} {} over {} targets by {}  (govsql show {})",
+            r.rollout_id,
+            r.mode,
+            r.command,
+            r.targets.len(),
+            r.actor,
+            r.rollout_id
+        );
+    }
+    Ok(ExitCode::Ok)
+}

@@ -26,7 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::queue::{self, Access};
 use super::Daemon;
-use crate::job::{ErrorClass, Job, JobId, Mode, Params, Refusal};
+use crate::job::{Approval, ErrorClass, Job, JobId, Mode, Params, Refusal};
 use crate::rollout::{child_key, next_step, Rollout, RolloutState, RolloutTarget, TargetState};
 use crate::time::unix_now;
 
@@ -98,7 +98,7 @@ pub enum Created {
     Existing(Rollout),
 }
 
-const ROLLOUT_COLUMNS: &str = "rollout_id, command, mode, actor, actor_uid, rollout_key, state, canary, max_concurrency, max_errors, pass, submitted_at, finished_at, approved_by";
+const ROLLOUT_COLUMNS: &str = "rollout_id, command, mode, actor, actor_uid, rollout_key, state, canary, max_concurrency, max_errors, pass, submitted_at, finished_at, approved_by, approvals";
 
 fn bad(col: usize, what: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -127,6 +127,10 @@ fn row_to_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
         submitted_at: r.get(11)?,
         finished_at: r.get(12)?,
         approved_by: r.get(13)?,
+        approvals: r
+            .get::<_, Option<String>>(14)?
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default(),
         targets: Vec::new(),
     })
 }
@@ -254,11 +258,14 @@ struct Template {
     actor: String,
     actor_uid: u32,
     preset: Option<Refusal>,
+    /// The rollout's approval, copied to every child: (approved_by,
+    /// approvals as stored, approve_reason).
+    approval: Option<(String, Option<String>, Option<String>)>,
 }
 
 fn template(conn: &Connection, id: &str) -> rusqlite::Result<Template> {
     conn.prepare_cached(
-        "SELECT rollout_id, rollout_key, command, mode, params, actor, actor_uid, preset_class, preset_message FROM rollouts WHERE rollout_id = ?1",
+        "SELECT rollout_id, rollout_key, command, mode, params, actor, actor_uid, preset_class, preset_message, approved_by, approvals, approve_reason FROM rollouts WHERE rollout_id = ?1",
     )?
     .query_row([id], |r| {
         let id: String = r.get(0)?;
@@ -281,6 +288,10 @@ fn template(conn: &Connection, id: &str) -> rusqlite::Result<Template> {
             actor: r.get(5)?,
             actor_uid: r.get(6)?,
             preset,
+            approval: r
+                .get::<_, Option<String>>(9)?
+                .map(|by| Ok::<_, rusqlite::Error>((by, r.get(10)?, r.get(11)?)))
+                .transpose()?,
         })
     })
 }
@@ -302,8 +313,28 @@ pub struct Round {
 /// in this one transaction. A rollout in a final state with no child
 /// left running gets its `finished_at` (and, done or cancelled, loses its
 /// params).
-pub fn tick(conn: &Connection) -> rusqlite::Result<Round> {
+pub fn tick(conn: &Connection, approval_before: i64) -> rusqlite::Result<Round> {
     let mut round = Round::default();
+    // A rollout whose approval never came within approval_ttl_s: each
+    // target's child is refused (a ledger row each).
+    let expired: Vec<String> = conn
+        .prepare_cached("SELECT rollout_id FROM rollouts WHERE state = 'awaiting_approval' AND submitted_at < ?1")?
+        .query_map([approval_before], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in expired.iter().filter_map(|i| JobId::parse(i)) {
+        let why = Refusal {
+            class: ErrorClass::ApprovalExpired,
+            message: "no approval came within approval_ttl_s; submit it again".into(),
+        };
+        match refuse_all(conn, &id, &why) {
+            Ok((_, wake)) => {
+                round.wake.extend(wake);
+                round.changed.push((id, RolloutState::Cancelled));
+            }
+            Err(ChangeError::Sqlite(e)) => return Err(e),
+            Err(_) => {}
+        }
+    }
     let open: Vec<String> = conn
         .prepare_cached("SELECT rollout_id FROM rollouts WHERE finished_at IS NULL AND state <> 'awaiting_approval' ORDER BY seq")?
         .query_map([], |r| r.get(0))?
@@ -350,7 +381,7 @@ fn tick_one(conn: &Connection, id: &str, round: &mut Round) -> rusqlite::Result<
         let t = template(conn, id)?;
         for i in step.start {
             let target = &r.targets[i].target;
-            start_child(conn, &t, i, target)?;
+            start_child(conn, &t, i, target, None)?;
             round.wake.push(target.clone());
             running = true;
         }
@@ -366,8 +397,17 @@ fn tick_one(conn: &Connection, id: &str, round: &mut Round) -> rusqlite::Result<
     Ok(())
 }
 
-/// Inserts the child of target `ord` and marks the target started.
-fn start_child(conn: &Connection, t: &Template, ord: usize, target: &str) -> rusqlite::Result<()> {
+/// Inserts the child of target `ord` (refused with `refusal` when given,
+/// else as the rollout's template says) and marks the target started. A
+/// child of an approved rollout carries its approvals (the dispatcher
+/// counts them), approved when it is created.
+fn start_child(
+    conn: &Connection,
+    t: &Template,
+    ord: usize,
+    target: &str,
+    refusal: Option<&Refusal>,
+) -> rusqlite::Result<()> {
     let Some(params) = t.params.clone() else {
         // Erased values never start a child (a resume refuses first).
         return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -385,8 +425,14 @@ fn start_child(conn: &Connection, t: &Template, ord: usize, target: &str) -> rus
         t.actor_uid,
     );
     job.rollout_id = Some(t.rollout_id.clone());
-    job.preset = t.preset.clone();
+    job.preset = refusal.cloned().or_else(|| t.preset.clone());
     let job = queue::insert(conn, &job)?;
+    if let Some((by, approvals, reason)) = &t.approval {
+        conn.prepare_cached(
+            "UPDATE jobs SET approved_by = ?2, approved_at = ?3, approvals = ?4, approve_reason = ?5 WHERE job_id = ?1",
+        )?
+        .execute(params![job.job_id.as_str(), by, unix_now(), approvals, reason])?;
+    }
     conn.prepare_cached(
         "UPDATE rollout_targets SET state = ?3, job_id = ?4, started_at = ?5, error_class = NULL, run_id = NULL, finished_at = NULL WHERE rollout_id = ?1 AND ord = ?2",
     )?
@@ -498,6 +544,96 @@ pub fn cancel(
     Ok((r, wake))
 }
 
+/// Adds an approval to a rollout awaiting approval; with `needed` of
+/// them it runs (its children carry the approvals).
+pub fn approve(
+    conn: &Connection,
+    id: &JobId,
+    approval: Approval,
+    needed: u8,
+) -> Result<Rollout, ChangeError> {
+    let mut r = get(conn, id)?.ok_or_else(|| ChangeError::NotFound(id.clone()))?;
+    if r.state != RolloutState::AwaitingApproval {
+        return Err(ChangeError::State(format!(
+            "rollout {id} is {}, not awaiting approval",
+            r.state
+        )));
+    }
+    if r.approvals.iter().any(|a| a.by == approval.by) {
+        return Err(ChangeError::State(format!(
+            "{} has already approved rollout {id}",
+            approval.by
+        )));
+    }
+    let reason = approval
+        .reason
+        .as_ref()
+        .map(|why| format!("approved by {}: {why}", approval.by));
+    r.approvals.push(approval);
+    let list = serde_json::to_string(&r.approvals).unwrap_or_else(|_| "[]".into());
+    if r.approvals.len() >= usize::from(needed.max(1)) {
+        let names: Vec<&str> = r.approvals.iter().map(|a| a.by.as_str()).collect();
+        conn.prepare_cached(
+            "UPDATE rollouts SET state = 'running', approved_by = ?2, approved_at = ?3, approve_reason = ?4, approvals = ?5 WHERE rollout_id = ?1",
+        )?
+        .execute(params![id.as_str(), names.join(","), unix_now(), reason, list])?;
+    } else {
+        conn.prepare_cached("UPDATE rollouts SET approvals = ?2 WHERE rollout_id = ?1")?
+            .execute(params![id.as_str(), list])?;
+    }
+    get(conn, id)?.ok_or_else(|| ChangeError::NotFound(id.clone()))
+}
+
+/// Ends a rollout awaiting approval refused (rejected, or its approval
+/// expired): every target's child is created refused `why`, so each
+/// target's ledger records it; the rollout is cancelled. Returns it and
+/// the targets to wake.
+pub fn refuse_all(
+    conn: &Connection,
+    id: &JobId,
+    why: &Refusal,
+) -> Result<(Rollout, Vec<String>), ChangeError> {
+    let r = get(conn, id)?.ok_or_else(|| ChangeError::NotFound(id.clone()))?;
+    if r.state != RolloutState::AwaitingApproval {
+        return Err(ChangeError::State(format!(
+            "rollout {id} is {}, not awaiting approval",
+            r.state
+        )));
+    }
+    let t = template(conn, id.as_str())?;
+    let mut wake = Vec::new();
+    for (i, target) in r.targets.iter().enumerate() {
+        if target.state == TargetState::Pending {
+            start_child(conn, &t, i, &target.target, Some(why))?;
+            wake.push(target.target.clone());
+        }
+    }
+    conn.prepare_cached("UPDATE rollouts SET state = 'cancelled' WHERE rollout_id = ?1")?
+        .execute([id.as_str()])?;
+    let r = get(conn, id)?.ok_or_else(|| ChangeError::NotFound(id.clone()))?;
+    Ok((r, wake))
+}
+
+/// A rollout awaiting approval with its values, for `show` (never logged).
+pub fn shown(conn: &Connection, id: &JobId) -> rusqlite::Result<Option<(Rollout, Params)>> {
+    let Some(r) = get(conn, id)? else {
+        return Ok(None);
+    };
+    let t = template(conn, id.as_str())?;
+    Ok(Some((r, t.params.unwrap_or_default())))
+}
+
+/// Deletes the rollouts that finished before `before` (retention_days),
+/// with their targets.
+pub fn prune(conn: &Connection, before: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM rollout_targets WHERE rollout_id IN (SELECT rollout_id FROM rollouts WHERE finished_at < ?1)",
+    )?
+    .execute([before])?;
+    conn.prepare_cached("DELETE FROM rollouts WHERE finished_at < ?1")?
+        .execute([before])
+}
+
 /// Rollouts per state, their targets per state, and when the oldest
 /// running rollout was submitted: for health and metrics.
 #[derive(Debug, Default, Clone)]
@@ -545,7 +681,12 @@ pub async fn run(daemon: Arc<Daemon>) {
     }
     let shutdown = daemon.shutdown_token().clone();
     loop {
-        match daemon.queue().custom(Access::Write, tick).await {
+        let before = unix_now() - daemon.config().daemon.approval_ttl_s as i64;
+        match daemon
+            .queue()
+            .custom(Access::Write, move |c| tick(c, before))
+            .await
+        {
             Ok(round) => {
                 for (id, state) in &round.changed {
                     tracing::info!(rollout_id = %id, state = %state, "rollout state");
@@ -605,10 +746,10 @@ mod tests {
         let id = JobId::new();
         let new = new_rollout(&["a", "b", "c"], 2);
         assert!(matches!(create(&c, &new, &id).unwrap(), Created::New(_)));
-        let round = tick(&c).unwrap();
+        let round = tick(&c, 0).unwrap();
         assert_eq!(round.wake, ["a", "b"]);
         // A second round starts nothing more while two run.
-        assert!(tick(&c).unwrap().wake.is_empty());
+        assert!(tick(&c, 0).unwrap().wake.is_empty());
         let keys: Vec<String> = c
             .prepare("SELECT idempotency_key FROM jobs ORDER BY seq")
             .unwrap()
@@ -623,7 +764,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(tick(&c).unwrap().wake, ["c"]);
+        assert_eq!(tick(&c, 0).unwrap().wake, ["c"]);
         match create(&c, &new, &JobId::new()).unwrap() {
             Created::Existing(r) => assert_eq!(r.rollout_id, id),
             Created::New(_) => panic!("the same key made a second rollout"),
@@ -634,7 +775,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let round = tick(&c).unwrap();
+        let round = tick(&c, 0).unwrap();
         assert_eq!(round.changed, [(id.clone(), RolloutState::Done)]);
         assert!(round.erased);
         let r = get(&c, &id).unwrap().unwrap();
@@ -653,7 +794,7 @@ mod tests {
             create(&c, &new_rollout(&["a", "b", "c", "d"], 2), &id).unwrap(),
             Created::New(_)
         ));
-        tick(&c).unwrap();
+        tick(&c, 0).unwrap();
         c.execute(
             "UPDATE jobs SET state = 'applied', finished_at = 1 WHERE target = 'a'",
             [],
@@ -664,7 +805,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let round = tick(&c).unwrap();
+        let round = tick(&c, 0).unwrap();
         assert_eq!(round.changed, [(id.clone(), RolloutState::Halted)]);
         let r = get(&c, &id).unwrap().unwrap();
         let states: Vec<&str> = r.targets.iter().map(|t| t.state.as_str()).collect();
@@ -672,7 +813,7 @@ mod tests {
         assert!(r.is_over() && !round.erased);
         let r = resume(&c, &id).unwrap();
         assert_eq!(r.pass, 2);
-        let round = tick(&c).unwrap();
+        let round = tick(&c, 0).unwrap();
         assert_eq!(round.wake, ["b", "c"]);
         // b's new child has the same key as the first.
         let n: i64 = c

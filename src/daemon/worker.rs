@@ -399,6 +399,19 @@ pub async fn sweep_approvals(daemon: Arc<Daemon>) {
                 Ok(n) => tracing::info!(jobs = n, "pruned terminal jobs past retention_days"),
                 Err(e) => tracing::error!(cause = %e, "queue prune failed"),
             }
+            match daemon
+                .queue
+                .custom(super::queue::Access::Write, move |c| {
+                    super::rollouts::prune(c, before)
+                })
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(rollouts = n, "pruned finished rollouts past retention_days")
+                }
+                Err(e) => tracing::error!(cause = %e, "rollout prune failed"),
+            }
         }
         match daemon.queue.expire_results().await {
             Ok(0) => {}

@@ -386,3 +386,106 @@ async fn a_rollout_survives_a_sigkill_and_applies_each_target_once() {
     assert!(stuck.is_empty(), "nothing stuck: {stuck:?}");
     eprintln!("rollout kill -9: {at_kill} of 12 targets applied at SIGKILL; 12 of 12 applied exactly once after restart");
 }
+
+/// A requires_approval command rolled out to 5 targets waits for one
+/// approval by another user, who sees the command, its values and the
+/// exact targets; approved, every target applies it once with that
+/// approval in its own ledger. A rejected rollout leaves a refused row
+/// (rejected) on each target and runs nothing.
+#[tokio::test]
+async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
+    let fleet = Fleet::build(&[pg()], &[0; 5], |_| String::new()).await;
+    let piece = "00000000-0000-0000-0000-0000000000a7";
+    for t in &fleet.targets {
+        t.sql(&format!(
+            "INSERT INTO iu_collection (collection_id, title) VALUES ('00000000-0000-0000-0000-0000000000c7', 'c'); \
+             INSERT INTO iu_piece (piece_id, collection_id, body, deleted_at) VALUES ('{piece}', '00000000-0000-0000-0000-0000000000c7', 'b', now())"
+        ));
+    }
+    let d = DaemonProc::start(&fleet.base);
+    let submit = |key: &str| {
+        d.cli_json(
+            None,
+            &[
+                "apply",
+                "dot_iu_purge_piece",
+                "--param",
+                &format!("piece_id={piece}"),
+                "--targets",
+                "all",
+                "--max-concurrency",
+                "5",
+                "--idempotency-key",
+                key,
+                "--json",
+            ],
+        )
+    };
+    let r = submit("purge-a7");
+    assert_eq!(r["state"], "awaiting_approval", "{r}");
+    let rid = r["rollout_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(1500));
+    for t in &fleet.targets {
+        assert_eq!(t.sql("SELECT count(*) FROM dot_iu_command_run"), "0");
+    }
+    // The approver sees the command, its value and the exact targets.
+    let out = d.cli(Some(OTHER), &["show", &rid]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("dot_iu_purge_piece")
+            && text.contains(&format!("piece_id = {piece}"))
+            && text.contains("t01, t02, t03, t04, t05"),
+        "{text}"
+    );
+    let shown = d.cli_json(Some(OTHER), &["show", &rid, "--json"]);
+    assert_eq!(
+        shown["targets"],
+        serde_json::json!(["t01", "t02", "t03", "t04", "t05"])
+    );
+    let listed = d.cli(Some(OTHER), &["approvals"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&rid));
+    // Not by its submitter; once by another user.
+    let own = d.cli(None, &["approve", &rid]);
+    assert_eq!(own.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&own.stderr).contains("different user"));
+    let ok = d.cli(Some(OTHER), &["approve", &rid, "--reason", "OPS-7"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let status = || json_out(&d.cli(None, &["rollout", "status", &rid, "--json"])).1;
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || status()["state"] == "done",
+        || format!("the approved rollout did not finish: {}", status()),
+    );
+    assert_eq!(status()["approved_by"], OTHER);
+    for t in &fleet.targets {
+        assert_eq!(t.rows("applied", "purge-a7@"), 1, "{}", t.name);
+        assert_eq!(
+            t.sql("SELECT evidence->>'approved_by' FROM dot_iu_command_run WHERE run_status = 'applied'"),
+            OTHER
+        );
+    }
+    // A rejection: each target records it, nothing runs.
+    let r = submit("purge-b7");
+    let rid = r["rollout_id"].as_str().unwrap().to_string();
+    let no = d.cli(Some(OTHER), &["reject", &rid, "--reason", "not today"]);
+    assert_eq!(no.status.code(), Some(0));
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            let r = json_out(&d.cli(None, &["rollout", "status", &rid, "--json"])).1;
+            r["state"] == "cancelled" && r.get("finished_at").is_some()
+        },
+        || "the rejected rollout did not end".to_string(),
+    );
+    for t in &fleet.targets {
+        assert_eq!(t.rows("refused", "purge-b7@"), 1, "{}", t.name);
+        assert_eq!(t.rows("applied", "purge-b7@"), 0, "{}", t.name);
+    }
+}

@@ -10,7 +10,7 @@ use crate::time::unix_now;
 
 /// An approver's words: control characters out, at most 200 characters;
 /// None when nothing is left.
-fn reason_text(reason: &str) -> Option<String> {
+pub(super) fn reason_text(reason: &str) -> Option<String> {
     let r: String = reason
         .chars()
         .filter(|c| !c.is_control())

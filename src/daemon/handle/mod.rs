@@ -2,7 +2,8 @@
 //! parses it into a [`Request`] and calls [`handle`]; its one exhaustive
 //! match names each request's handler, one file each (a pair that shares
 //! its checks shares a file: submit and check, status and wait, approve
-//! and reject). No handler touches the socket.
+//! and reject; a rollout's approve, reject and show go to `rollout`).
+//! No handler touches the socket.
 
 mod approve;
 mod cancel;
@@ -17,6 +18,7 @@ use super::peer::Peer;
 use super::Daemon;
 use crate::job::JobId;
 use crate::protocol::{Reply, ReplyKind, Request};
+use crate::rollout::is_rollout_id;
 
 /// Answers one request of a peer.
 pub(super) async fn handle(daemon: &Daemon, peer: &Peer, req: Request) -> Reply {
@@ -26,6 +28,15 @@ pub(super) async fn handle(daemon: &Daemon, peer: &Peer, req: Request) -> Reply 
         Request::Status(r) => wait::status(daemon, peer, &r.job_id).await,
         Request::Wait(r) => wait::wait(daemon, peer, &r.job_id, r.timeout_s).await,
         Request::List(r) => list::list(daemon, peer, r).await,
+        Request::Approve(r) if is_rollout_id(&r.job_id) => {
+            rollout::approve(daemon, peer, &r.job_id, r.reason, r.plan).await
+        }
+        Request::Reject(r) if is_rollout_id(&r.job_id) => {
+            rollout::reject(daemon, peer, &r.job_id, &r.reason).await
+        }
+        Request::Show(r) if is_rollout_id(&r.job_id) => {
+            rollout::show(daemon, peer, &r.job_id).await
+        }
         Request::Approve(r) => approve::approve(daemon, peer, &r.job_id, r.reason, r.plan).await,
         Request::Reject(r) => approve::reject(daemon, peer, &r.job_id, &r.reason).await,
         Request::Show(r) => show::show(daemon, peer, &r.job_id).await,

@@ -2,7 +2,11 @@
 //! children are started by the scheduler), `rollouts`, `rollout_status`,
 //! `rollout_resume` and `rollout_cancel`. Who may see a rollout: its
 //! submitter, root, an admin, and an approver while it awaits approval;
-//! who may resume or cancel it: its submitter, root or an admin.
+//! who may resume or cancel it: its submitter, root or an admin. A
+//! requires_approval command rolled out is approved once for the whole
+//! rollout (`approve`, `reject`, `show` by rollout id): the approval
+//! covers the command, its values and the exact target list, and every
+//! child carries it.
 
 use std::time::Duration;
 
@@ -12,7 +16,7 @@ use super::super::rollouts::{self, ChangeError, Created, NewRollout};
 use super::super::Daemon;
 use super::internal;
 use crate::fleet::Selector;
-use crate::job::{JobId, JobState};
+use crate::job::{Approval, ErrorClass, JobId, JobState, Refusal};
 use crate::protocol::{JobSpec, Reply, ReplyKind, Submit};
 use crate::rollout::{Rollout, RolloutState};
 
@@ -252,4 +256,184 @@ pub(super) async fn change(daemon: &Daemon, peer: &Peer, id: &JobId, resume: boo
         Ok(Err(ChangeError::Sqlite(e))) => internal(e),
         Err(e) => internal(e),
     }
+}
+
+/// The rollout an approver acts on: the peer in the approve list, not
+/// its submitter, the rollout awaiting approval.
+async fn awaiting_for_approver(daemon: &Daemon, peer: &Peer, id: &JobId) -> Result<Rollout, Reply> {
+    if !peer.admitted_by(&daemon.config().access.approve) {
+        return Err(Reply::error(
+            ReplyKind::Denied,
+            format!(
+                "user {} is not in the [access] approve list of the daemon's config",
+                peer.user
+            ),
+        ));
+    }
+    let r = load(daemon, peer, id).await?;
+    if r.state != RolloutState::AwaitingApproval {
+        return Err(Reply::error(
+            ReplyKind::Conflict,
+            format!("rollout {id} is {}, not awaiting approval", r.state),
+        ));
+    }
+    if r.actor_uid == peer.uid {
+        return Err(Reply::error(
+            ReplyKind::Denied,
+            "a rollout must be approved by a different user than the one who submitted it",
+        ));
+    }
+    Ok(r)
+}
+
+/// One approval for every target of a rollout.
+pub(super) async fn approve(
+    daemon: &Daemon,
+    peer: &Peer,
+    id: &JobId,
+    reason: Option<String>,
+    plan: Option<String>,
+) -> Reply {
+    if plan.is_some() {
+        return Reply::error(
+            ReplyKind::BadRequest,
+            "--plan names one job's plan; a rollout is approved for its command, values and targets (`govsql show ROLLOUT`): drop --plan",
+        );
+    }
+    let r = match awaiting_for_approver(daemon, peer, id).await {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let ttl = daemon.config().daemon.approval_ttl_s as i64;
+    if crate::time::unix_now() - r.submitted_at > ttl {
+        return Reply::error(
+            ReplyKind::Expired,
+            "the approval came after approval_ttl_s; submit the rollout again",
+        );
+    }
+    let needed = daemon
+        .catalog()
+        .get(&r.command)
+        .map_or(1, |c| c.approvals_needed().max(1));
+    let approval = Approval {
+        by: peer.user.clone(),
+        at: crate::time::utc_text(crate::time::unix_now()),
+        reason: reason.as_deref().and_then(super::approve::reason_text),
+    };
+    let wanted = id.clone();
+    match daemon
+        .queue()
+        .custom(Access::Write, move |c| {
+            Ok(rollouts::approve(c, &wanted, approval, needed))
+        })
+        .await
+    {
+        Ok(Ok(r)) => {
+            tracing::info!(rollout_id = %id, approver = %peer.user, approvals = r.approvals.len(), needed, targets = r.targets.len(), "rollout approved");
+            daemon.rollouts_changed();
+            Reply::Rollout(Box::new(r))
+        }
+        Ok(Err(ChangeError::NotFound(_))) => not_found(id),
+        Ok(Err(ChangeError::State(m))) => Reply::error(ReplyKind::Conflict, m),
+        Ok(Err(ChangeError::Sqlite(e))) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+/// Rejects a rollout awaiting approval: every target's child is refused
+/// `rejected` (a ledger row each, the reason in its evidence).
+pub(super) async fn reject(daemon: &Daemon, peer: &Peer, id: &JobId, reason: &str) -> Reply {
+    let Some(reason) = super::approve::reason_text(reason) else {
+        return Reply::error(ReplyKind::BadRequest, "a rejection needs a --reason");
+    };
+    if let Err(reply) = awaiting_for_approver(daemon, peer, id).await {
+        return reply;
+    }
+    let why = Refusal {
+        class: ErrorClass::Rejected,
+        message: format!("rejected by {}: {reason}", peer.user),
+    };
+    let wanted = id.clone();
+    match daemon
+        .queue()
+        .custom(Access::Write, move |c| {
+            Ok(rollouts::refuse_all(c, &wanted, &why))
+        })
+        .await
+    {
+        Ok(Ok((r, wake))) => {
+            tracing::info!(rollout_id = %id, approver = %peer.user, "rollout rejected");
+            for t in &wake {
+                daemon.wake(t);
+            }
+            daemon.rollouts_changed();
+            Reply::Rollout(Box::new(r))
+        }
+        Ok(Err(ChangeError::NotFound(_))) => not_found(id),
+        Ok(Err(ChangeError::State(m))) => Reply::error(ReplyKind::Conflict, m),
+        Ok(Err(ChangeError::Sqlite(e))) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+/// What a rollout will run, values included (never logged), and the
+/// exact targets one approval covers: for its submitter, root, or an
+/// approver while it awaits approval.
+pub(super) async fn show(daemon: &Daemon, peer: &Peer, id: &JobId) -> Reply {
+    let wanted = id.clone();
+    let (r, params) = match daemon
+        .queue()
+        .custom(Access::Read, move |c| rollouts::shown(c, &wanted))
+        .await
+    {
+        Ok(Some(found)) => found,
+        Ok(None) => return not_found(id),
+        Err(e) => return internal(e),
+    };
+    let approving = r.state == RolloutState::AwaitingApproval
+        && r.actor_uid != peer.uid
+        && peer.admitted_by(&daemon.config().access.approve);
+    if r.actor_uid != peer.uid && peer.uid != 0 && !approving {
+        return not_found(id);
+    }
+    if r.state == RolloutState::Done || (r.state == RolloutState::Cancelled && r.is_over()) {
+        return Reply::error(
+            ReplyKind::Conflict,
+            format!(
+                "rollout {id} is {}; its values were erased when it ended",
+                r.state
+            ),
+        );
+    }
+    let catalog = daemon.catalog();
+    let cmd = match catalog.get(&r.command) {
+        Ok(c) => c,
+        Err(e) => return Reply::error(ReplyKind::UnknownCommand, e.to_string()),
+    };
+    tracing::info!(rollout_id = %id, user = %peer.user, "rollout shown");
+    let targets: Vec<String> = r.targets.iter().map(|t| t.target.clone()).collect();
+    Reply::Show(Box::new(crate::protocol::ShowJob {
+        job_id: r.rollout_id.clone(),
+        state: match r.state {
+            RolloutState::AwaitingApproval => JobState::AwaitingApproval,
+            RolloutState::Running => JobState::Running,
+            _ => JobState::Queued,
+        },
+        actor: r.actor.clone(),
+        command: r.command.clone(),
+        mode: r.mode,
+        target: targets.first().cloned().unwrap_or_default(),
+        targets,
+        description: cmd.description.clone(),
+        statements: cmd.statements.clone(),
+        params: params.pairs().to_vec(),
+        plan_digest: None,
+        plan_covers: None,
+        approvals: r.approvals.clone(),
+        approvals_required: if r.mode == crate::job::Mode::Apply {
+            cmd.approvals_needed()
+        } else {
+            0
+        },
+    }))
 }

@@ -53,6 +53,7 @@ pub(super) async fn show(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Reply 
         command: row.command.clone(),
         mode: row.mode,
         target: row.target.clone(),
+        targets: Vec::new(),
         description,
         statements,
         params: row.param_pairs().to_vec(),
