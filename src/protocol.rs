@@ -363,6 +363,16 @@ pub struct Health {
     /// absent). An unsettled job waits for its ledger without bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_unsettled_s: Option<u64>,
+    /// Rollouts per state.
+    #[serde(default)]
+    pub rollouts: std::collections::BTreeMap<crate::rollout::RolloutState, i64>,
+    /// Targets of the rollouts not finished yet, per state.
+    #[serde(default)]
+    pub rollout_targets: std::collections::BTreeMap<String, i64>,
+    /// Seconds since the oldest running rollout was submitted (none:
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_running_rollout_s: Option<u64>,
 }
 
 /// How a target's recent jobs went.

@@ -621,6 +621,16 @@ pub(super) async fn health_cmd(config_path: &Path, json: bool) -> anyhow::Result
                 "oldest unsettled apply: submitted {age} s ago (settled by its key once its target answers; `govsql jobs --state unsettled`)"
             );
         }
+        if !h.rollouts.is_empty() {
+            let by: Vec<String> = h.rollouts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out!(
+                "rollouts: {}{}",
+                by.join(", "),
+                h.oldest_running_rollout_s
+                    .map(|a| format!("; the oldest running was submitted {a} s ago"))
+                    .unwrap_or_default()
+            );
+        }
     }
     let targets_ok = h.target_health.iter().all(|t| t.reachable);
     Ok(if h.workers_alive && targets_ok {

@@ -68,6 +68,9 @@ pub struct Snapshot {
     pub targets: Vec<TargetSnapshot>,
     /// Unix time the daemon started.
     pub started_at: i64,
+    /// Rollouts by state, their open targets by state, the oldest
+    /// running one's submit time.
+    pub rollouts: super::rollouts::RolloutCounts,
 }
 
 /// One target at scrape time.
@@ -218,6 +221,44 @@ impl Metrics {
             out,
             "govsql_unsettled_oldest_seconds {}",
             snap.oldest_unsettled_s.unwrap_or(0)
+        );
+
+        family(
+            &mut out,
+            "govsql_rollouts",
+            "gauge",
+            "Rollouts in the queue now, by state.",
+        );
+        for state in crate::rollout::RolloutState::ALL {
+            let n = snap.rollouts.by_state.get(&state).copied().unwrap_or(0);
+            let _ = writeln!(out, "govsql_rollouts{{state=\"{}\"}} {n}", state.as_str());
+        }
+        family(
+            &mut out,
+            "govsql_rollout_targets",
+            "gauge",
+            "Targets of the rollouts not finished yet, by state (pending, skipped, or the child's job state).",
+        );
+        for (state, n) in &snap.rollouts.targets {
+            let _ = writeln!(
+                out,
+                "govsql_rollout_targets{{state=\"{}\"}} {n}",
+                label(state)
+            );
+        }
+        family(
+            &mut out,
+            "govsql_rollout_oldest_running_seconds",
+            "gauge",
+            "Age of the oldest running rollout (0: none).",
+        );
+        let _ = writeln!(
+            out,
+            "govsql_rollout_oldest_running_seconds {}",
+            snap.rollouts
+                .oldest_running
+                .map(|at| (crate::time::unix_now() - at).max(0))
+                .unwrap_or(0)
         );
 
         let targets = &snap.targets;

@@ -246,6 +246,10 @@ impl Daemon {
         let config = self.config();
         let alive = self.workers_alive(now);
         let counts = self.queue.counts().await?;
+        let rollouts = self
+            .queue
+            .custom(queue::Access::Read, rollouts::counts)
+            .await?;
         let switch = ApplySwitch::new(&config.daemon.state_dir);
         let apply_switch = tokio::task::spawn_blocking(move || switch.is_on())
             .await
@@ -287,6 +291,11 @@ impl Daemon {
                 .collect(),
             oldest_unsettled_s: counts
                 .oldest_unsettled
+                .map(|at| (now as i64 - at).max(0) as u64),
+            rollouts: rollouts.by_state,
+            rollout_targets: rollouts.targets,
+            oldest_running_rollout_s: rollouts
+                .oldest_running
                 .map(|at| (now as i64 - at).max(0) as u64),
         })
     }
@@ -336,11 +345,20 @@ impl Daemon {
                 }
             })
             .collect();
+        let rollouts = self
+            .queue
+            .custom(queue::Access::Read, rollouts::counts)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(cause = %e, "metrics: cannot read the rollouts");
+                rollouts::RolloutCounts::default()
+            });
         self.metrics.render(&metrics::Snapshot {
             oldest_unsettled_s: queue.oldest_unsettled.map(|at| (unix_now() - at).max(0)),
             queue: queue.by_state,
             targets,
             started_at: self.started_at,
+            rollouts,
         })
     }
 }

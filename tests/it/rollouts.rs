@@ -384,6 +384,32 @@ async fn a_rollout_survives_a_sigkill_and_applies_each_target_once() {
         })
         .collect();
     assert!(stuck.is_empty(), "nothing stuck: {stuck:?}");
+    // Health and metrics count rollouts by state.
+    let h = d.cli_json(None, &["health", "--json"]);
+    assert_eq!(h["rollouts"]["done"], 1, "{h}");
+    assert!(h.get("oldest_running_rollout_s").is_none(), "{h}");
+    let m = String::from_utf8_lossy(&d.cli(None, &["metrics"]).stdout).to_string();
+    assert!(
+        m.contains("govsql_rollouts{state=\"done\"} 1")
+            && m.contains("govsql_rollouts{state=\"running\"} 0")
+            && m.contains("govsql_rollout_oldest_running_seconds 0"),
+        "{m}"
+    );
+    // A fleet healthcheck: one rollout of verify jobs, one table.
+    let out = d.cli(
+        None,
+        &[
+            "verify",
+            "--targets",
+            "all",
+            "--max-concurrency",
+            "6",
+            "--wait",
+        ],
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(table.contains("verified 12"), "{table}");
     eprintln!("rollout kill -9: {at_kill} of 12 targets applied at SIGKILL; 12 of 12 applied exactly once after restart");
 }
 
