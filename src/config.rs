@@ -104,6 +104,11 @@ pub struct DaemonConfig {
     /// unset), e.g. "127.0.0.1:9187".
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Open SSH connections across all targets at most (idle ones close
+    /// first when another target needs one); each target's
+    /// `max_channels` still holds.
+    #[serde(default = "default_max_ssh_connections")]
+    pub max_ssh_connections: usize,
 }
 
 /// The `[access]` table. Entries are unix user names, `@group`, or `*`.
@@ -280,6 +285,9 @@ fn default_max_result_bytes() -> u64 {
 fn default_retention_days() -> u64 {
     30
 }
+fn default_max_ssh_connections() -> usize {
+    64
+}
 fn default_max_target_wait() -> u64 {
     600
 }
@@ -316,6 +324,10 @@ impl Config {
             ("socket_mode", a.socket_mode != b.socket_mode),
             ("socket_group", a.socket_group != b.socket_group),
             ("metrics_listen", a.metrics_listen != b.metrics_listen),
+            (
+                "max_ssh_connections",
+                a.max_ssh_connections != b.max_ssh_connections,
+            ),
         ]
         .into_iter()
         .filter(|(_, changed)| *changed)
@@ -442,6 +454,9 @@ impl DaemonConfig {
     fn check(&self) -> Result<(), String> {
         if self.approval_ttl_s == 0 {
             return Err("[daemon] approval_ttl_s must be at least 1".into());
+        }
+        if self.max_ssh_connections == 0 {
+            return Err("[daemon] max_ssh_connections must be at least 1".into());
         }
         self.socket_mode()?;
         if let Some(addr) = &self.metrics_listen {

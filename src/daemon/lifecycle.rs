@@ -74,8 +74,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let recovered = CancellationToken::new();
     tokio::spawn(recover(queue.clone(), recovered.clone()));
     let mut targets = indexmap::IndexMap::new();
+    let cap = crate::transport::cap::ConnectionCap::new(config.daemon.max_ssh_connections);
     for (name, t) in &config.targets {
-        let executor = crate::transport::for_target(t, DbRole::Runtime)
+        let executor = crate::transport::for_target_capped(t, DbRole::Runtime, &cap)
             .map_err(|e| DaemonError::Target(name.clone(), e))?;
         let runtime =
             Runtime::for_target(catalog.clone(), executor.clone(), name, t, &config.daemon);
@@ -121,6 +122,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         reads: PerUid::new(server::MAX_READS_PER_UID),
         peers: peer::PeerCache::default(),
         rollouts: tokio::sync::Notify::new(),
+        ssh_cap: cap,
     });
     // The loops run until shutdown; they are not drained, only stopped.
     let mut loops = tokio::task::JoinSet::new();

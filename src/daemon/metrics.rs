@@ -71,6 +71,8 @@ pub struct Snapshot {
     /// Rollouts by state, their open targets by state, the oldest
     /// running one's submit time.
     pub rollouts: super::rollouts::RolloutCounts,
+    /// SSH connections open now, and the cap.
+    pub ssh_connections: (usize, usize),
 }
 
 /// One target at scrape time.
@@ -260,6 +262,25 @@ impl Metrics {
                 .map(|at| (crate::time::unix_now() - at).max(0))
                 .unwrap_or(0)
         );
+
+        family(
+            &mut out,
+            "govsql_ssh_connections_open",
+            "gauge",
+            "SSH connections open now, across all targets.",
+        );
+        let _ = writeln!(
+            out,
+            "govsql_ssh_connections_open {}",
+            snap.ssh_connections.0
+        );
+        family(
+            &mut out,
+            "govsql_ssh_connections_max",
+            "gauge",
+            "The cap on open SSH connections ([daemon] max_ssh_connections).",
+        );
+        let _ = writeln!(out, "govsql_ssh_connections_max {}", snap.ssh_connections.1);
 
         let targets = &snap.targets;
         let per_target =

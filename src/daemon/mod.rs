@@ -140,6 +140,8 @@ pub struct Daemon {
     pub peers: peer::PeerCache,
     /// Wakes the rollout scheduler (a child ended, a rollout changed).
     rollouts: Notify,
+    /// The cap on open SSH connections across the targets.
+    ssh_cap: Arc<crate::transport::cap::ConnectionCap>,
 }
 
 impl Daemon {
@@ -359,6 +361,7 @@ impl Daemon {
             targets,
             started_at: self.started_at,
             rollouts,
+            ssh_connections: (self.ssh_cap.open(), self.ssh_cap.limit()),
         })
     }
 }

@@ -6,7 +6,11 @@
 //! deadline its run is dropped (the local child is killed, the SSH channel
 //! closed) and the backend tagged with the job's `application_name` is
 //! terminated through a second, short script.
+//!
+//! A daemon's SSH executors share one [`cap::ConnectionCap`]: at most
+//! `max_ssh_connections` connections open, idle ones closed first.
 
+pub mod cap;
 pub mod local;
 pub mod session;
 pub mod ssh;
@@ -241,6 +245,19 @@ pub fn for_target(
     Ok(match target.transport {
         TransportKind::Local => Arc::new(local::LocalExecutor::new(target, role)),
         TransportKind::Ssh => Arc::new(ssh::SshExecutor::new(target, role)?),
+    })
+}
+
+/// [`for_target`] for a daemon: an SSH target's connection counts
+/// against the daemon's cap on open connections.
+pub fn for_target_capped(
+    target: &TargetConfig,
+    role: DbRole,
+    cap: &Arc<cap::ConnectionCap>,
+) -> Result<Arc<dyn Executor>, TransportError> {
+    Ok(match target.transport {
+        TransportKind::Local => Arc::new(local::LocalExecutor::new(target, role)),
+        TransportKind::Ssh => ssh::SshExecutor::with_cap(target, role, cap)?,
     })
 }
 

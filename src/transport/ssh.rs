@@ -23,6 +23,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertifi
 use russh::ChannelMsg;
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
+use super::cap::{self, ConnectionCap};
 use super::session::{Event, Input, Launch, Process};
 use super::{BoxFuture, Executor, Exit, Runner, ScriptOutput, ScriptRequest, TransportError};
 use crate::config::TargetConfig;
@@ -299,6 +300,8 @@ fn refuse_channel(kind: &str, reply: client::ChannelOpenHandle) {
 /// A live session and the fingerprint it was accepted with.
 struct Live {
     handle: Arc<Handle<Client>>,
+    /// Its place under the daemon's connection cap, given back with it.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Reconnect bookkeeping.
@@ -331,6 +334,13 @@ struct SshLink {
     /// The channels for operators' reads (`govsql log`), beside the jobs'.
     reads: Arc<Semaphore>,
     seen: Arc<StdMutex<HostKeySeen>>,
+    /// The daemon's cap on open connections, if any.
+    cap: Option<Arc<ConnectionCap>>,
+    /// Held (shared) by every job and read while it runs; the cap closes
+    /// the connection only when it can take it alone.
+    usage: tokio::sync::RwLock<()>,
+    /// When a job or read last used the connection ([`cap::now_ms`]).
+    last_used: AtomicU64,
 }
 
 const MAX_ATTEMPTS: u32 = 6;
@@ -351,6 +361,32 @@ impl SshExecutor {
             link,
             gate_format: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// An executor whose connection counts against the daemon's `cap`
+    /// (closed while idle when another target needs the room).
+    pub fn with_cap(
+        target: &TargetConfig,
+        role: DbRole,
+        cap: &Arc<ConnectionCap>,
+    ) -> Result<Arc<SshExecutor>, TransportError> {
+        let mut link = SshLink::new(target, role)?;
+        link.cap = Some(cap.clone());
+        let link = Arc::new(link);
+        let exec = Arc::new(SshExecutor {
+            runner: Runner::new(link.clone(), target, role),
+            link,
+            gate_format: std::sync::atomic::AtomicU32::new(0),
+        });
+        let weak: std::sync::Weak<dyn cap::Idle> = Arc::downgrade(&exec) as _;
+        cap.register(weak);
+        Ok(exec)
+    }
+
+    /// Notes a use of the connection (the cap closes the one used
+    /// longest ago first).
+    fn touch(&self) {
+        self.link.last_used.store(cap::now_ms(), Ordering::Relaxed);
     }
 
     /// How scripts are run (session mode's pool, for tests).
@@ -381,6 +417,9 @@ impl SshLink {
             channels: Arc::new(Semaphore::new(target.max_channels)),
             reads: Arc::new(Semaphore::new(READ_CHANNELS)),
             seen: Arc::new(StdMutex::new(HostKeySeen::default())),
+            cap: None,
+            usage: tokio::sync::RwLock::new(()),
+            last_used: AtomicU64::new(0),
         })
     }
 
@@ -396,6 +435,12 @@ impl SshLink {
             self.up.store(false, Ordering::Relaxed);
             slot.live = None;
         }
+        // A place under the daemon's cap first (an idle connection of
+        // another target may close for it).
+        let mut permit = match &self.cap {
+            Some(cap) => Some(cap.acquire().await),
+            None => None,
+        };
         loop {
             match self.connect().await {
                 Ok(handle) => {
@@ -405,6 +450,7 @@ impl SshLink {
                     let handle = Arc::new(handle);
                     slot.live = Some(Live {
                         handle: handle.clone(),
+                        _permit: permit.take(),
                     });
                     return Ok(handle);
                 }
@@ -711,7 +757,11 @@ impl Executor for SshExecutor {
             if let Some(m) = gate_too_old(known, crate::grammar::MIN_GATE_VERSION) {
                 return Err(TransportError::RemoteGate(m));
             }
-            let out = self.runner.run(req).await?;
+            let _in_use = self.link.usage.read().await;
+            self.touch();
+            let out = self.runner.run(req).await;
+            self.touch();
+            let out = out?;
             if let Some(v) = crate::grammar::announced_version(&out.stdout) {
                 if v != known {
                     tracing::info!(
@@ -726,7 +776,11 @@ impl Executor for SshExecutor {
     }
 
     fn ready(&self) -> BoxFuture<'_, Result<(), TransportError>> {
-        Box::pin(async { self.link.session().await.map(|_| ()) })
+        Box::pin(async {
+            let _in_use = self.link.usage.read().await;
+            self.touch();
+            self.link.session().await.map(|_| ())
+        })
     }
 
     fn kind(&self) -> &'static str {
@@ -769,6 +823,32 @@ impl Executor for SshExecutor {
             .unwrap_or_else(|p| p.into_inner())
             .fingerprint
             .clone()
+    }
+}
+
+impl cap::Idle for SshExecutor {
+    fn is_up(&self) -> bool {
+        self.link.up.load(Ordering::Relaxed)
+    }
+
+    fn last_used(&self) -> u64 {
+        self.link.last_used.load(Ordering::Relaxed)
+    }
+
+    fn close_if_idle(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async {
+            // No job or read holds it: none can start until it is closed
+            // (they wait, then connect again).
+            let Ok(_alone) = self.link.usage.try_write() else {
+                return false;
+            };
+            if !self.link.up.load(Ordering::Relaxed) {
+                return false;
+            }
+            tracing::debug!(host = %self.link.settings.host, "closing an idle SSH connection: another target needs its place under max_ssh_connections");
+            self.close().await;
+            true
+        })
     }
 }
 

@@ -72,7 +72,17 @@ impl Fleet {
         placement: &[usize],
         per_target: impl Fn(usize) -> String,
     ) -> Fleet {
-        let base = Scenario::new().ready().db().await;
+        Fleet::build_with("", clusters, placement, per_target).await
+    }
+
+    /// [`Fleet::build`] with more `[daemon]` settings (TOML lines).
+    pub(crate) async fn build_with(
+        daemon: &str,
+        clusters: &[&'static Pg],
+        placement: &[usize],
+        per_target: impl Fn(usize) -> String,
+    ) -> Fleet {
+        let base = Scenario::new().daemon(daemon).ready().db().await;
         let s = sshd::shared();
         let ssh = s.target_toml(USER, &keys().ed25519);
         let mut targets = Vec::new();
@@ -514,4 +524,85 @@ async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
         assert_eq!(t.rows("refused", "purge-b7@"), 1, "{}", t.name);
         assert_eq!(t.rows("applied", "purge-b7@"), 0, "{}", t.name);
     }
+}
+
+/// The daemon's established TCP connections to `port` on loopback (its
+/// sockets matched against the kernel's table).
+fn connections_to(pid: i32, port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 9 && f[3] == "01" && f[2].ends_with(&format!(":{port:04X}")) {
+            inodes.insert(f[9].to_string());
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|l| {
+                    let l = l.to_string_lossy();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .is_some_and(|i| inodes.contains(i))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Twelve targets under `max_ssh_connections = 4`: a fan-out over all of
+/// them never holds more than 4 connections open (idle ones close for the
+/// next target), every target answers, and the gauge says the same.
+#[tokio::test]
+async fn a_fan_out_stays_under_max_ssh_connections() {
+    let fleet = Fleet::build_with("max_ssh_connections = 4\n", &[pg()], &[0; 12], |_| {
+        String::new()
+    })
+    .await;
+    let d = DaemonProc::start(&fleet.base);
+    let port = sshd::shared().port;
+    let pid = d.pid();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(connections_to(pid, port));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        })
+    };
+    for _ in 0..2 {
+        let out = d.cli(
+            None,
+            &[
+                "verify",
+                "--targets",
+                "all",
+                "--max-concurrency",
+                "8",
+                "--wait",
+            ],
+        );
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{table}");
+        assert!(table.contains("verified 12"), "{table}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let most = sampler.join().unwrap();
+    assert!(most >= 1, "the sampler saw no connection at all");
+    assert!(most <= 4, "{most} SSH connections were open at once");
+    let m = String::from_utf8_lossy(&d.cli(None, &["metrics"]).stdout).to_string();
+    let open: usize = m
+        .lines()
+        .find_map(|l| l.strip_prefix("govsql_ssh_connections_open "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!((1..=4).contains(&open), "{m}");
+    assert!(m.contains("govsql_ssh_connections_max 4"), "{m}");
+    eprintln!("max_ssh_connections = 4: at most {most} open during two fan-outs over 12 targets");
 }
