@@ -283,6 +283,10 @@ pub struct RolloutTarget {
     /// When its child ended (unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
+    /// How long its child's run took, as its evidence says (while the
+    /// child's job is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// A rollout, as `rollouts` and `rollout status` show it (no value: its
@@ -555,6 +559,7 @@ mod tests {
                 run_id: None,
                 started_at: None,
                 finished_at: None,
+                duration_ms: None,
             }],
         };
         assert_eq!(r.exit_code(), ExitCode::Pending);

@@ -208,8 +208,9 @@ fn print(r: &Rollout, json: bool) {
         "TOOK"
     );
     for t in &r.targets {
-        let took = match (t.started_at, t.finished_at) {
-            (Some(s), Some(f)) => format!("{}s", (f - s).max(0)),
+        let took = match (t.duration_ms, t.started_at, t.finished_at) {
+            (Some(ms), _, _) => format!("{:.1}s", ms as f64 / 1000.0),
+            (None, Some(s), Some(f)) => format!("{}s", (f - s).max(0)),
             _ => "-".into(),
         };
         out!(

@@ -143,7 +143,8 @@ fn targets_of(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RolloutTarget
         "SELECT t.target, coalesce(j.state, t.state), t.job_id,
                 coalesce(json_extract(j.outcome, '$.error_class'), t.error_class),
                 coalesce(json_extract(j.outcome, '$.run_id'), t.run_id),
-                t.started_at, coalesce(j.finished_at, t.finished_at)
+                t.started_at, coalesce(j.finished_at, t.finished_at),
+                json_extract(j.outcome, '$.evidence.duration_ms')
            FROM rollout_targets t LEFT JOIN jobs j ON j.job_id = t.job_id
           WHERE t.rollout_id = ?1 ORDER BY t.ord",
     )?;
@@ -159,6 +160,7 @@ fn targets_of(conn: &Connection, id: &str) -> rusqlite::Result<Vec<RolloutTarget
                 run_id: r.get(4)?,
                 started_at: r.get(5)?,
                 finished_at: r.get(6)?,
+                duration_ms: r.get::<_, Option<i64>>(7)?.map(|d| d.max(0) as u64),
             })
         })?
         .collect();

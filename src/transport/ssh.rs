@@ -797,6 +797,13 @@ impl Executor for SshExecutor {
                     .handle
                     .disconnect(russh::Disconnect::ByApplication, "govsql stopping", "en")
                     .await;
+                // Its place under the cap is given back only once the
+                // connection is gone (its socket closed), not when the
+                // goodbye was merely sent.
+                let gone_by = tokio::time::Instant::now() + Duration::from_secs(2);
+                while !live.handle.is_closed() && tokio::time::Instant::now() < gone_by {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
             }
         })
     }
