@@ -96,6 +96,11 @@ pub enum Created {
     New(Rollout),
     /// A rollout with this key exists already: it is answered as it is.
     Existing(Rollout),
+    /// A cancelled rollout with this key (its values erased) was taken up
+    /// again with the values given now: a new pass over the targets it
+    /// did not run (the same child keys: a target that applied answers
+    /// with its original run, or refuses other values as a conflict).
+    Reopened(Rollout),
 }
 
 const ROLLOUT_COLUMNS: &str = "rollout_id, command, mode, actor, actor_uid, rollout_key, state, canary, max_concurrency, max_errors, pass, submitted_at, finished_at, approved_by, approvals";
@@ -206,11 +211,6 @@ pub fn create(conn: &Connection, new: &NewRollout, id: &JobId) -> rusqlite::Resu
         .prepare_cached("SELECT rollout_id FROM rollouts WHERE rollout_key = ?1")?
         .query_row([&new.key], |r| r.get(0))
         .optional()?;
-    if let Some(other) = existing.and_then(|e| JobId::parse(&e)) {
-        return get(conn, &other)?
-            .map(Created::Existing)
-            .ok_or(rusqlite::Error::QueryReturnedNoRows);
-    }
     let t = &new.template;
     let params = serde_json::to_string(t.params.as_ref().unwrap_or(&Params::default()))
         .unwrap_or_else(|_| "{}".into());
@@ -219,6 +219,43 @@ pub fn create(conn: &Connection, new: &NewRollout, id: &JobId) -> rusqlite::Resu
         .as_ref()
         .map(|p| (p.class.as_str().to_string(), p.message.clone()))
         .unzip();
+    if let Some(other) = existing.and_then(|e| JobId::parse(&e)) {
+        let r = get(conn, &other)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+        let erased: bool = conn
+            .prepare_cached("SELECT params IS NULL FROM rollouts WHERE rollout_id = ?1")?
+            .query_row([other.as_str()], |row| row.get(0))?;
+        let listed: Vec<&str> = r.targets.iter().map(|t| t.target.as_str()).collect();
+        let same = r.command == t.command
+            && r.mode == t.mode
+            && r.actor_uid == t.actor_uid
+            && listed == new.targets;
+        if !(same && r.state == RolloutState::Cancelled && r.is_over() && erased) {
+            return Ok(Created::Existing(r));
+        }
+        conn.prepare_cached(
+            "UPDATE rollout_targets SET state = 'pending', job_id = NULL, error_class = NULL, run_id = NULL, started_at = NULL, finished_at = NULL
+              WHERE rollout_id = ?1 AND state NOT IN ('planned', 'applied', 'verified')",
+        )?
+        .execute([other.as_str()])?;
+        conn.prepare_cached(
+            "UPDATE rollouts SET params = ?2, preset_class = ?3, preset_message = ?4, state = ?5, pass = pass + 1, finished_at = NULL,
+                    approved_by = NULL, approved_at = NULL, approvals = NULL, approve_reason = NULL,
+                    canary = ?6, max_concurrency = ?7, max_errors = ?8 WHERE rollout_id = ?1",
+        )?
+        .execute(params![
+            other.as_str(),
+            params,
+            class,
+            message,
+            new.state.as_str(),
+            new.canary,
+            new.max_concurrency,
+            new.max_errors
+        ])?;
+        return get(conn, &other)?
+            .map(Created::Reopened)
+            .ok_or(rusqlite::Error::QueryReturnedNoRows);
+    }
     conn.prepare_cached(
         "INSERT INTO rollouts (rollout_id, rollout_key, command, mode, params, actor, actor_uid, preset_class, preset_message, canary, max_concurrency, max_errors, state, submitted_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
@@ -471,7 +508,7 @@ pub fn resume(conn: &Connection, id: &JobId) -> Result<Rollout, ChangeError> {
         RolloutState::Halted | RolloutState::Partial | RolloutState::Cancelled => {}
         other => {
             return Err(ChangeError::State(format!(
-                "rollout {id} is {other}; only a halted, partial or cancelled rollout resumes"
+                "rollout {id} is {other}; only a halted or partial rollout resumes (a cancelled one: submit it again under its key)"
             )))
         }
     }
@@ -485,7 +522,8 @@ pub fn resume(conn: &Connection, id: &JobId) -> Result<Rollout, ChangeError> {
         .query_row([id.as_str()], |r| r.get(0))?;
     if !has_values {
         return Err(ChangeError::State(format!(
-            "rollout {id} was cancelled and its values erased; submit it again with the same --idempotency-key to run the targets it did not reach"
+            "rollout {id} was cancelled and its values erased; submit it again with the same --targets and --idempotency-key {}: a new pass runs the targets it did not reach",
+            r.idempotency_key
         )));
     }
     conn.prepare_cached(
@@ -769,7 +807,9 @@ mod tests {
         assert_eq!(tick(&c, 0).unwrap().wake, ["c"]);
         match create(&c, &new, &JobId::new()).unwrap() {
             Created::Existing(r) => assert_eq!(r.rollout_id, id),
-            Created::New(_) => panic!("the same key made a second rollout"),
+            Created::New(_) | Created::Reopened(_) => {
+                panic!("the same key made a second rollout")
+            }
         }
         // All end: done, its values erased.
         c.execute(

@@ -271,8 +271,47 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     // A done rollout resumes no more.
     let out = d.cli(None, &["rollout", "resume", &rid]);
     assert_ne!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("only a halted, partial or cancelled rollout resumes"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only a halted or partial rollout resumes")
+    );
+    // Submitted again under its key: the same rollout answers, nothing
+    // runs again.
+    let again = d.cli_json(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=fleet-1",
+            "--targets",
+            "all",
+            "--idempotency-key",
+            "fleet-1",
+            "--json",
+        ],
+    );
+    assert_eq!(again["rollout_id"], rid.as_str());
+    assert_eq!(again["state"], "done");
+    // The same key over other targets is a conflict, not a new rollout.
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=fleet-1",
+            "--targets",
+            "t01,t02",
+            "--idempotency-key",
+            "fleet-1",
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("belongs to rollout {rid}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A canary that fails: nothing else starts.
     fleet
@@ -314,6 +353,61 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
             "{}",
             t.name
         );
+    }
+    // Cancelled for good: its values are erased and it resumes no more.
+    let rid2 = r["rollout_id"].as_str().unwrap().to_string();
+    let out = d.cli(None, &["rollout", "cancel", &rid2, "--json"]);
+    let (code, r) = json_out(&out);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["state"], "cancelled");
+    let queue =
+        rusqlite::Connection::open(fleet.base.config.daemon.state_dir.join("queue.db")).unwrap();
+    queue.busy_timeout(Duration::from_secs(10)).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            queue
+                .query_row(
+                    "SELECT params IS NULL FROM rollouts WHERE rollout_id = ?1",
+                    [&rid2],
+                    |r| r.get::<_, bool>(0),
+                )
+                .unwrap()
+        },
+        || "the cancelled rollout kept its values".to_string(),
+    );
+    let out = d.cli(None, &["rollout", "resume", &rid2]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("values erased"));
+    // Submitted again under its key (the values given again): a new pass
+    // over what it did not run; t01, applied already, is not run again.
+    fleet
+        .target("t02")
+        .sql("UPDATE dot_config SET value = 'true'");
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_create_collection",
+            "--param",
+            "title=fleet-2",
+            "--targets",
+            "all",
+            "--max-concurrency",
+            "8",
+            "--idempotency-key",
+            "fleet-2",
+            "--wait",
+            "--json",
+        ],
+    );
+    let (code, r) = json_out(&out);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["rollout_id"], rid2.as_str());
+    assert_eq!(r["pass"], 2);
+    for t in &fleet.targets {
+        t.assert_applied_once("fleet-2");
     }
 }
 

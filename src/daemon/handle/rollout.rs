@@ -102,6 +102,11 @@ pub(super) async fn submit(daemon: &Daemon, peer: &Peer, r: Submit) -> Reply {
             daemon.rollouts_changed();
             ro
         }
+        Ok(Created::Reopened(ro)) => {
+            tracing::info!(rollout_id = %ro.rollout_id, user = %peer.user, pass = ro.pass, state = %ro.state, "cancelled rollout submitted again under its key: a new pass");
+            daemon.rollouts_changed();
+            ro
+        }
         Ok(Created::Existing(ro)) => {
             let listed: Vec<&str> = ro.targets.iter().map(|t| t.target.as_str()).collect();
             if ro.command != command || ro.mode != mode || ro.actor_uid != uid || listed != targets
