@@ -118,7 +118,8 @@ fn job_params(a: &CommonJobArgs) -> Result<Vec<(String, String)>, String> {
 /// Prints an outcome as one JSON object or as lines for a person.
 /// THE one JSON shape of a job, wherever it is printed (submit, wait,
 /// status, jobs, --direct): `job_id, command, mode, target, actor, status,
-/// submitted_at, finished_at, approved_by, run_id, params_digest,
+/// submitted_at, finished_at, approved_by, approvals, plan_digest, rollout_id,
+/// run_id, params_digest,
 /// error_class, closed_gates, message, evidence, result`. `status` is the
 /// job's state word (queued … applied, refused, cancelled, unsettled; the
 /// run's status for --direct); fields a job does not have yet are null.
@@ -140,6 +141,9 @@ pub fn job_json(o: Option<&Outcome>, j: Option<&crate::job::Job>) -> serde_json:
         "approved_by": j.and_then(|j| j.approved_by.as_deref()),
         "approvals": j.map(|j| j.approvals.clone()).unwrap_or_default(),
         "plan_digest": j.and_then(|j| j.plan_digest.as_deref()),
+        "rollout_id": j
+            .and_then(|j| j.rollout_id.as_ref().map(|r| r.as_str()))
+            .or(o.and_then(|o| o.evidence.client.rollout_id.as_deref())),
         "run_id": o.and_then(|o| o.run_id),
         "params_digest": o.map(|o| o.params_digest.as_str()).or(j.map(|j| j.params_digest.as_str())),
         "error_class": o.and_then(|o| o.error_class.as_ref()).map(|c| c.as_str()),

@@ -488,6 +488,13 @@ async fn a_rollout_survives_a_sigkill_and_applies_each_target_once() {
         })
         .collect();
     assert!(stuck.is_empty(), "nothing stuck: {stuck:?}");
+    // Each child names its rollout.
+    assert!(jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["command"] == "dot_iu_create_collection")
+        .all(|j| j["rollout_id"] == rid.as_str()));
     // Health and metrics count rollouts by state.
     let h = d.cli_json(None, &["health", "--json"]);
     assert_eq!(h["rollouts"]["done"], 1, "{h}");
