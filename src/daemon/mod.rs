@@ -194,6 +194,11 @@ impl Daemon {
         self.wake(target);
     }
 
+    /// The names of the targets this daemon serves.
+    pub fn target_names(&self) -> std::collections::HashSet<String> {
+        self.targets.keys().cloned().collect()
+    }
+
     /// Wakes the rollout scheduler: a child ended, or a rollout was
     /// submitted, resumed or cancelled.
     pub fn rollouts_changed(&self) {

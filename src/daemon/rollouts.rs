@@ -19,6 +19,7 @@
 //! rollout can be resumed; `rollout cancel` ends it for good and erases
 //! them).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -352,7 +353,11 @@ pub struct Round {
 /// in this one transaction. A rollout in a final state with no child
 /// left running gets its `finished_at` (and, done or cancelled, loses its
 /// params).
-pub fn tick(conn: &Connection, approval_before: i64) -> rusqlite::Result<Round> {
+pub fn tick(
+    conn: &Connection,
+    approval_before: i64,
+    known: &HashSet<String>,
+) -> rusqlite::Result<Round> {
     let mut round = Round::default();
     // A rollout whose approval never came within approval_ttl_s: each
     // target's child is refused (a ledger row each).
@@ -365,7 +370,7 @@ pub fn tick(conn: &Connection, approval_before: i64) -> rusqlite::Result<Round> 
             class: ErrorClass::ApprovalExpired,
             message: "no approval came within approval_ttl_s; submit it again".into(),
         };
-        match refuse_all(conn, &id, &why) {
+        match refuse_all(conn, &id, &why, known) {
             Ok((_, wake)) => {
                 round.wake.extend(wake);
                 round.changed.push((id, RolloutState::Cancelled));
@@ -379,12 +384,17 @@ pub fn tick(conn: &Connection, approval_before: i64) -> rusqlite::Result<Round> 
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for id in open {
-        tick_one(conn, &id, &mut round)?;
+        tick_one(conn, &id, known, &mut round)?;
     }
     Ok(round)
 }
 
-fn tick_one(conn: &Connection, id: &str, round: &mut Round) -> rusqlite::Result<()> {
+fn tick_one(
+    conn: &Connection,
+    id: &str,
+    known: &HashSet<String>,
+    round: &mut Round,
+) -> rusqlite::Result<()> {
     // The children's last known states, kept beside the job rows.
     conn.prepare_cached(
         "UPDATE rollout_targets SET
@@ -420,9 +430,10 @@ fn tick_one(conn: &Connection, id: &str, round: &mut Round) -> rusqlite::Result<
         let t = template(conn, id)?;
         for i in step.start {
             let target = &r.targets[i].target;
-            start_child(conn, &t, i, target, None)?;
-            round.wake.push(target.clone());
-            running = true;
+            if start_child(conn, &t, i, target, None, known)? {
+                round.wake.push(target.clone());
+                running = true;
+            }
         }
     }
     if state.is_final() && !running {
@@ -439,14 +450,24 @@ fn tick_one(conn: &Connection, id: &str, round: &mut Round) -> rusqlite::Result<
 /// Inserts the child of target `ord` (refused with `refusal` when given,
 /// else as the rollout's template says) and marks the target started. A
 /// child of an approved rollout carries its approvals (the dispatcher
-/// counts them), approved when it is created.
+/// counts them), approved when it is created. A target no longer in the
+/// daemon's config (removed, then restarted) gets no child: it ends
+/// failed (`target_removed`), a failure of the rollout; false then.
 fn start_child(
     conn: &Connection,
     t: &Template,
     ord: usize,
     target: &str,
     refusal: Option<&Refusal>,
-) -> rusqlite::Result<()> {
+    known: &HashSet<String>,
+) -> rusqlite::Result<bool> {
+    if !known.contains(target) {
+        conn.prepare_cached(
+            "UPDATE rollout_targets SET state = 'failed', error_class = 'target_removed', started_at = ?3, finished_at = ?3 WHERE rollout_id = ?1 AND ord = ?2",
+        )?
+        .execute(params![t.rollout_id.as_str(), ord as i64, unix_now()])?;
+        return Ok(false);
+    }
     let Some(params) = t.params.clone() else {
         // Erased values never start a child (a resume refuses first).
         return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -482,7 +503,7 @@ fn start_child(
         job.job_id.as_str(),
         unix_now()
     ])?;
-    Ok(())
+    Ok(true)
 }
 
 /// Why a resume or cancel does not apply.
@@ -632,6 +653,7 @@ pub fn refuse_all(
     conn: &Connection,
     id: &JobId,
     why: &Refusal,
+    known: &HashSet<String>,
 ) -> Result<(Rollout, Vec<String>), ChangeError> {
     let r = get(conn, id)?.ok_or_else(|| ChangeError::NotFound(id.clone()))?;
     if r.state != RolloutState::AwaitingApproval {
@@ -643,8 +665,9 @@ pub fn refuse_all(
     let t = template(conn, id.as_str())?;
     let mut wake = Vec::new();
     for (i, target) in r.targets.iter().enumerate() {
-        if target.state == TargetState::Pending {
-            start_child(conn, &t, i, &target.target, Some(why))?;
+        if target.state == TargetState::Pending
+            && start_child(conn, &t, i, &target.target, Some(why), known)?
+        {
             wake.push(target.target.clone());
         }
     }
@@ -720,11 +743,13 @@ pub async fn run(daemon: Arc<Daemon>) {
         return;
     }
     let shutdown = daemon.shutdown_token().clone();
+    let known = Arc::new(daemon.target_names());
     loop {
         let before = unix_now() - daemon.config().daemon.approval_ttl_s as i64;
+        let known = known.clone();
         match daemon
             .queue()
-            .custom(Access::Write, move |c| tick(c, before))
+            .custom(Access::Write, move |c| tick(c, before, &known))
             .await
         {
             Ok(round) => {
@@ -774,6 +799,10 @@ mod tests {
         }
     }
 
+    fn known(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
     fn conn() -> Connection {
         let c = Connection::open_in_memory().unwrap();
         queue::prepare(&c).unwrap();
@@ -786,10 +815,13 @@ mod tests {
         let id = JobId::new();
         let new = new_rollout(&["a", "b", "c"], 2);
         assert!(matches!(create(&c, &new, &id).unwrap(), Created::New(_)));
-        let round = tick(&c, 0).unwrap();
+        let round = tick(&c, 0, &known(&["a", "b", "c", "d"])).unwrap();
         assert_eq!(round.wake, ["a", "b"]);
         // A second round starts nothing more while two run.
-        assert!(tick(&c, 0).unwrap().wake.is_empty());
+        assert!(tick(&c, 0, &known(&["a", "b", "c", "d"]))
+            .unwrap()
+            .wake
+            .is_empty());
         let keys: Vec<String> = c
             .prepare("SELECT idempotency_key FROM jobs ORDER BY seq")
             .unwrap()
@@ -804,7 +836,10 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(tick(&c, 0).unwrap().wake, ["c"]);
+        assert_eq!(
+            tick(&c, 0, &known(&["a", "b", "c", "d"])).unwrap().wake,
+            ["c"]
+        );
         match create(&c, &new, &JobId::new()).unwrap() {
             Created::Existing(r) => assert_eq!(r.rollout_id, id),
             Created::New(_) | Created::Reopened(_) => {
@@ -817,7 +852,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let round = tick(&c, 0).unwrap();
+        let round = tick(&c, 0, &known(&["a", "b", "c", "d"])).unwrap();
         assert_eq!(round.changed, [(id.clone(), RolloutState::Done)]);
         assert!(round.erased);
         let r = get(&c, &id).unwrap().unwrap();
@@ -836,7 +871,7 @@ mod tests {
             create(&c, &new_rollout(&["a", "b", "c", "d"], 2), &id).unwrap(),
             Created::New(_)
         ));
-        tick(&c, 0).unwrap();
+        tick(&c, 0, &known(&["a", "b", "c", "d"])).unwrap();
         c.execute(
             "UPDATE jobs SET state = 'applied', finished_at = 1 WHERE target = 'a'",
             [],
@@ -847,7 +882,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let round = tick(&c, 0).unwrap();
+        let round = tick(&c, 0, &known(&["a", "b", "c", "d"])).unwrap();
         assert_eq!(round.changed, [(id.clone(), RolloutState::Halted)]);
         let r = get(&c, &id).unwrap().unwrap();
         let states: Vec<&str> = r.targets.iter().map(|t| t.state.as_str()).collect();
@@ -855,7 +890,7 @@ mod tests {
         assert!(r.is_over() && !round.erased);
         let r = resume(&c, &id).unwrap();
         assert_eq!(r.pass, 2);
-        let round = tick(&c, 0).unwrap();
+        let round = tick(&c, 0, &known(&["a", "b", "c", "d"])).unwrap();
         assert_eq!(round.wake, ["b", "c"]);
         // b's new child has the same key as the first.
         let n: i64 = c
@@ -870,5 +905,27 @@ mod tests {
         let (r, _) = cancel(&c, &id, "bob").unwrap();
         assert_eq!(r.state, RolloutState::Cancelled);
         assert_eq!(r.targets[3].state, TargetState::Cancelled);
+    }
+
+    #[test]
+    fn a_target_gone_from_the_config_fails_without_a_child_and_halts_the_rollout() {
+        let c = conn();
+        let id = JobId::new();
+        assert!(matches!(
+            create(&c, &new_rollout(&["gone", "a"], 1), &id).unwrap(),
+            Created::New(_)
+        ));
+        let round = tick(&c, 0, &known(&["a"])).unwrap();
+        assert!(round.wake.is_empty());
+        let round = tick(&c, 0, &known(&["a"])).unwrap();
+        assert_eq!(round.changed, [(id.clone(), RolloutState::Halted)]);
+        let r = get(&c, &id).unwrap().unwrap();
+        assert_eq!(r.targets[0].state.as_str(), "failed");
+        assert_eq!(r.targets[0].error_class.as_deref(), Some("target_removed"));
+        assert_eq!(r.targets[1].state, TargetState::Skipped);
+        let jobs: i64 = c
+            .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(jobs, 0);
     }
 }

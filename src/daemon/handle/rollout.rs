@@ -358,11 +358,11 @@ pub(super) async fn reject(daemon: &Daemon, peer: &Peer, id: &JobId, reason: &st
         class: ErrorClass::Rejected,
         message: format!("rejected by {}: {reason}", peer.user),
     };
-    let wanted = id.clone();
+    let (wanted, known) = (id.clone(), daemon.target_names());
     match daemon
         .queue()
         .custom(Access::Write, move |c| {
-            Ok(rollouts::refuse_all(c, &wanted, &why))
+            Ok(rollouts::refuse_all(c, &wanted, &why, &known))
         })
         .await
     {
