@@ -610,6 +610,30 @@ async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
     // A rejection: each target records it, nothing runs.
     let r = submit("purge-b7");
     let rid = r["rollout_id"].as_str().unwrap().to_string();
+    // A wait that ends first exits 5; the rollout goes on waiting.
+    let out = d.cli(
+        None,
+        &[
+            "apply",
+            "dot_iu_purge_piece",
+            "--param",
+            &format!("piece_id={piece}"),
+            "--targets",
+            "all",
+            "--max-concurrency",
+            "5",
+            "--idempotency-key",
+            "purge-b7",
+            "--wait",
+            "--timeout",
+            "1",
+            "--json",
+        ],
+    );
+    let (code, waited) = json_out(&out);
+    assert_eq!(code, Some(5), "{waited}");
+    assert_eq!(waited["rollout_id"], rid.as_str());
+    assert_eq!(waited["state"], "awaiting_approval");
     let no = d.cli(Some(OTHER), &["reject", &rid, "--reason", "not today"]);
     assert_eq!(no.status.code(), Some(0));
     wait_until(
