@@ -128,6 +128,51 @@ impl Fleet {
     }
 }
 
+/// `govsql apply dot_iu_create_collection --param title=KEY --targets S
+/// --idempotency-key KEY` and `more` flags: a rollout whose key is also
+/// the title of the collection it creates on each target.
+fn create_everywhere(d: &DaemonProc, key: &str, targets: &str, more: &[&str]) -> Output {
+    let title = format!("title={key}");
+    let mut args = vec![
+        "apply",
+        "dot_iu_create_collection",
+        "--param",
+        &title,
+        "--targets",
+        targets,
+        "--idempotency-key",
+        key,
+    ];
+    args.extend_from_slice(more);
+    d.cli(None, &args)
+}
+
+/// The stdout of a CLI run that must exit 0, as JSON.
+fn json_of_ok(out: Output) -> Value {
+    let (code, v) = json_out(&out);
+    assert_eq!(code, Some(0), "{v}");
+    v
+}
+
+/// `govsql verify --targets all --max-concurrency C --wait`: a fleet
+/// healthcheck in which all `n` targets verified.
+fn verify_all(d: &DaemonProc, concurrency: &str, n: usize) {
+    let out = d.cli(
+        None,
+        &[
+            "verify",
+            "--targets",
+            "all",
+            "--max-concurrency",
+            concurrency,
+            "--wait",
+        ],
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(table.contains(&format!("verified {n}")), "{table}");
+}
+
 /// The CLI's stdout as JSON, whatever its exit code (returned too).
 fn json_out(out: &Output) -> (Option<i32>, Value) {
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -186,23 +231,17 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     fleet
         .target("t04")
         .sql("UPDATE dot_config SET value = 'false' WHERE key = 'iu_core.composer_enabled'");
-    let out = d.cli(
-        None,
+    let out = create_everywhere(
+        &d,
+        "fleet-1",
+        "all",
         &[
-            "apply",
-            "dot_iu_create_collection",
-            "--param",
-            "title=fleet-1",
-            "--targets",
-            "all",
             "--canary",
             "1",
             "--max-concurrency",
             "4",
             "--max-errors",
             "1",
-            "--idempotency-key",
-            "fleet-1",
             "--wait",
             "--json",
         ],
@@ -276,36 +315,11 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     );
     // Submitted again under its key: the same rollout answers, nothing
     // runs again.
-    let again = d.cli_json(
-        None,
-        &[
-            "apply",
-            "dot_iu_create_collection",
-            "--param",
-            "title=fleet-1",
-            "--targets",
-            "all",
-            "--idempotency-key",
-            "fleet-1",
-            "--json",
-        ],
-    );
+    let again = json_of_ok(create_everywhere(&d, "fleet-1", "all", &["--json"]));
     assert_eq!(again["rollout_id"], rid.as_str());
     assert_eq!(again["state"], "done");
     // The same key over other targets is a conflict, not a new rollout.
-    let out = d.cli(
-        None,
-        &[
-            "apply",
-            "dot_iu_create_collection",
-            "--param",
-            "title=fleet-1",
-            "--targets",
-            "t01,t02",
-            "--idempotency-key",
-            "fleet-1",
-        ],
-    );
+    let out = create_everywhere(&d, "fleet-1", "t01,t02", &[]);
     assert_ne!(out.status.code(), Some(0));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!("belongs to rollout {rid}")),
@@ -317,23 +331,17 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     fleet
         .target("t02")
         .sql("UPDATE dot_config SET value = 'false' WHERE key = 'iu_core.composer_enabled'");
-    let out = d.cli(
-        None,
+    let out = create_everywhere(
+        &d,
+        "fleet-2",
+        "all",
         &[
-            "apply",
-            "dot_iu_create_collection",
-            "--param",
-            "title=fleet-2",
-            "--targets",
-            "all",
             "--canary",
             "2",
             "--max-concurrency",
             "8",
             "--max-errors",
             "5",
-            "--idempotency-key",
-            "fleet-2",
             "--wait",
             "--json",
         ],
@@ -385,22 +393,11 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     fleet
         .target("t02")
         .sql("UPDATE dot_config SET value = 'true'");
-    let out = d.cli(
-        None,
-        &[
-            "apply",
-            "dot_iu_create_collection",
-            "--param",
-            "title=fleet-2",
-            "--targets",
-            "all",
-            "--max-concurrency",
-            "8",
-            "--idempotency-key",
-            "fleet-2",
-            "--wait",
-            "--json",
-        ],
+    let out = create_everywhere(
+        &d,
+        "fleet-2",
+        "all",
+        &["--max-concurrency", "8", "--wait", "--json"],
     );
     let (code, r) = json_out(&out);
     assert_eq!(code, Some(0), "{r}");
@@ -424,22 +421,12 @@ async fn a_rollout_survives_a_sigkill_and_applies_each_target_once() {
     // t05's child waits on a lock while the others go on.
     let t05 = fleet.target("t05");
     let lock = TableLock::take_on(t05.pg, &t05.db, "iu_collection");
-    let r = d.cli_json(
-        None,
-        &[
-            "apply",
-            "dot_iu_create_collection",
-            "--param",
-            "title=crash-roll",
-            "--targets",
-            "all",
-            "--max-concurrency",
-            "2",
-            "--idempotency-key",
-            "crash-roll",
-            "--json",
-        ],
-    );
+    let r = json_of_ok(create_everywhere(
+        &d,
+        "crash-roll",
+        "all",
+        &["--max-concurrency", "2", "--json"],
+    ));
     let rid = r["rollout_id"].as_str().unwrap().to_string();
     let applied = || {
         fleet
@@ -507,20 +494,7 @@ async fn a_rollout_survives_a_sigkill_and_applies_each_target_once() {
         "{m}"
     );
     // A fleet healthcheck: one rollout of verify jobs, one table.
-    let out = d.cli(
-        None,
-        &[
-            "verify",
-            "--targets",
-            "all",
-            "--max-concurrency",
-            "6",
-            "--wait",
-        ],
-    );
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{table}");
-    assert!(table.contains("verified 12"), "{table}");
+    verify_all(&d, "6", 12);
     eprintln!("rollout kill -9: {at_kill} of 12 targets applied at SIGKILL; 12 of 12 applied exactly once after restart");
 }
 
@@ -540,24 +514,25 @@ async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
         ));
     }
     let d = DaemonProc::start(&fleet.base);
-    let submit = |key: &str| {
-        d.cli_json(
-            None,
-            &[
-                "apply",
-                "dot_iu_purge_piece",
-                "--param",
-                &format!("piece_id={piece}"),
-                "--targets",
-                "all",
-                "--max-concurrency",
-                "5",
-                "--idempotency-key",
-                key,
-                "--json",
-            ],
-        )
+    let purge = |key: &str, more: &[&str]| {
+        let piece_id = format!("piece_id={piece}");
+        let mut args = vec![
+            "apply",
+            "dot_iu_purge_piece",
+            "--param",
+            &piece_id,
+            "--targets",
+            "all",
+            "--max-concurrency",
+            "5",
+            "--idempotency-key",
+            key,
+            "--json",
+        ];
+        args.extend_from_slice(more);
+        d.cli(None, &args)
     };
+    let submit = |key: &str| json_of_ok(purge(key, &[]));
     let r = submit("purge-a7");
     assert_eq!(r["state"], "awaiting_approval", "{r}");
     let rid = r["rollout_id"].as_str().unwrap().to_string();
@@ -611,25 +586,7 @@ async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
     let r = submit("purge-b7");
     let rid = r["rollout_id"].as_str().unwrap().to_string();
     // A wait that ends first exits 5; the rollout goes on waiting.
-    let out = d.cli(
-        None,
-        &[
-            "apply",
-            "dot_iu_purge_piece",
-            "--param",
-            &format!("piece_id={piece}"),
-            "--targets",
-            "all",
-            "--max-concurrency",
-            "5",
-            "--idempotency-key",
-            "purge-b7",
-            "--wait",
-            "--timeout",
-            "1",
-            "--json",
-        ],
-    );
+    let out = purge("purge-b7", &["--wait", "--timeout", "1"]);
     let (code, waited) = json_out(&out);
     assert_eq!(code, Some(5), "{waited}");
     assert_eq!(waited["rollout_id"], rid.as_str());
@@ -702,20 +659,7 @@ async fn a_fan_out_stays_under_max_ssh_connections() {
         })
     };
     for _ in 0..2 {
-        let out = d.cli(
-            None,
-            &[
-                "verify",
-                "--targets",
-                "all",
-                "--max-concurrency",
-                "8",
-                "--wait",
-            ],
-        );
-        let table = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "{table}");
-        assert!(table.contains("verified 12"), "{table}");
+        verify_all(&d, "8", 12);
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let most = sampler.join().unwrap();

@@ -53,18 +53,24 @@ pub(super) async fn pin(daemon: &Daemon, job: Job) -> Result<Job, (Job, String)>
     }
 }
 
+/// Denied unless the peer is in the approve list.
+pub(super) fn must_approve(daemon: &Daemon, peer: &Peer) -> Result<(), Reply> {
+    if peer.admitted_by(&daemon.config().access.approve) {
+        return Ok(());
+    }
+    Err(Reply::error(
+        ReplyKind::Denied,
+        format!(
+            "user {} is not in the [access] approve list of the daemon's config",
+            peer.user
+        ),
+    ))
+}
+
 /// The job an approver acts on: the peer must be in the approve list and
 /// the job awaiting approval.
 async fn awaiting_for_approver(daemon: &Daemon, peer: &Peer, job_id: &JobId) -> Result<Job, Reply> {
-    if !peer.admitted_by(&daemon.config().access.approve) {
-        return Err(Reply::error(
-            ReplyKind::Denied,
-            format!(
-                "user {} is not in the [access] approve list of the daemon's config",
-                peer.user
-            ),
-        ));
-    }
+    must_approve(daemon, peer)?;
     let row = match daemon.queue().get(job_id).await {
         Ok(Some(r)) if peer.may_see(&daemon.config().access, &r) => r,
         Ok(_) => return Err(not_found(job_id)),

@@ -231,7 +231,7 @@ pub(super) async fn change(daemon: &Daemon, peer: &Peer, id: &JobId, resume: boo
         );
     }
     let (wanted, by) = (id.clone(), peer.user.clone());
-    let changed = if resume {
+    let result = if resume {
         daemon
             .queue()
             .custom(Access::Write, move |c| {
@@ -246,10 +246,22 @@ pub(super) async fn change(daemon: &Daemon, peer: &Peer, id: &JobId, resume: boo
             })
             .await
     };
-    match changed {
+    let what = if resume { "resumed" } else { "cancelled" };
+    changed(daemon, peer, id, what, result)
+}
+
+/// The reply to a change of a rollout (approve, reject, resume, cancel):
+/// the targets it queued children on are woken, the scheduler too.
+fn changed(
+    daemon: &Daemon,
+    peer: &Peer,
+    id: &JobId,
+    what: &str,
+    result: Result<Result<(Rollout, Vec<String>), ChangeError>, QueueError>,
+) -> Reply {
+    match result {
         Ok(Ok((r, wake))) => {
-            let what = if resume { "resumed" } else { "cancelled" };
-            tracing::info!(rollout_id = %id, user = %peer.user, pass = r.pass, "rollout {what}");
+            tracing::info!(rollout_id = %id, user = %peer.user, pass = r.pass, state = %r.state, "rollout {what}");
             for t in &wake {
                 daemon.wake(t);
             }
@@ -266,15 +278,7 @@ pub(super) async fn change(daemon: &Daemon, peer: &Peer, id: &JobId, resume: boo
 /// The rollout an approver acts on: the peer in the approve list, not
 /// its submitter, the rollout awaiting approval.
 async fn awaiting_for_approver(daemon: &Daemon, peer: &Peer, id: &JobId) -> Result<Rollout, Reply> {
-    if !peer.admitted_by(&daemon.config().access.approve) {
-        return Err(Reply::error(
-            ReplyKind::Denied,
-            format!(
-                "user {} is not in the [access] approve list of the daemon's config",
-                peer.user
-            ),
-        ));
-    }
+    super::approve::must_approve(daemon, peer)?;
     let r = load(daemon, peer, id).await?;
     if r.state != RolloutState::AwaitingApproval {
         return Err(Reply::error(
@@ -326,23 +330,13 @@ pub(super) async fn approve(
         reason: reason.as_deref().and_then(super::approve::reason_text),
     };
     let wanted = id.clone();
-    match daemon
+    let result = daemon
         .queue()
         .custom(Access::Write, move |c| {
-            Ok(rollouts::approve(c, &wanted, approval, needed))
+            Ok(rollouts::approve(c, &wanted, approval, needed).map(|r| (r, Vec::new())))
         })
-        .await
-    {
-        Ok(Ok(r)) => {
-            tracing::info!(rollout_id = %id, approver = %peer.user, approvals = r.approvals.len(), needed, targets = r.targets.len(), "rollout approved");
-            daemon.rollouts_changed();
-            Reply::Rollout(Box::new(r))
-        }
-        Ok(Err(ChangeError::NotFound(_))) => not_found(id),
-        Ok(Err(ChangeError::State(m))) => Reply::error(ReplyKind::Conflict, m),
-        Ok(Err(ChangeError::Sqlite(e))) => internal(e),
-        Err(e) => internal(e),
-    }
+        .await;
+    changed(daemon, peer, id, "approved", result)
 }
 
 /// Rejects a rollout awaiting approval: every target's child is refused
@@ -359,26 +353,13 @@ pub(super) async fn reject(daemon: &Daemon, peer: &Peer, id: &JobId, reason: &st
         message: format!("rejected by {}: {reason}", peer.user),
     };
     let (wanted, known) = (id.clone(), daemon.target_names());
-    match daemon
+    let result = daemon
         .queue()
         .custom(Access::Write, move |c| {
             Ok(rollouts::refuse_all(c, &wanted, &why, &known))
         })
-        .await
-    {
-        Ok(Ok((r, wake))) => {
-            tracing::info!(rollout_id = %id, approver = %peer.user, "rollout rejected");
-            for t in &wake {
-                daemon.wake(t);
-            }
-            daemon.rollouts_changed();
-            Reply::Rollout(Box::new(r))
-        }
-        Ok(Err(ChangeError::NotFound(_))) => not_found(id),
-        Ok(Err(ChangeError::State(m))) => Reply::error(ReplyKind::Conflict, m),
-        Ok(Err(ChangeError::Sqlite(e))) => internal(e),
-        Err(e) => internal(e),
-    }
+        .await;
+    changed(daemon, peer, id, "rejected", result)
 }
 
 /// What a rollout will run, values included (never logged), and the
