@@ -285,6 +285,7 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     // The table says the same for a person.
     let out = d.cli(None, &["rollout", "status", &rid]);
     let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("halted rollout, as `rollout status` prints it:\n{table}");
     assert!(
         table.contains("halted") && table.contains("TARGET") && table.contains("gate_closed"),
         "{table}"
@@ -307,6 +308,11 @@ async fn a_rollout_halts_on_failures_and_a_resume_applies_each_target_once() {
     for t in &fleet.targets {
         t.assert_applied_once("fleet-1");
     }
+    let out = d.cli(None, &["rollout", "status", &rid]);
+    eprintln!(
+        "resumed rollout, as `rollout status` prints it:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // A done rollout resumes no more.
     let out = d.cli(None, &["rollout", "resume", &rid]);
     assert_ne!(out.status.code(), Some(0));
@@ -575,6 +581,13 @@ async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
         || format!("the approved rollout did not finish: {}", status()),
     );
     assert_eq!(status()["approved_by"], OTHER);
+    // Approved and done, it is its submitter's again: another user sees
+    // neither it nor its status.
+    let theirs = d.cli_json(Some(OTHER), &["rollouts", "--json"]);
+    assert_eq!(theirs, serde_json::json!([]));
+    let out = d.cli(Some(OTHER), &["rollout", "status", &rid]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("no rollout {rid}")));
     for t in &fleet.targets {
         assert_eq!(t.rows("applied", "purge-a7@"), 1, "{}", t.name);
         assert_eq!(
