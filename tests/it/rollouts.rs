@@ -688,3 +688,70 @@ async fn a_fan_out_stays_under_max_ssh_connections() {
     assert!(m.contains("govsql_ssh_connections_max 4"), "{m}");
     eprintln!("max_ssh_connections = 4: at most {most} open during two fan-outs over 12 targets");
 }
+
+/// sshd killed (with every session) while all six children of a rollout
+/// wait inside their transactions, the locks released while it is down,
+/// then sshd back: the children whose outcome became unknown are settled
+/// by their keys, the rollout ends done, and no target applied twice.
+#[tokio::test]
+async fn a_rollout_outlives_an_sshd_restart_with_its_children_in_doubt() {
+    let fleet = Fleet::build(&[pg()], &[0; 6], |_| String::new()).await;
+    let d = DaemonProc::start(&fleet.base);
+    let locks: Vec<TableLock> = fleet
+        .targets
+        .iter()
+        .map(|t| TableLock::take_on(t.pg, &t.db, "iu_collection"))
+        .collect();
+    let r = json_of_ok(create_everywhere(
+        &d,
+        "ssh-cut",
+        "all",
+        &["--max-concurrency", "6", "--json"],
+    ));
+    let rid = r["rollout_id"].as_str().unwrap().to_string();
+    let waiting = || {
+        fleet
+            .targets
+            .iter()
+            .filter(|t| {
+                t.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+                    != "0"
+            })
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || waiting() == 6,
+        || format!("{} of 6 children wait on their lock", waiting()),
+    );
+    let s = sshd::shared();
+    s.stop();
+    for l in locks {
+        l.release();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    s.launch();
+    let status = || json_out(&d.cli(None, &["rollout", "status", &rid, "--json"])).1;
+    wait_until(
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || status()["state"] == "done" && status().get("finished_at").is_some(),
+        || {
+            format!(
+                "the rollout did not finish after sshd came back: {}",
+                status()
+            )
+        },
+    );
+    for t in &fleet.targets {
+        t.assert_applied_once("ssh-cut");
+    }
+    // The cut really left children in doubt (settled by key, not re-run).
+    let in_doubt = d.log_text().matches("apply outcome unknown").count();
+    assert!(
+        in_doubt >= 1,
+        "no child was in doubt: the cut came too late"
+    );
+    eprintln!("sshd cut under a rollout: {in_doubt} of 6 children in doubt, settled by key; 6 of 6 applied exactly once");
+}
