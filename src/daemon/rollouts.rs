@@ -561,12 +561,14 @@ pub fn resume(conn: &Connection, id: &JobId) -> Result<Rollout, ChangeError> {
 
 /// Cancels a rollout: nothing more starts, its queued children are
 /// refused `cancelled` by their workers, running ones finish. A halted or
-/// partial rollout is ended for good (its values erased). Returns the
+/// partial rollout is ended for good (its values erased); one awaiting
+/// approval leaves a refused (cancelled) row on each target. Returns the
 /// rollout and the targets whose queued children were cancelled.
 pub fn cancel(
     conn: &Connection,
     id: &JobId,
     by: &str,
+    known: &HashSet<String>,
 ) -> Result<(Rollout, Vec<String>), ChangeError> {
     let r = get(conn, id)?.ok_or_else(|| ChangeError::NotFound(id.clone()))?;
     if matches!(r.state, RolloutState::Done | RolloutState::Cancelled) {
@@ -574,6 +576,14 @@ pub fn cancel(
             "rollout {id} is {} already",
             r.state
         )));
+    }
+    if r.state == RolloutState::AwaitingApproval {
+        // Like a job cancelled while it waits: each target records it.
+        let why = Refusal {
+            class: ErrorClass::Cancelled,
+            message: format!("rollout cancelled by {by}"),
+        };
+        return refuse_all(conn, id, &why, known);
     }
     conn.prepare_cached(
         "UPDATE rollout_targets SET state = 'not_started' WHERE rollout_id = ?1 AND state = 'pending'",
@@ -902,7 +912,7 @@ mod tests {
             .unwrap();
         assert_eq!(n, 2);
         assert!(matches!(resume(&c, &id), Err(ChangeError::State(_))));
-        let (r, _) = cancel(&c, &id, "bob").unwrap();
+        let (r, _) = cancel(&c, &id, "bob", &known(&["a", "b", "c", "d"])).unwrap();
         assert_eq!(r.state, RolloutState::Cancelled);
         assert_eq!(r.targets[3].state, TargetState::Cancelled);
     }

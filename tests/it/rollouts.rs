@@ -604,6 +604,27 @@ async fn a_rollout_that_needs_approval_is_approved_once_for_all_its_targets() {
     assert_eq!(code, Some(5), "{waited}");
     assert_eq!(waited["rollout_id"], rid.as_str());
     assert_eq!(waited["state"], "awaiting_approval");
+    // Cancelled while it waits: each target records it, nothing runs.
+    let c = submit("purge-c7");
+    let cid = c["rollout_id"].as_str().unwrap().to_string();
+    let out = d.cli(None, &["rollout", "cancel", &cid]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || {
+            fleet
+                .targets
+                .iter()
+                .all(|t| t.rows("refused", "purge-c7@") == 1)
+        },
+        || "a cancelled waiting rollout left no refused row on each target".to_string(),
+    );
     let no = d.cli(Some(OTHER), &["reject", &rid, "--reason", "not today"]);
     assert_eq!(no.status.code(), Some(0));
     wait_until(

@@ -230,7 +230,7 @@ pub(super) async fn change(daemon: &Daemon, peer: &Peer, id: &JobId, resume: boo
             "only the submitter, root or an [access] admin may resume or cancel a rollout",
         );
     }
-    let (wanted, by) = (id.clone(), peer.user.clone());
+    let (wanted, by, known) = (id.clone(), peer.user.clone(), daemon.target_names());
     let result = if resume {
         daemon
             .queue()
@@ -242,7 +242,7 @@ pub(super) async fn change(daemon: &Daemon, peer: &Peer, id: &JobId, resume: boo
         daemon
             .queue()
             .custom(Access::Write, move |c| {
-                Ok(rollouts::cancel(c, &wanted, &by))
+                Ok(rollouts::cancel(c, &wanted, &by, &known))
             })
             .await
     };
